@@ -1,0 +1,98 @@
+"""Reading and writing m1 checkpoint directories atomically.
+
+An m1 checkpoint is a plain Hugging Face directory (config.json, model.safetensors, tokenizer
+files, generation_config.json) plus ``m1.json``, a record of how it was made. Writers build the
+directory under a temporary name beside the target and rename it into place, so a crash or a bad
+input never leaves a half-written checkpoint behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from .errors import M1Error
+
+M1_RECORD = "m1.json"
+
+
+@contextlib.contextmanager
+def atomic_dir(out: str | os.PathLike, force: bool = False):
+    """Yield a temporary directory that becomes ``out`` only if the block finishes without error."""
+    out = Path(out)
+    if out.exists() and not force:
+        raise M1Error(f"output directory {out} already exists: pass --force to replace it, or choose another --out")
+    if out.exists() and not out.is_dir():
+        raise M1Error(f"output path {out} exists and is not a directory: remove it or choose another --out")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if out.exists():
+        old = out.parent / f".{out.name}.old-{os.getpid()}"
+        os.replace(out, old)
+        os.replace(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, out)
+
+
+def write_json_atomic(path: str | os.PathLike, obj) -> None:
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2, sort_keys=False)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def read_record(directory: str | os.PathLike) -> dict:
+    """The m1.json record of a checkpoint ({} for a plain HF directory)."""
+    p = Path(directory) / M1_RECORD
+    if not p.is_file():
+        return {}
+    try:
+        return json.loads(p.read_text())
+    except ValueError as e:
+        raise M1Error(f"{p} is not valid JSON ({e}); the checkpoint may be damaged") from None
+
+
+def check_model_dir(directory: str | os.PathLike) -> Path:
+    """Validate that ``directory`` looks like a loadable HF causal-LM checkpoint."""
+    d = Path(directory).expanduser()
+    if not d.exists():
+        raise M1Error(f"model directory {d} does not exist: create one with `m1 convert --teacher T --out {d}`")
+    if not d.is_dir():
+        raise M1Error(f"{d} is not a directory: --model takes a checkpoint directory written by m1")
+    if not (d / "config.json").is_file():
+        raise M1Error(f"{d} has no config.json: it is not a model checkpoint (make one with `m1 convert`)")
+    return d
+
+
+def load_model(directory: str | os.PathLike, dtype=None, device: str | None = None):
+    """Load (model, tokenizer) from an m1 or plain HF checkpoint directory, with clear errors."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    d = check_model_dir(directory)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(d, dtype=dtype or "auto")
+    except Exception as e:
+        raise M1Error(f"cannot load the model in {d}: {type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}") from None
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(d)
+    except Exception as e:
+        raise M1Error(f"cannot load the tokenizer in {d}: {type(e).__name__}") from None
+    if device:
+        model.to(torch.device(device))
+    model.eval()
+    return model, tokenizer

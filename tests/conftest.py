@@ -1,0 +1,57 @@
+"""Shared fixtures: tiny random teachers (fast) and the real SmolLM2-135M teacher (converted once)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def tiny_teachers(tmp_path_factory):
+    """name -> directory of a tiny random teacher: llama3-rope tied/untied Llama and a Qwen2 with biases."""
+    from m1.tiny import make_tiny_teacher
+
+    root = tmp_path_factory.mktemp("teachers")
+    return {
+        "llama_tied": make_tiny_teacher(root / "llama_tied", arch="llama", tie=True),
+        "llama_untied": make_tiny_teacher(root / "llama_untied", arch="llama", tie=False, seed=1),
+        "qwen2": make_tiny_teacher(root / "qwen2", arch="qwen2", tie=False, seed=2),
+    }
+
+
+@pytest.fixture(scope="session")
+def tiny_hybrid(tiny_teachers, tmp_path_factory):
+    """A converted tiny Llama hybrid (default layout: 1 of 4 layers attention)."""
+    from m1.convert import convert
+
+    out = tmp_path_factory.mktemp("hybrids") / "llama_hybrid"
+    return convert(str(tiny_teachers["llama_untied"]), out, attn_layers="1,3", log=lambda m: None)
+
+
+@pytest.fixture(scope="session")
+def smollm2_teacher():
+    from m1.errors import M1Error
+    from m1.teachers import load_teacher
+
+    try:
+        return load_teacher("smollm2-135m")
+    except M1Error as e:
+        pytest.skip(f"SmolLM2 teacher unavailable: {e}")
+
+
+@pytest.fixture(scope="session")
+def smollm2_hybrid(smollm2_teacher, tmp_path_factory):
+    """SmolLM2-135M converted once per session with the default layout (6 of 30 attention)."""
+    from m1.convert import convert
+
+    out = tmp_path_factory.mktemp("smollm2") / "hybrid"
+    return convert("smollm2-135m", out, log=lambda m: None)

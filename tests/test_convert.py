@@ -1,0 +1,147 @@
+"""m1.convert: exactness of the all-attention mapping, hybrid consistency, layouts."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from m1.convert import build_hybrid, convert, default_attention_layers, parse_layout
+from m1.errors import M1Error
+
+
+def _logits(model, ids, **kw):
+    with torch.no_grad():
+        return model(ids, **kw).logits
+
+
+@pytest.mark.parametrize("name", ["llama_tied", "llama_untied", "qwen2"])
+def test_all_attention_reproduces_teacher_logits(tiny_teachers, tmp_path, name):
+    teacher = AutoModelForCausalLM.from_pretrained(tiny_teachers[name]).eval()
+    out = convert(str(tiny_teachers[name]), tmp_path / "h", attn_layers="all", log=lambda m: None)
+    hybrid = AutoModelForCausalLM.from_pretrained(out).eval()
+    assert type(hybrid).__name__ == "GraniteMoeHybridForCausalLM"
+    ids = torch.randint(0, teacher.config.vocab_size, (2, 48), generator=torch.Generator().manual_seed(0))
+    # positions past original_max_position_embeddings (64) exercise the llama3 rope scaling
+    ids = torch.cat([ids, ids], dim=1)
+    diff = (_logits(teacher, ids) - _logits(hybrid, ids)).abs().max().item()
+    assert diff <= 1e-5, diff
+
+
+def test_tied_embeddings_stay_tied(tiny_teachers, tmp_path):
+    out = convert(str(tiny_teachers["llama_tied"]), tmp_path / "h", log=lambda m: None)
+    hybrid = AutoModelForCausalLM.from_pretrained(out)
+    assert hybrid.config.tie_word_embeddings
+    assert hybrid.lm_head.weight.data_ptr() == hybrid.model.embed_tokens.weight.data_ptr()
+
+
+def test_real_teacher_all_attention_is_exact(smollm2_teacher):
+    hybrid = build_hybrid(smollm2_teacher.model, list(range(smollm2_teacher.model.config.num_hidden_layers)))
+    text = "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May."
+    ids = smollm2_teacher.tokenizer(text, return_tensors="pt").input_ids
+    diff = (_logits(smollm2_teacher.model, ids) - _logits(hybrid, ids)).abs().max().item()
+    assert diff <= 1e-5, diff
+
+
+def test_hybrid_reloads_with_plain_automodel(tiny_teachers, tmp_path):
+    teacher = AutoModelForCausalLM.from_pretrained(tiny_teachers["qwen2"])
+    in_memory = build_hybrid(teacher, [3], seed=0).eval()
+    out = convert(str(tiny_teachers["qwen2"]), tmp_path / "h", attn_layers="3", log=lambda m: None)
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["architectures"] == ["GraniteMoeHybridForCausalLM"] and "auto_map" not in cfg
+    assert "quantization_config" not in cfg
+    reloaded = AutoModelForCausalLM.from_pretrained(out).eval()
+    ids = torch.randint(0, teacher.config.vocab_size, (1, 20))
+    assert torch.equal(_logits(in_memory, ids), _logits(reloaded, ids))
+
+
+def test_checkpoint_contents(tiny_hybrid):
+    names = {p.name for p in tiny_hybrid.iterdir()}
+    assert {"config.json", "model.safetensors", "generation_config.json", "m1.json", "tokenizer.json",
+            "tokenizer_config.json"} <= names
+    rec = json.loads((tiny_hybrid / "m1.json").read_text())
+    assert rec["attn_layers"] == [1, 3] and rec["mamba_layers"] == [0, 2] and rec["init"] == "attention"
+    assert {"m1", "torch", "transformers"} <= set(rec["versions"])
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(tiny_hybrid)
+    text = tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
+    assert text.endswith("<|im_start|>assistant\n")
+    cfg = json.loads((tiny_hybrid / "config.json").read_text())
+    assert cfg["layer_types"] == ["linear_attention", "full_attention", "linear_attention", "full_attention"]
+    assert cfg["router_aux_loss_coef"] == 0.0 and cfg["num_local_experts"] == 0
+    assert cfg["position_embedding_type"] == "rope" and cfg["rope_theta"] == 500000.0
+
+
+def test_prefill_equals_token_by_token_decoding(tiny_hybrid):
+    model = AutoModelForCausalLM.from_pretrained(tiny_hybrid).eval()
+    ids = torch.randint(3, model.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(1))
+    full = _logits(model, ids)
+    with torch.no_grad():
+        out = model(ids[:, :1], use_cache=True)
+        steps = [out.logits[:, -1]]
+        for t in range(1, ids.shape[1]):
+            out = model(ids[:, t:t + 1], past_key_values=out.past_key_values, use_cache=True)
+            steps.append(out.logits[:, -1])
+    assert (torch.stack(steps, 1) - full).abs().max().item() < 1e-4
+
+
+@pytest.mark.parametrize("name", ["llama_untied", "qwen2"])
+def test_left_padded_row_equals_prompt_alone(tiny_teachers, tmp_path, name):
+    out = convert(str(tiny_teachers[name]), tmp_path / "h", attn_layers="2", log=lambda m: None)
+    model = AutoModelForCausalLM.from_pretrained(out).eval()
+    with torch.no_grad():  # trained-looking conv weights: padding must not leak through the conv window
+        for n, p in model.named_parameters():
+            if "conv1d" in n:
+                p.normal_(0, 0.5)
+    g = torch.Generator().manual_seed(2)
+    a = torch.randint(3, model.config.vocab_size, (1, 10), generator=g)
+    b = torch.randint(3, model.config.vocab_size, (1, 6), generator=g)
+    ids = torch.cat([a, torch.cat([torch.zeros(1, 4, dtype=torch.long), b], 1)])
+    mask = torch.ones_like(ids)
+    mask[1, :4] = 0
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    batch = _logits(model, ids, attention_mask=mask, position_ids=pos)
+    assert (batch[0] - _logits(model, a)[0]).abs().max().item() < 1e-5
+    assert (batch[1, 4:] - _logits(model, b)[0]).abs().max().item() < 1e-5
+
+
+def test_attention_init_copies_qkv_into_mamba_projection(tiny_teachers):
+    teacher = AutoModelForCausalLM.from_pretrained(tiny_teachers["llama_untied"])
+    hybrid = build_hybrid(teacher, [3])
+    tattn, mixer = teacher.model.layers[0].self_attn, hybrid.model.layers[0].mamba
+    hid, P = teacher.config.hidden_size, 16
+    w = mixer.in_proj.weight
+    # x rows come from v_proj with each KV head repeated for its 2 query heads (repeat_kv order)
+    v = tattn.v_proj.weight
+    assert torch.equal(w[hid:hid + P], v[:P]) and torch.equal(w[hid + P:hid + 2 * P], v[:P])
+    assert torch.equal(w[hid + 2 * P:hid + 3 * P], v[P:2 * P])
+    assert torch.equal(w[3 * hid:4 * hid], tattn.q_proj.weight)
+    assert torch.equal(mixer.out_proj.weight, tattn.o_proj.weight)
+    rand = build_hybrid(teacher, [3], init="random")
+    assert not torch.equal(rand.model.layers[0].mamba.in_proj.weight[3 * hid:4 * hid], tattn.q_proj.weight)
+    # everything outside the mixer is copied in both modes
+    assert torch.equal(rand.model.layers[0].shared_mlp.output_linear.weight, teacher.model.layers[0].mlp.down_proj.weight)
+
+
+def test_bfloat16_output(tiny_teachers, tmp_path):
+    out = convert(str(tiny_teachers["llama_tied"]), tmp_path / "h", dtype="bfloat16", log=lambda m: None)
+    model = AutoModelForCausalLM.from_pretrained(out, dtype="auto")
+    assert model.dtype == torch.bfloat16
+
+
+def test_default_layout_spreads_attention_like_m1():
+    assert default_attention_layers(28) == [4, 8, 13, 18, 22, 27]
+    assert default_attention_layers(30) == [4, 9, 14, 19, 24, 29]
+    assert default_attention_layers(4) == [3]
+    assert default_attention_layers(10, 0.0) == []
+    assert parse_layout("all", 4) == [0, 1, 2, 3] and parse_layout("none", 4) == []
+    assert parse_layout("3, 1", 4) == [1, 3]
+
+
+@pytest.mark.parametrize("spec,msg", [("7", "out of range"), ("-1", "out of range"), ("1,1", "twice"),
+                                      (",", "names no layers"), ("a,b", "comma-separated")])
+def test_bad_layouts(spec, msg):
+    with pytest.raises(M1Error, match=msg):
+        parse_layout(spec, 4)
