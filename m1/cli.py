@@ -88,6 +88,18 @@ def build_parser() -> argparse.ArgumentParser:
     sub.required = True
     for add in COMMANDS:
         add(sub)
+    import importlib
+
+    from .commands import COMMAND_MODULES
+
+    for name in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(f"m1.commands.{name}")
+        except ModuleNotFoundError as e:
+            if e.name != f"m1.commands.{name}":
+                raise
+            continue  # stage not built yet
+        module.register(sub)
     return parser
 
 
