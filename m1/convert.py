@@ -11,18 +11,28 @@ where C plays q, B plays k and x plays v. With one Mamba head per attention head
 (``mamba_n_heads = H``, ``mamba_d_head = head_dim = P``, ``mamba_n_groups = H``,
 ``mamba_d_state = head_dim = N``, ``mamba_expand = 1``) the weights map one to one:
 
-    in_proj rows  [ z      | x                 | B                 | C      | dt    ]
-                = [ fresh  | repeat_kv(v_proj) | repeat_kv(k_proj) | q_proj | fresh ]
+    in_proj rows  [ z          | x                 | B                 | C      | dt    ]
+                = [ mean gate  | repeat_kv(v_proj) | repeat_kv(k_proj) | q_proj | fresh ]
     out_proj      = o_proj
     conv1d        = identity (last tap 1, bias 0): x, B, C start as silu(v), silu(k), silu(q)
-    A_log, dt     = Mamba2 defaults: A ~ U[1, 16], dt ~ logU[1e-3, 1e-1] via dt_bias = softplus^-1(dt)
-    D = 1, gated-norm weight = 1, z and the dt rows of in_proj: the model's normal(0, 0.02) init
+    norm.weight   = per head, the RMS of the teacher's attention output (before o_proj)
+    D = 0, A ~ U[0.1, 1] (slow decay), dt ~ logU[1e-3, 1e-1] via dt_bias = softplus^-1(dt)
+
+Why the last three: the mixer ends in a gated RMSNorm over each head, ``norm(y * silu(z)) * w``.
+Softmax attention outputs a convex mix of values, whose scale the norm would wipe out; so ``w`` is
+set to the scale the teacher's heads really produce, measured on a few calibration texts
+(``calibrate``). The gate must not scramble directions: every z row of a layer is the same
+vector ``8 mu / |mu|^2`` (mu = the layer's mean input), so ``silu(z)`` is a positive scalar per
+token and head that the norm cancels. ``D = 0`` because attention has no separate skip term.
+Measured on SmolLM2-135M (24 of 30 layers replaced, 24 GSM8K test solutions, 128 tokens): held-out
+NLL 6.6 with this init, 10.5 with a fresh gate and unit norm weights, 9.8 with a random mixer
+(teacher 2.3); the README has the full comparison.
 
 RoPE is dropped in Mamba layers, and so are Qwen2's q/k/v biases (``mamba_proj_bias=False``: HF's
 mixer zeroes padded positions before ``in_proj``, so a projection bias would leak left padding into
 the conv window and break batched decoding). MLPs, norms and embeddings are copied in every layer. With
-``init="random"`` the whole mixer keeps the fresh initialisation instead (the baseline that the
-attention init has to beat).
+``init="random"`` the whole mixer keeps the fresh Mamba2 initialisation instead (A ~ U[1, 16],
+D = 1, random projections: the baseline that the attention init has to beat).
 """
 
 from __future__ import annotations
@@ -175,13 +185,75 @@ def _repeat_kv_rows(w, n_rep: int, head_dim: int):
     return w.repeat_interleave(n_rep, dim=0).reshape(shape[0] * n_rep, *shape[1:])
 
 
-def build_hybrid(teacher_model, attn_layers: list[int], init: str = "attention", seed: int = 0):
-    """Return a float32 GraniteMoeHybridForCausalLM initialised from ``teacher_model``."""
+@dataclass
+class Calibration:
+    """Per teacher layer: RMS of each head's attention output (H,) and the mean attention input (hidden,)."""
+    head_rms: dict
+    mean_input: dict
+    tokens: int
+
+
+def calibration_texts(n: int = 16) -> list[str]:
+    """The first ``n`` GSM8K train solutions (shipped with m1): ordinary English and arithmetic."""
+    from .tasks import load_task
+
+    return [f"{p.question}\n{p.solution or p.answer}" for p in load_task("gsm8k", split="train", limit=None)[:n]]
+
+
+def calibrate(teacher_model, tokenizer, texts: list[str], max_len: int = 256) -> Calibration:
+    """Run the teacher on ``texts`` and record the statistics the attention init needs."""
+    import torch
+
+    tc = teacher_model.config
+    d = _teacher_dims(tc)
+    H, P = d["heads"], d["head_dim"]
+    sq, mean_in, hooks = {}, {}, []
+    counts = {"tokens": 0}
+
+    def on_o_proj(i):
+        def hook(_module, args):
+            x = args[0].detach().float().reshape(-1, H, P)
+            sq[i] = sq.get(i, 0) + x.pow(2).sum(dim=(0, 2)) / P
+        return hook
+
+    def on_attn(i):
+        def hook(_module, args, kwargs):
+            u = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+            mean_in[i] = mean_in.get(i, 0) + u.detach().float().reshape(-1, u.shape[-1]).sum(0)
+        return hook
+
+    for i, layer in enumerate(teacher_model.model.layers):
+        hooks.append(layer.self_attn.o_proj.register_forward_pre_hook(on_o_proj(i)))
+        hooks.append(layer.self_attn.register_forward_pre_hook(on_attn(i), with_kwargs=True))
+    try:
+        with torch.no_grad():
+            for text in texts:
+                ids = tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids[:, :max_len]
+                if ids.numel() == 0:
+                    continue
+                counts["tokens"] += ids.numel()
+                teacher_model(ids.to(next(teacher_model.parameters()).device))
+    finally:
+        for h in hooks:
+            h.remove()
+    n = max(counts["tokens"], 1)
+    return Calibration(head_rms={i: (v / n).sqrt().cpu() for i, v in sq.items()},
+                       mean_input={i: (v / n).cpu() for i, v in mean_in.items()}, tokens=counts["tokens"])
+
+
+def build_hybrid(teacher_model, attn_layers: list[int], init: str = "attention", seed: int = 0,
+                 calibration: Calibration | None = None):
+    """Return a float32 GraniteMoeHybridForCausalLM initialised from ``teacher_model``.
+
+    ``init="attention"`` needs a ``calibrate(...)`` result (see the module docstring).
+    """
     import torch
     from transformers import GraniteMoeHybridForCausalLM
 
     if init not in INITS:
         raise M1Error(f"--init must be one of {', '.join(INITS)}, got '{init}'")
+    if init == "attention" and calibration is None and len(attn_layers) < teacher_model.config.num_hidden_layers:
+        raise ValueError("init='attention' needs calibration=calibrate(teacher, tokenizer, texts)")
     tc = teacher_model.config
     cfg = hybrid_config(tc, attn_layers)
     d = _teacher_dims(tc)
@@ -215,15 +287,19 @@ def build_hybrid(teacher_model, attn_layers: list[int], init: str = "attention",
                         s[sp + f"self_attn.{p}.bias"].shape)
             continue
         m = sp + "mamba."
-        A = torch.empty(H).uniform_(1.0, 16.0, generator=gen)
-        dt = torch.exp(torch.empty(H).uniform_(math.log(1e-3), math.log(1e-1), generator=gen)).clamp(min=1e-4)
-        new[m + "A_log"] = torch.log(A)
-        new[m + "dt_bias"] = dt + torch.log(-torch.expm1(-dt))  # inverse softplus
-        new[m + "D"] = torch.ones(H)
-        if init == "random":
-            continue
-        w = s[m + "in_proj.weight"].clone()  # [z | x | B | C | dt] rows; z and dt stay fresh
         hid = d["hidden"]
+        dt = torch.exp(torch.empty(H).uniform_(math.log(1e-3), math.log(1e-1), generator=gen)).clamp(min=1e-4)
+        new[m + "dt_bias"] = dt + torch.log(-torch.expm1(-dt))  # inverse softplus
+        if init == "random":  # the standard Mamba2 init
+            new[m + "A_log"] = torch.log(torch.empty(H).uniform_(1.0, 16.0, generator=gen))
+            new[m + "D"] = torch.ones(H)
+            continue
+        new[m + "A_log"] = torch.log(torch.empty(H).uniform_(0.1, 1.0, generator=gen))
+        new[m + "D"] = torch.zeros(H)
+        mu = calibration.mean_input[i]
+        new[m + "norm.weight"] = calibration.head_rms[i].repeat_interleave(P)
+        w = s[m + "in_proj.weight"].clone()  # [z | x | B | C | dt] rows; dt rows stay fresh
+        w[:hid] = (8.0 * mu / mu.pow(2).sum().clamp(min=1e-12)).expand(hid, hid)
         w[hid:2 * hid] = _repeat_kv_rows(t[a + "v_proj.weight"], n_rep, P)
         w[2 * hid:3 * hid] = _repeat_kv_rows(t[a + "k_proj.weight"], n_rep, P)
         w[3 * hid:4 * hid] = t[a + "q_proj.weight"]
@@ -258,6 +334,7 @@ class ConvertRecord:
     init: str
     seed: int
     dtype: str
+    calibration_tokens: int = 0
     versions: dict = field(default_factory=dict)
     created: str = ""
 
@@ -273,7 +350,7 @@ def versions() -> dict:
 
 def convert(teacher: str, out: str | Path, attn_layers=None, attn_fraction: float = 0.2,
             init: str = "attention", dtype: str = "float32", force: bool = False, seed: int = 0,
-            log=print) -> Path:
+            calibration_samples: int = 16, log=print) -> Path:
     """Convert ``teacher`` (``smollm2-135m``, an HF dir or a .gguf) into a hybrid checkpoint at ``out``.
 
     ``attn_layers``: None (about ``attn_fraction`` of layers stay attention, spread through the
@@ -296,8 +373,12 @@ def convert(teacher: str, out: str | Path, attn_layers=None, attn_fraction: floa
     layers = parse_layout(attn_layers, n, attn_fraction)
     log(f"teacher {t.path}: {t.model.config.model_type}, {n} layers; attention layers: "
         f"{','.join(map(str, layers)) or 'none'}; init={init}")
+    calibration = None
+    if init == "attention" and len(layers) < n:
+        calibration = calibrate(t.model, t.tokenizer, calibration_texts(calibration_samples))
+        log(f"calibrated the attention init on {calibration.tokens} tokens of GSM8K train solutions")
     with torch.no_grad():
-        model = build_hybrid(t.model, layers, init=init, seed=seed)
+        model = build_hybrid(t.model, layers, init=init, seed=seed, calibration=calibration)
     model = model.to(getattr(torch, dtype))
     gen_cfg = t.model.generation_config
     tokenizer = t.tokenizer
@@ -306,7 +387,8 @@ def convert(teacher: str, out: str | Path, attn_layers=None, attn_fraction: floa
     record = ConvertRecord(
         stage="convert", teacher=teacher, teacher_path=t.path, teacher_arch=t.model.config.model_type,
         attn_layers=layers, mamba_layers=[i for i in range(n) if i not in layers], num_layers=n,
-        init=init, seed=seed, dtype=dtype, versions=versions(),
+        init=init, seed=seed, dtype=dtype, calibration_tokens=calibration.tokens if calibration else 0,
+        versions=versions(),
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"))
     with atomic_dir(out, force=force) as tmp:
         model.config.architectures = ["GraniteMoeHybridForCausalLM"]

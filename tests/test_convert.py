@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from m1.convert import build_hybrid, convert, default_attention_layers, parse_layout
+from m1.convert import build_hybrid, calibrate, convert, default_attention_layers, parse_layout
 from m1.errors import M1Error
 
 
@@ -46,8 +46,13 @@ def test_real_teacher_all_attention_is_exact(smollm2_teacher):
 
 
 def test_hybrid_reloads_with_plain_automodel(tiny_teachers, tmp_path):
+    from transformers import AutoTokenizer
+
+    from m1.convert import calibration_texts
+
     teacher = AutoModelForCausalLM.from_pretrained(tiny_teachers["qwen2"])
-    in_memory = build_hybrid(teacher, [3], seed=0).eval()
+    cal = calibrate(teacher, AutoTokenizer.from_pretrained(tiny_teachers["qwen2"]), calibration_texts(16))
+    in_memory = build_hybrid(teacher, [3], seed=0, calibration=cal).eval()
     out = convert(str(tiny_teachers["qwen2"]), tmp_path / "h", attn_layers="3", log=lambda m: None)
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["architectures"] == ["GraniteMoeHybridForCausalLM"] and "auto_map" not in cfg
@@ -108,8 +113,12 @@ def test_left_padded_row_equals_prompt_alone(tiny_teachers, tmp_path, name):
 
 
 def test_attention_init_copies_qkv_into_mamba_projection(tiny_teachers):
+    from transformers import AutoTokenizer
+
     teacher = AutoModelForCausalLM.from_pretrained(tiny_teachers["llama_untied"])
-    hybrid = build_hybrid(teacher, [3])
+    tok = AutoTokenizer.from_pretrained(tiny_teachers["llama_untied"])
+    cal = calibrate(teacher, tok, ["Tom has 12 apples. He buys 7 more.", "What is 3 * 4 - 5?"])
+    hybrid = build_hybrid(teacher, [3], calibration=cal)
     tattn, mixer = teacher.model.layers[0].self_attn, hybrid.model.layers[0].mamba
     hid, P = teacher.config.hidden_size, 16
     w = mixer.in_proj.weight
@@ -119,7 +128,16 @@ def test_attention_init_copies_qkv_into_mamba_projection(tiny_teachers):
     assert torch.equal(w[hid + 2 * P:hid + 3 * P], v[P:2 * P])
     assert torch.equal(w[3 * hid:4 * hid], tattn.q_proj.weight)
     assert torch.equal(mixer.out_proj.weight, tattn.o_proj.weight)
+    # the gate rows are one shared vector (a per-head scalar the gated norm cancels) ...
+    z = w[:hid]
+    assert torch.equal(z, z[:1].expand_as(z)) and z.abs().sum() > 0
+    # ... the norm restores each head's measured output scale, and there is no skip term
+    assert torch.allclose(mixer.norm.weight.view(4, P), cal.head_rms[0][:, None].expand(4, P))
+    assert torch.equal(mixer.D, torch.zeros(4))
+    with pytest.raises(ValueError, match="calibration"):
+        build_hybrid(teacher, [3])
     rand = build_hybrid(teacher, [3], init="random")
+    assert torch.equal(rand.model.layers[0].mamba.D, torch.ones(4))
     assert not torch.equal(rand.model.layers[0].mamba.in_proj.weight[3 * hid:4 * hid], tattn.q_proj.weight)
     # everything outside the mixer is copied in both modes
     assert torch.equal(rand.model.layers[0].shared_mlp.output_linear.weight, teacher.model.layers[0].mlp.down_proj.weight)
@@ -145,3 +163,36 @@ def test_default_layout_spreads_attention_like_m1():
 def test_bad_layouts(spec, msg):
     with pytest.raises(M1Error, match=msg):
         parse_layout(spec, 4)
+
+
+def test_calibration_measures_attention_output_rms(tiny_teachers):
+    from transformers import AutoTokenizer
+
+    teacher = AutoModelForCausalLM.from_pretrained(tiny_teachers["qwen2"])
+    tok = AutoTokenizer.from_pretrained(tiny_teachers["qwen2"])
+    text = "Tom has 12 apples. He buys 7 more."
+    cal = calibrate(teacher, tok, [text])
+    seen = {}
+    h = teacher.model.layers[2].self_attn.o_proj.register_forward_pre_hook(lambda m, a: seen.setdefault("x", a[0]))
+    with torch.no_grad():
+        teacher(tok(text, return_tensors="pt", add_special_tokens=False).input_ids)
+    h.remove()
+    x = seen["x"].reshape(-1, 4, 16).double()
+    assert torch.allclose(cal.head_rms[2].double(), x.pow(2).mean(dim=(0, 2)).sqrt(), atol=1e-6)
+    assert cal.tokens == x.shape[0]
+
+
+@pytest.mark.slow
+def test_attention_init_beats_random_init_on_heldout_gsm8k(smollm2_teacher):
+    """The README's comparison, on a smaller sample: attention init must have lower held-out NLL."""
+    from m1.convert import calibration_texts
+    from m1.heldout import heldout_loss
+    from m1.tasks import load_task
+
+    texts = [f"{p.question}\n{p.solution}" for p in load_task("gsm8k", split="test")[:12]]
+    layers = default_attention_layers(30)
+    cal = calibrate(smollm2_teacher.model, smollm2_teacher.tokenizer, calibration_texts(16))
+    tok = smollm2_teacher.tokenizer
+    att = heldout_loss(build_hybrid(smollm2_teacher.model, layers, calibration=cal).eval(), tok, texts, max_len=128)
+    rnd = heldout_loss(build_hybrid(smollm2_teacher.model, layers, init="random").eval(), tok, texts, max_len=128)
+    assert att.nll < rnd.nll - 1.0, (att.nll, rnd.nll)
