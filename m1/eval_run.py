@@ -125,10 +125,12 @@ def _sample_and_grade(cfg, engine, todo, finished, results, budget_seconds, prog
     bar.close()
 
 
-def _render(tokenizer, messages) -> str:
+def _render(tokenizer, messages) -> list[int]:
+    """Prompt token ids: the chat template when there is one (it carries its own special tokens)."""
     if getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    return "\n\n".join(m["content"] for m in messages) + "\n"
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return list(tokenizer(text, add_special_tokens=False).input_ids)
+    return list(tokenizer("\n\n".join(m["content"] for m in messages) + "\n").input_ids)
 
 
 def _write_report(out: Path, summary: dict, results: Path) -> None:

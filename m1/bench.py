@@ -1,0 +1,299 @@
+"""``m1 bench``: decode throughput and memory, hybrid vs a same-size transformer, against byte limits.
+
+Decoding is memory-bound: every step reads all weights plus each sequence's KV cache (attention
+layers, growing with length) or fixed state (Mamba layers). So at a given batch the speed-up a
+hybrid can have over its all-attention twin is capped by the ratio of bytes read per step; the
+bench prints that *byte-limit ratio* beside each measured ratio, and on CUDA the fraction of the
+memory-bandwidth roofline each run reaches.
+
+With ``--shape`` it builds random-weight models (decode speed does not depend on the weight
+values), the hybrid with ``--layout`` and its all-attention baseline, and runs both through the
+same engine (``m1.engine``) with EOS ignored.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from .errors import M1Error
+
+# Shapes of public models (config.json values), so nobody needs the weights to benchmark them.
+SHAPES = {
+    "smollm2-135m": dict(hidden_size=576, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
+                         intermediate_size=1536, vocab_size=49152, tie_word_embeddings=True,
+                         max_position_embeddings=8192, rope_theta=100000.0),
+    "llama-3.2-1b": dict(hidden_size=2048, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
+                         intermediate_size=8192, vocab_size=128256, tie_word_embeddings=True,
+                         max_position_embeddings=131072, rope_theta=500000.0),
+    "llama-3.2-3b": dict(hidden_size=3072, num_hidden_layers=28, num_attention_heads=24, num_key_value_heads=8,
+                         intermediate_size=8192, vocab_size=128256, tie_word_embeddings=True,
+                         max_position_embeddings=131072, rope_theta=500000.0),
+}
+
+
+@dataclass
+class BenchRow:
+    model: str
+    batch: int
+    prompt_len: int
+    gen_len: int
+    ttft_s: float  # prefill of the whole batch until the first token of every row
+    decode_tokens_per_s: float  # generated tokens of all rows / decode seconds
+    step_ms: float
+    state_bytes: int  # KV + Mamba state of the batch at the end of generation
+    peak_memory_bytes: int | None
+    bytes_per_step: float  # weights + mean per-step state read, averaged over the generation
+    roofline_fraction: float | None = None  # CUDA only
+    ratio: float | None = None  # hybrid tokens/s / baseline tokens/s (hybrid rows)
+    byte_limit_ratio: float | None = None
+    fraction_of_limit: float | None = None
+
+
+def layout_layers(layout: str, n_layers: int) -> list[int]:
+    from .convert import default_attention_layers
+
+    if layout == "m1":
+        return default_attention_layers(n_layers, 0.2)
+    if layout == "all-attention":
+        return list(range(n_layers))
+    try:
+        fraction = float(layout)
+    except ValueError:
+        raise M1Error(f"--layout must be m1, all-attention or a fraction of attention layers like 0.25; got '{layout}'") from None
+    if not 0 <= fraction <= 1:
+        raise M1Error(f"--layout fraction must be between 0 and 1, got {fraction}")
+    return default_attention_layers(n_layers, fraction)
+
+
+def shape_model(shape: str, attn_layers: list[int], dtype, device):
+    """A random-weight GraniteMoeHybrid with the given public model shape and layout."""
+    import torch
+    from transformers import GraniteMoeHybridForCausalLM, LlamaConfig
+
+    from .convert import hybrid_config
+
+    if shape not in SHAPES:
+        raise M1Error(f"unknown --shape '{shape}': choose one of {', '.join(SHAPES)}")
+    s = dict(SHAPES[shape])
+    theta = s.pop("rope_theta")
+    tc = LlamaConfig(**s, rope_parameters={"rope_type": "default", "rope_theta": theta}, bos_token_id=1,
+                     eos_token_id=2, pad_token_id=0)
+    cfg = hybrid_config(tc, attn_layers)
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = GraniteMoeHybridForCausalLM(cfg).to(dtype)
+    return model.eval()
+
+
+class _NullTokenizer:
+    """The engine only needs ids here: prompts are token lists and EOS is ignored."""
+    eos_token_id = None
+    pad_token_id = 0
+    chat_template = None
+
+    def decode(self, ids, **kw):
+        return ""
+
+    def convert_ids_to_tokens(self, ids):
+        return [""] * len(ids) if isinstance(ids, list) else ""
+
+
+def state_bytes_per_row(cfg, length: int, esize: int) -> int:
+    from .info import state_sizes
+
+    kv, mamba = state_sizes(cfg.to_dict())
+    return kv * length * esize + mamba * esize
+
+
+def weight_bytes(model) -> int:
+    seen, total = set(), 0
+    for p in model.parameters():
+        if p.data_ptr() not in seen:
+            seen.add(p.data_ptr())
+            total += p.numel() * p.element_size()
+    return total
+
+
+def measure(engine, name: str, batch: int, prompt_len: int, gen_len: int, bandwidth: float | None) -> BenchRow:
+    import torch
+
+    from .engine import SamplingParams
+
+    model = engine.model
+    dev = next(model.parameters()).device
+    vocab = model.config.vocab_size
+    g = torch.Generator().manual_seed(batch * 7919 + prompt_len)
+    prompts = [torch.randint(3, vocab, (prompt_len,), generator=g).tolist() for _ in range(batch)]
+
+    def run(new_tokens):
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        engine.generate(prompts, SamplingParams(n=1, max_new_tokens=new_tokens, temperature=0.0, ignore_eos=True))
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - t0
+
+    run(2)  # warm-up (allocations, lazy init, compile)
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+    ttft = run(1)
+    total = run(gen_len)
+    decode = max(total - ttft, 1e-9)
+    esize = next(model.parameters()).element_size()
+    mean_ctx = prompt_len + gen_len / 2
+    per_step = weight_bytes(model) + batch * state_bytes_per_row(model.config, int(mean_ctx), esize)
+    step_s = decode / max(gen_len - 1, 1)
+    peak = None
+    if dev.type == "cuda":
+        peak = int(torch.cuda.max_memory_allocated(dev))
+    else:
+        import resource
+
+        peak = int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # process high-water mark
+    return BenchRow(
+        model=name, batch=batch, prompt_len=prompt_len, gen_len=gen_len, ttft_s=round(ttft, 4),
+        decode_tokens_per_s=round(batch * (gen_len - 1) / decode, 2), step_ms=round(step_s * 1000, 3),
+        state_bytes=batch * state_bytes_per_row(model.config, prompt_len + gen_len, esize),
+        peak_memory_bytes=peak, bytes_per_step=float(per_step),
+        roofline_fraction=round(per_step / step_s / bandwidth, 4) if bandwidth else None)
+
+
+def measure_bandwidth(device) -> float | None:
+    """Device memory bandwidth (bytes/s) from a large copy: the roofline's denominator (CUDA only)."""
+    import torch
+
+    if torch.device(device).type != "cuda":
+        return None
+    x = torch.empty(256 << 20, dtype=torch.uint8, device=device)
+    y = torch.empty_like(x)
+    for _ in range(3):
+        y.copy_(x)
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    reps = 20
+    for _ in range(reps):
+        y.copy_(x)
+    torch.cuda.synchronize()
+    return 2 * x.numel() * reps / (time.perf_counter() - t0)
+
+
+def parse_ints(text, what: str) -> list[int]:
+    try:
+        values = [int(v) for v in str(text).split(",") if v.strip()]
+    except ValueError:
+        raise M1Error(f"{what} must be comma-separated positive integers, got '{text}'") from None
+    if not values or any(v <= 0 for v in values):
+        raise M1Error(f"{what} must be positive integers, got '{text}'")
+    return values
+
+
+def run_bench(shape: str | None = None, model: str | None = None, baseline: str | None = None,
+              layout: str = "m1", batches=(1, 16), prompt_len: int = 256, gen_lens=(1024,),
+              dtype: str = "float32", device: str = "cpu", json_path=None, plot_path=None, log=print) -> list[BenchRow]:
+    import torch
+
+    from .engine import Engine
+
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise M1Error("--device cuda was asked for, but no CUDA device is available here: use --device cpu")
+    if dtype not in ("float32", "bfloat16", "float16"):
+        raise M1Error(f"--dtype must be float32, bfloat16 or float16, got '{dtype}'")
+    if prompt_len <= 0:
+        raise M1Error(f"--prompt-len must be positive, got {prompt_len}")
+    if any(b <= 0 for b in batches) or any(g <= 0 for g in gen_lens):
+        raise M1Error("--batch and --gen-len values must be positive")
+    tdtype = getattr(torch, dtype)
+    if (shape is None) == (model is None):
+        raise M1Error("give either --shape NAME or --model DIR")
+    if shape is not None:
+        if shape not in SHAPES:
+            raise M1Error(f"unknown --shape '{shape}': choose one of {', '.join(SHAPES)}")
+        n = SHAPES[shape]["num_hidden_layers"]
+        models = {f"{shape} {layout}": (lambda: shape_model(shape, layout_layers(layout, n), tdtype, device)),
+                  f"{shape} all-attention": (lambda: shape_model(shape, list(range(n)), tdtype, device))}
+        context = SHAPES[shape]["max_position_embeddings"]
+        if prompt_len + max(gen_lens) > context:
+            raise M1Error(f"--prompt-len {prompt_len} + --gen-len {max(gen_lens)} exceeds the model context of {context} tokens")
+    else:
+        from .checkpoint import load_model
+
+        models = {model: (lambda: load_model(model, dtype=tdtype, device=device)[0])}
+        if baseline:
+            models[baseline] = lambda: load_model(baseline, dtype=tdtype, device=device)[0]
+        context = None
+    bandwidth = measure_bandwidth(device)
+    rows: list[BenchRow] = []
+    for name, make in models.items():
+        m = make()
+        ctx = context or getattr(m.config, "max_position_embeddings", None)
+        if ctx and prompt_len + max(gen_lens) > ctx:
+            raise M1Error(f"--prompt-len {prompt_len} + --gen-len {max(gen_lens)} exceeds the model context of {ctx} tokens")
+        engine = Engine(m, _NullTokenizer())
+        for g in gen_lens:
+            for b in batches:
+                row = measure(engine, name, b, prompt_len, g, bandwidth)
+                log(f"{name:32s} batch {b:4d} gen {g:6d}: {row.decode_tokens_per_s:10.1f} tok/s, "
+                    f"TTFT {row.ttft_s:.3f}s, state {row.state_bytes / 2**20:.1f} MiB")
+                rows.append(row)
+        del m, engine
+    _add_ratios(rows, list(models))
+    if json_path:
+        Path(json_path).parent.mkdir(parents=True, exist_ok=True)
+        Path(json_path).write_text(json.dumps({"device": device, "dtype": dtype, "bandwidth_bytes_per_s": bandwidth,
+                                               "rows": [asdict(r) for r in rows]}, indent=2))
+    if plot_path:
+        plot(rows, plot_path)
+    return rows
+
+
+def _add_ratios(rows: list[BenchRow], names: list[str]) -> None:
+    """Hybrid (first model) vs baseline (second) at equal batch and length."""
+    if len(names) < 2:
+        return
+    base = {(r.batch, r.gen_len): r for r in rows if r.model == names[1]}
+    for r in rows:
+        b = base.get((r.batch, r.gen_len))
+        if r.model != names[0] or b is None:
+            continue
+        r.ratio = round(r.decode_tokens_per_s / b.decode_tokens_per_s, 3)
+        r.byte_limit_ratio = round(b.bytes_per_step / r.bytes_per_step, 3)
+        r.fraction_of_limit = round(r.ratio / r.byte_limit_ratio, 3)
+
+
+def markdown_table(rows: list[BenchRow]) -> str:
+    head = ("| model | batch | gen | tok/s | TTFT s | state MiB | ratio | byte-limit ratio | of limit | roofline |\n"
+            "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    fmt = lambda v, f: "" if v is None else format(v, f)  # noqa: E731
+    lines = [head] + [
+        f"| {r.model} | {r.batch} | {r.gen_len} | {r.decode_tokens_per_s:.1f} | {r.ttft_s:.3f} | "
+        f"{r.state_bytes / 2**20:.1f} | {fmt(r.ratio, '.2f')} | {fmt(r.byte_limit_ratio, '.2f')} | "
+        f"{fmt(r.fraction_of_limit, '.0%')} | {fmt(r.roofline_fraction, '.0%')} |" for r in rows]
+    return "\n".join(lines)
+
+
+def plot(rows: list[BenchRow], path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    for (model, g) in sorted({(r.model, r.gen_len) for r in rows}):
+        pts = sorted((r.batch, r.decode_tokens_per_s) for r in rows if r.model == model and r.gen_len == g)
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"{model}, gen {g}")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("batch size")
+    ax.set_ylabel("decode tokens/s")
+    ax.set_title("decode throughput")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

@@ -1,0 +1,42 @@
+"""``m1 bench``: decode throughput and memory, hybrid vs same-size transformer."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def register(sub) -> None:
+    p = sub.add_parser(
+        "bench", help="decode tokens/s and memory vs batch and length, hybrid vs all-attention, vs byte limits",
+        description="Measure decode throughput, time to first token and memory of a hybrid against its all-attention "
+                    "twin through the same engine (EOS ignored), with the byte-limit ratio that memory traffic allows "
+                    "and, on CUDA, the fraction of the bandwidth roofline. --shape builds random-weight models.",
+        epilog="examples:\n  m1 bench --shape smollm2-135m --batch 1,16 --gen-len 256,1024\n"
+               "  m1 bench --shape llama-3.2-3b --device cuda --dtype bfloat16 --batch 1,64,256 --gen-len 4096\n"
+               "  m1 bench --model runs/hybrid --baseline runs/teacher --batch 16",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--shape", help="smollm2-135m | llama-3.2-1b | llama-3.2-3b (random weights)")
+    src.add_argument("--model", help="checkpoint directory (the hybrid)")
+    p.add_argument("--baseline", help="with --model: the checkpoint to compare against (e.g. the teacher)")
+    p.add_argument("--layout", default="m1", help="with --shape: m1 (1 in 5 attention) | all-attention | FRACTION")
+    p.add_argument("--batch", default="1,16", help="comma-separated batch sizes (default 1,16)")
+    p.add_argument("--prompt-len", type=int, default=256)
+    p.add_argument("--gen-len", default="1024", help="comma-separated generation lengths (default 1024)")
+    p.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16")
+    p.add_argument("--device", default="cpu", help="cpu | cuda")
+    p.add_argument("--json", dest="json_path", help="write all rows as JSON here")
+    p.add_argument("--plot", dest="plot_path", help="PNG of tokens/s vs batch (default: beside --json)")
+    p.set_defaults(func=run)
+
+
+def run(a) -> None:
+    from ..bench import markdown_table, parse_ints, run_bench
+
+    plot_path = a.plot_path or (a.json_path.rsplit(".", 1)[0] + ".png" if a.json_path else None)
+    rows = run_bench(shape=a.shape, model=a.model, baseline=a.baseline, layout=a.layout,
+                     batches=parse_ints(a.batch, "--batch"), prompt_len=a.prompt_len,
+                     gen_lens=parse_ints(a.gen_len, "--gen-len"), dtype=a.dtype, device=a.device,
+                     json_path=a.json_path, plot_path=plot_path, log=lambda m: print(m, file=sys.stderr))
+    print(markdown_table(rows))

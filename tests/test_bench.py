@@ -1,0 +1,74 @@
+"""m1.bench: byte accounting, ratios, bad input. (Speed itself is measured by `m1 bench`, not tested.)"""
+
+from __future__ import annotations
+
+import pytest
+
+from m1.bench import BenchRow, _add_ratios, layout_layers, markdown_table, parse_ints, state_bytes_per_row
+from m1.cli import main
+from m1.errors import M1Error
+
+
+def _row(model, batch, tps, bytes_per_step):
+    return BenchRow(model=model, batch=batch, prompt_len=8, gen_len=64, ttft_s=0.1, decode_tokens_per_s=tps,
+                    step_ms=1.0, state_bytes=0, peak_memory_bytes=None, bytes_per_step=bytes_per_step)
+
+
+def test_ratios_compare_equal_batch_and_length():
+    rows = [_row("h", 1, 30.0, 100.0), _row("h", 16, 300.0, 200.0), _row("b", 1, 20.0, 150.0),
+            _row("b", 16, 100.0, 500.0)]
+    _add_ratios(rows, ["h", "b"])
+    assert rows[0].ratio == 1.5 and rows[0].byte_limit_ratio == 1.5 and rows[0].fraction_of_limit == 1.0
+    assert rows[1].ratio == 3.0 and rows[1].byte_limit_ratio == 2.5 and rows[1].fraction_of_limit == 1.2
+    assert rows[2].ratio is None
+    table = markdown_table(rows)
+    assert "| h | 16 | 64 | 300.0 |" in table and "2.50" in table
+
+
+def test_state_bytes_grow_only_for_attention_layers(tiny_hybrid):
+    from transformers import AutoConfig
+
+    cfg = AutoConfig.from_pretrained(tiny_hybrid)
+    kv_per_token = 2 * 2 * 2 * 16  # 2 attention layers x K,V x 2 KV heads x head_dim 16
+    assert state_bytes_per_row(cfg, 100, 4) - state_bytes_per_row(cfg, 10, 4) == 90 * kv_per_token * 4
+    mamba = 2 * ((64 + 2 * 4 * 16) * 4 + 4 * 16 * 16)
+    assert state_bytes_per_row(cfg, 0, 2) == mamba * 2
+
+
+def test_layouts():
+    assert layout_layers("m1", 30) == [4, 9, 14, 19, 24, 29]
+    assert layout_layers("all-attention", 4) == [0, 1, 2, 3]
+    assert layout_layers("0.5", 4) == [1, 3]
+    with pytest.raises(M1Error, match="--layout"):
+        layout_layers("most", 4)
+    with pytest.raises(M1Error, match="positive"):
+        parse_ints("16,0", "--batch")
+
+
+def test_measure_on_a_tiny_hybrid(tiny_hybrid):
+    from m1.bench import _NullTokenizer, measure
+    from m1.checkpoint import load_model
+    from m1.engine import Engine
+
+    model, _ = load_model(tiny_hybrid)
+    row = measure(Engine(model, _NullTokenizer()), "tiny", batch=3, prompt_len=5, gen_len=8, bandwidth=None)
+    assert row.decode_tokens_per_s > 0 and row.ttft_s > 0
+    assert row.state_bytes == 3 * state_bytes_per_row(model.config, 13, 4)
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["--shape", "gpt-9"], "unknown --shape"),
+    (["--shape", "smollm2-135m", "--layout", "most"], "--layout"),
+    (["--shape", "smollm2-135m", "--batch", "0"], "positive"),
+    (["--shape", "smollm2-135m", "--gen-len", "-5"], "positive"),
+    (["--shape", "smollm2-135m", "--device", "cuda"], "no CUDA"),
+    (["--shape", "smollm2-135m", "--gen-len", "9000"], "exceeds the model context"),
+])
+def test_bad_input(capsys, argv, needle):
+    import torch
+
+    if "cuda" in argv and torch.cuda.is_available():
+        pytest.skip("CUDA present")
+    assert main(["bench", *argv]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and needle in err and len(err.strip().splitlines()) == 1
