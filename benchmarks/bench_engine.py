@@ -1,0 +1,122 @@
+"""Decode throughput of m1's engine vs transformers' ``generate`` (not a test; prints a markdown table).
+
+For each checkpoint and batch size B: one prompt, B greedy samples of exactly --new-tokens tokens
+(EOS ignored). HF ``generate`` gets the prompt repeated B times (that is what ``num_return_sequences``
+does too); the engine gets ``SamplingParams(n=B)`` (prefill once, replicate the state). tokens/s =
+B * new_tokens / wall seconds of the whole call (prefill included). Each cell is the best of
+--repeats runs, taken in interleaved order so that load from other processes hits all alike.
+
+    python benchmarks/bench_engine.py --convert /tmp/bench   # converts SmolLM2 (hybrid + all-attention) first
+    python benchmarks/bench_engine.py --model hybrid=/tmp/bench/hybrid --model attention=/tmp/bench/attn \\
+        --batch 1,16 --new-tokens 64 --repeats 2 --threads 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+
+def _convert(root: Path) -> list[tuple[str, str]]:
+    from m1.convert import convert
+
+    out = []
+    for name, layers in (("hybrid", None), ("attention", "all")):
+        d = root / name
+        if not d.exists():
+            convert("smollm2-135m", d, attn_layers=layers, log=lambda m: print(m, file=sys.stderr))
+        out.append((name, str(d)))
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", action="append", default=[], help="NAME=DIR (repeatable)")
+    ap.add_argument("--convert", default=None, help="convert SmolLM2 (hybrid + all-attention) into this folder first")
+    ap.add_argument("--batch", default="1,16")
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's default)")
+    ap.add_argument("--reference", action="store_true", help="also time the engine's hf backend (model.forward + HF cache)")
+    ap.add_argument("--sampled", action="store_true", help="also time the engine sampling at temperature 1")
+    ap.add_argument("--device", default=None)
+    ap.add_argument("--json", default=None, help="also write the results here")
+    ap.add_argument("--prompt", default="Natalia sold clips to 48 of her friends in April, and then she sold half as "
+                                        "many clips in May. How many clips did Natalia sell altogether?")
+    a = ap.parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import torch
+
+    from m1.checkpoint import load_model
+    from m1.engine import Engine, SamplingParams
+
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    models = [tuple(m.split("=", 1)) for m in a.model]
+    if a.convert:
+        models += _convert(Path(a.convert))
+    if not models:
+        ap.error("give --model NAME=DIR or --convert DIR")
+    batches = [int(b) for b in a.batch.split(",")]
+    N = a.new_tokens
+    results = []
+    for name, d in models:
+        model, tok = load_model(d, device=a.device)
+        eng = Engine(model, tok, backend="fast")
+        ref = Engine(model, tok, backend="hf")
+        enc = tok(a.prompt, return_tensors="pt").to(model.device)
+        plen = enc["input_ids"].shape[1]
+
+        def hf(B):
+            ids = {k: v.repeat(B, 1) for k, v in enc.items()}
+            with torch.inference_mode():
+                out = model.generate(**ids, max_new_tokens=N, min_new_tokens=N, do_sample=False)
+            assert out.shape[1] - plen == N
+
+        def engine(e, temp):
+            def run(B):
+                o = e.generate(a.prompt, SamplingParams(n=B, max_new_tokens=N, temperature=temp, seed=0,
+                                                        ignore_eos=True))[0]
+                assert all(c.num_tokens == N for c in o.completions)
+            return run
+
+        runners = {"hf_generate": hf, "engine": engine(eng, 0.0)}
+        if a.reference:
+            runners["engine_hf_backend"] = engine(ref, 0.0)
+        if a.sampled:
+            runners["engine_sampled"] = engine(eng, 1.0)
+        for fn in runners.values():  # warm-up
+            fn(1)
+        for B in batches:
+            best = {k: float("inf") for k in runners}
+            for _ in range(a.repeats):
+                for k, fn in runners.items():
+                    t = time.perf_counter()
+                    fn(B)
+                    best[k] = min(best[k], time.perf_counter() - t)
+            row = {"model": name, "batch": B, "new_tokens": N, "prompt_tokens": plen,
+                   **{f"{k}_tok_s": round(B * N / v, 2) for k, v in best.items()}}
+            row["speedup"] = round(best["hf_generate"] / best["engine"], 2)
+            results.append(row)
+            print(json.dumps(row), file=sys.stderr, flush=True)
+        del model, eng, ref
+    cols = [k for k in results[0] if k.endswith("_tok_s")]
+    print(f"| model | batch | new tokens | {' | '.join(c[:-6] + ' tok/s' for c in cols)} | engine / HF |")
+    print("|---|---|---|" + "---|" * len(cols) + "---|")
+    for r in results:
+        print(f"| {r['model']} | {r['batch']} | {r['new_tokens']} | " + " | ".join(f"{r[c]:.1f}" for c in cols)
+              + f" | {r['speedup']:.2f}x |")
+    print(f"\ntorch {torch.__version__}, threads {torch.get_num_threads()}, device {a.device or 'cpu'}, "
+          f"prompt {results[0]['prompt_tokens']} tokens, best of {a.repeats}")
+    if a.json:
+        Path(a.json).write_text(json.dumps(results, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1072 @@
+"""Batched sampling engine: prefill each prompt once, replicate its state to n samples, decode in batches.
+
+Serves hybrid ``GraniteMoeHybridForCausalLM`` checkpoints (Mamba2 + attention layers) and pure
+transformers (``LlamaForCausalLM``, ``Qwen2ForCausalLM``, all-attention GraniteMoeHybrid) alike.
+
+How a call to :meth:`Engine.generate` runs
+------------------------------------------
+1. Prompts are tokenised (optionally through the chat template) and validated; requests are packed
+   into *groups* of at most ``max_batch_size`` sample rows whose cache fits ``max_cache_bytes``.
+2. **Prefill once per distinct prompt**: the group's prompts go through ``model.forward`` in
+   left-padded batches (``attention_mask`` marks padding, ``position_ids = cumsum(mask) - 1`` like HF
+   ``generate``) with a transformers ``DynamicCache``. For Mamba layers the HF mixer zeroes padded
+   positions before ``in_proj`` (no projection bias in m1 checkpoints), so padding leaves the conv
+   and SSM state exactly as an unpadded run would.
+3. **Replicate**: every cache tensor -- attention K/V, Mamba conv state and SSM state -- is
+   ``index_select``-ed / ``repeat_interleave``-d on its batch dimension, prompt i -> its n rows. A
+   Mamba layer's state is O(1) in the sequence length, so this costs the same for any prompt length.
+4. **Decode** all rows in lock step, one token per step, sampling each row with its own
+   ``torch.Generator`` (exponential race: ``argmax(p / E)``, ``E ~ Exp(1)`` drawn from the row's
+   generator), which is exactly a draw from ``p`` and does not depend on which other rows share the
+   batch. Sample j of a request with seed s uses seed ``s + j``, so it equals an independent run with
+   ``n=1, seed=s+j``. Temperature 0 is greedy (argmax of the raw logits).
+5. **Per-row stopping** on EOS (``generation_config.eos_token_id`` and the tokenizer's EOS), extra
+   stop token ids, stop strings (the returned text is cut before the stop string) and
+   ``max_new_tokens`` (or the context length). Finished rows are **compacted** out of the batch so
+   they stop costing compute: the fast backend moves the last live rows into the freed slots of its
+   preallocated buffers (a copy of only the moved rows); the reference backend index-selects.
+
+Backends
+--------
+``"fast"`` (default when the architecture is supported): its own decode step over the model's
+modules -- preallocated K/V buffers written in place (no per-step ``torch.cat``), a padding bias
+instead of HF's per-step mask construction, a precomputed RoPE table, the Mamba2 recurrent update
+written for one token, and the model's own RMSNorm / MLP / gated-norm modules called directly so
+the arithmetic matches HF's. Weights are never copied: the engine always sees the current weights
+(usable for RL rollouts on a model being trained). ``compile=True`` switches to a static-shape
+variant of the step (live rows padded to a power of two, attention over the whole preallocated
+capacity behind the bias, the write column a tensor, buffers at fixed addresses on CUDA) and wraps it
+in ``torch.compile`` -- ``mode="reduce-overhead"`` (CUDA graphs) on CUDA. Off by default; checked
+for identical tokens on CPU (where compiling takes minutes and does not pay), not measured on a GPU.
+
+``"hf"``: the reference path, ``model.forward`` with the HF ``DynamicCache`` for every step
+(replication and compaction done on the cache's own tensors). Used automatically for
+architectures the fast path does not know (MoE experts, dynamic RoPE, sliding windows, ...).
+
+``"vllm"`` (:class:`VLLMEngine`, only when ``vllm`` is importable, normally on a GPU box): maps
+:class:`SamplingParams` onto vLLM's. vLLM's seeding differs (one generator per request), streaming
+callbacks are not supported there.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+from .errors import M1Error
+
+FINISH_STOP = "stop"
+FINISH_LENGTH = "length"
+FINISH_BUDGET = "budget"  # only when generate() is given a deadline
+BACKENDS = ("auto", "fast", "hf", "vllm")
+
+
+# ------------------------------------------------------------------------------------ parameters
+@dataclass
+class SamplingParams:
+    """How to sample one request (one prompt).
+
+    ``n`` samples; ``temperature`` 0 = greedy; ``top_k`` 0 = off; ``top_p`` 1 = off; ``min_p`` 0 = off.
+    Filters apply in the order temperature -> top-k -> top-p -> min-p. ``seed``: sample j uses
+    ``seed + j`` (None = a fresh random seed, recorded in each completion). ``stop``: strings that end
+    a completion (cut from the returned text); ``stop_token_ids``: extra ids that end it (kept in
+    ``token_ids``, like EOS). ``ignore_eos`` keeps going past EOS (benchmarks).
+    """
+    n: int = 1
+    max_new_tokens: int = 512
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    seed: int | None = None
+    stop: Sequence[str] = ()
+    stop_token_ids: Sequence[int] = ()
+    ignore_eos: bool = False
+    skip_special_tokens: bool = True
+
+    def validate(self) -> "SamplingParams":
+        if isinstance(self.stop, str):
+            self.stop = (self.stop,)
+        checks = [
+            (isinstance(self.n, int) and self.n >= 1, f"n (samples per prompt) must be at least 1, got {self.n}"),
+            (isinstance(self.max_new_tokens, int) and self.max_new_tokens >= 1,
+             f"max_new_tokens must be at least 1, got {self.max_new_tokens}"),
+            (self.temperature is not None and math.isfinite(self.temperature) and self.temperature >= 0,
+             f"temperature must be >= 0 (0 = greedy), got {self.temperature}"),
+            (self.top_p is not None and 0.0 < self.top_p <= 1.0, f"top_p must be in (0, 1], got {self.top_p}"),
+            (isinstance(self.top_k, int) and self.top_k >= 0, f"top_k must be >= 0 (0 = off), got {self.top_k}"),
+            (self.min_p is not None and 0.0 <= self.min_p <= 1.0, f"min_p must be in [0, 1], got {self.min_p}"),
+            (self.seed is None or (isinstance(self.seed, int) and self.seed >= 0),
+             f"seed must be a non-negative integer, got {self.seed}"),
+            (all(isinstance(s, str) and s for s in self.stop), "stop strings must be non-empty strings"),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise M1Error(msg)
+        return self
+
+
+@dataclass
+class Completion:
+    """One sample. ``seconds``: from the start of its batch (prefill included) until it finished."""
+    index: int
+    text: str
+    token_ids: list[int]
+    num_tokens: int
+    finish_reason: str  # "stop" | "length" ("budget" only with a deadline)
+    seconds: float
+    seed: int | None = None
+    finished_at: float = 0.0  # time.perf_counter() when it finished
+
+
+@dataclass
+class RequestOutput:
+    """All samples of one prompt."""
+    index: int
+    prompt: str | list[int]
+    prompt_token_ids: list[int]
+    completions: list[Completion]
+    seconds: float = 0.0
+
+    @property
+    def texts(self) -> list[str]:
+        return [c.text for c in self.completions]
+
+
+@dataclass
+class StreamEvent:
+    """Passed to ``on_token`` after every generated token (``text``: newly printable text, may be empty)."""
+    request: int
+    sample: int
+    token_id: int
+    text: str
+    finished: bool
+    finish_reason: str | None
+
+
+# ------------------------------------------------------------------------------------- sampling
+def filter_logits(logits, temperature, top_k=None, top_p=None, min_p=None):
+    """``logits / temperature`` with the tokens removed by top-k, top-p and min-p set to -inf.
+
+    ``logits``: (rows, vocab) float. Each parameter is a float/int (all rows) or a 1-D tensor (per
+    row); ``top_k`` 0, ``top_p`` 1 and ``min_p`` 0 turn a filter off. top-k keeps every token whose
+    logit ties the k-th largest; top-p keeps the smallest prefix of the sorted tokens whose mass
+    reaches p (so at least one token); min-p drops tokens with probability < min_p * max probability.
+    Temperatures must be > 0 here (greedy rows are handled by :func:`sample_tokens`).
+    """
+    import torch
+
+    rows, vocab = logits.shape
+    dev = logits.device
+
+    def col(v, dtype):
+        t = torch.as_tensor(v, dtype=dtype, device=dev)
+        return t.expand(rows) if t.dim() == 0 else t
+
+    x = logits.float() / col(temperature, torch.float32)[:, None]
+    neg = float("-inf")
+    k = col(0 if top_k is None else top_k, torch.long)
+    p = col(1.0 if top_p is None else top_p, torch.float32)
+    use_k, use_p = bool((k > 0).any()), bool((p < 1.0).any())
+    if use_k or use_p:
+        srt = x.sort(dim=-1, descending=True).values
+        if use_k:
+            kk = torch.where(k > 0, k.clamp(max=vocab), torch.full_like(k, vocab))
+            kth = srt.gather(1, (kk - 1)[:, None])
+            x = x.masked_fill(x < kth, neg)
+            srt = srt.masked_fill(srt < kth, neg)
+        if use_p:
+            probs = torch.softmax(srt, dim=-1)
+            before = probs.cumsum(dim=-1) - probs  # mass strictly above each rank
+            keep = (before < p[:, None]).sum(dim=-1).clamp(min=1)
+            thr = srt.gather(1, (keep - 1)[:, None])
+            x = x.masked_fill((x < thr) & (p < 1.0)[:, None], neg)
+    if min_p is not None:
+        mp = col(min_p, torch.float32)
+        if bool((mp > 0).any()):
+            probs = torch.softmax(x, dim=-1)
+            x = x.masked_fill(probs < mp[:, None] * probs.max(dim=-1, keepdim=True).values, neg)
+    return x
+
+
+def sample_tokens(logits, temperature, top_k, top_p, min_p, generators):
+    """One token per row: greedy where temperature == 0, else a draw from the filtered softmax.
+
+    Row i's randomness comes only from ``generators[i]`` (one ``Exp(1)`` vector per call), so a row's
+    draw does not depend on the other rows of the batch.
+    """
+    import torch
+
+    rows, vocab = logits.shape
+    temps = torch.as_tensor(temperature, dtype=torch.float32, device=logits.device)
+    if temps.dim() == 0:
+        temps = temps.expand(rows)
+    greedy = temps == 0
+    out = logits.argmax(dim=-1)
+    if bool(greedy.all()):
+        return out
+    sel = (~greedy).nonzero().flatten()
+    sub = lambda v: v[sel] if torch.is_tensor(v) and v.dim() > 0 else v  # noqa: E731
+    x = filter_logits(logits[sel], temps[sel], sub(torch.as_tensor(top_k)), sub(torch.as_tensor(top_p)),
+                      sub(torch.as_tensor(min_p)))
+    probs = torch.softmax(x, dim=-1)
+    noise = torch.empty_like(probs)
+    for j, i in enumerate(sel.tolist()):
+        noise[j].exponential_(generator=generators[i])
+    out[sel] = (probs / noise).argmax(dim=-1)
+    return out
+
+
+# ---------------------------------------------------------------------------------- model layout
+class _Arch:
+    """What the fast decode step needs to know about a supported model (references, no copies)."""
+
+    def __init__(self, model):
+        cfg = model.config
+        mt = getattr(cfg, "model_type", None)
+        self.model_type = mt
+        inner = model.model
+        self.embed = inner.embed_tokens
+        self.norm = inner.norm
+        self.lm_head = model.lm_head
+        self.rotary = getattr(inner, "rotary_emb", None)
+        self.emb_mult = float(getattr(cfg, "embedding_multiplier", 1.0)) if mt == "granitemoehybrid" else 1.0
+        self.res_mult = float(getattr(cfg, "residual_multiplier", 1.0)) if mt == "granitemoehybrid" else 1.0
+        self.logit_scale = float(getattr(cfg, "logits_scaling", 1.0)) if mt == "granitemoehybrid" else 1.0
+        self.layers = []  # (kind, slot, layer module)
+        self.n_attn = self.n_mamba = 0
+        for layer in inner.layers:
+            if mt == "granitemoehybrid" and layer.mamba is not None:
+                self.layers.append(("mamba", self.n_mamba, layer))
+                self.n_mamba += 1
+            else:
+                self.layers.append(("attn", self.n_attn, layer))
+                self.n_attn += 1
+        self.mlp_name = "shared_mlp" if mt == "granitemoehybrid" else "mlp"
+        self.heads = cfg.num_attention_heads
+        self.kv_heads = getattr(cfg, "num_key_value_heads", None) or self.heads
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.heads
+        if self.n_mamba:
+            m = next(layer.mamba for kind, _, layer in self.layers if kind == "mamba")
+            self.m_heads, self.m_head_dim, self.m_state = m.num_heads, m.head_dim, m.ssm_state_size
+            self.m_groups, self.m_inner, self.m_conv_dim, self.m_conv_k = (
+                m.n_groups, m.intermediate_size, m.conv_dim, m.conv_kernel_size)
+
+    @staticmethod
+    def unsupported(model) -> str | None:
+        """Why the fast path cannot serve ``model`` (None when it can)."""
+        cfg = model.config
+        mt = getattr(cfg, "model_type", None)
+        if mt not in ("granitemoehybrid", "llama", "qwen2"):
+            return f"architecture '{mt}'"
+        if mt == "granitemoehybrid" and getattr(cfg, "num_local_experts", 0):
+            return "MoE experts"
+        if mt == "qwen2" and getattr(cfg, "use_sliding_window", False):
+            return "sliding-window attention"
+        rope = getattr(cfg, "rope_parameters", None) or {}
+        if isinstance(rope, dict) and rope.get("rope_type") in ("dynamic", "longrope"):
+            return f"rope_type '{rope.get('rope_type')}'"
+        if getattr(cfg, "_attn_implementation", "sdpa") not in ("sdpa", "eager", None):
+            return f"attention implementation '{cfg._attn_implementation}'"
+        return None
+
+
+def _cache_tensors(cache):
+    """(layer, attribute, key) triples for every tensor of a transformers cache: K/V, conv, SSM state."""
+    from transformers.cache_utils import LinearAttentionCacheLayerMixin
+
+    out = []
+    for layer in cache.layers:
+        if isinstance(layer, LinearAttentionCacheLayerMixin):
+            for attr in ("conv_states", "recurrent_states"):
+                for k, v in getattr(layer, attr).items():
+                    if v is not None:
+                        out.append((layer, attr, k))
+        if getattr(layer, "keys", None) is not None and layer.keys.numel():
+            out.append((layer, "keys", None))
+            out.append((layer, "values", None))
+    return out
+
+
+def _cache_apply(cache, fn) -> None:
+    """Replace every tensor of ``cache`` by ``fn(tensor)`` (batch replication / selection)."""
+    for layer, attr, k in _cache_tensors(cache):
+        if k is None:
+            setattr(layer, attr, fn(getattr(layer, attr)))
+        else:
+            getattr(layer, attr)[k] = fn(getattr(layer, attr)[k])
+
+
+def replicate_cache(cache, repeats):
+    """Repeat every cache tensor (K/V, Mamba conv and SSM state) on its batch dim: int or per-row counts."""
+    import torch
+
+    if isinstance(repeats, int):
+        _cache_apply(cache, lambda t: t.repeat_interleave(repeats, dim=0))
+    else:
+        r = torch.as_tensor(repeats)
+        _cache_apply(cache, lambda t: t.repeat_interleave(r.to(t.device), dim=0))
+    return cache
+
+
+# ------------------------------------------------------------------------------------- rows
+class _Row:
+    __slots__ = ("req", "sample", "seed", "gen", "tokens", "done", "finish", "t_done", "max_new", "emitted",
+                 "params", "stop_window", "secs")
+
+    def __init__(self, req, sample, seed, params, max_new):
+        self.req, self.sample, self.seed, self.params, self.max_new = req, sample, seed, params, max_new
+        self.gen = None
+        self.tokens: list[int] = []
+        self.done = False
+        self.finish = None
+        self.t_done = 0.0
+        self.emitted = 0
+        self.stop_window = (max(len(s) for s in params.stop) + 8) if params.stop else 0
+
+
+class _Request:
+    def __init__(self, index, prompt, ids, params):
+        self.index, self.prompt, self.ids, self.params = index, prompt, ids, params
+
+
+# --------------------------------------------------------------------------------- fast state
+class _FastState:
+    """Preallocated decode state of one group: K/V buffers, Mamba conv/SSM states, padding bias."""
+
+    def __init__(self, arch: _Arch, rows: int, prompt_len: int, capacity: int, dtype, device, ssm_dtype,
+                 static: bool = False):
+        import torch
+
+        a = arch
+        self.static = static
+        if static:  # compiled mode: few distinct shapes (rows in powers of two, capacity in multiples of 256)
+            rows = _bucket(rows)
+            capacity = -(-capacity // 256) * 256
+        self.rows, self.lp, self.cap = rows, prompt_len, capacity
+        alloc = torch.zeros if static else torch.empty
+        self.k = [alloc(rows, a.kv_heads, capacity, a.head_dim, dtype=dtype, device=device)
+                  for _ in range(a.n_attn)]
+        self.v = [alloc(t.shape, dtype=dtype, device=device) for t in self.k]
+        if not static:  # columns that get read must hold finite values (masked, but 0 * NaN = NaN)
+            for t in self.k + self.v:
+                t[:, :, :prompt_len].zero_()
+        # masked columns get the dtype's lowest finite value (as HF's eager masks do), not -inf
+        self.neg = torch.finfo(dtype).min
+        self.bias = torch.full((rows, capacity), self.neg, dtype=dtype, device=device) if a.n_attn else None
+        self.padded = False
+        if a.n_mamba:
+            self.conv = [torch.zeros(rows, a.m_conv_dim, a.m_conv_k, dtype=dtype, device=device)
+                         for _ in range(a.n_mamba)]
+            self.ssm = [torch.zeros(rows, a.m_heads, a.m_head_dim, a.m_state, dtype=ssm_dtype, device=device)
+                        for _ in range(a.n_mamba)]
+        else:
+            self.conv, self.ssm = [], []
+        self.pos = torch.zeros(rows, dtype=torch.long, device=device)
+        self.col = prompt_len
+        self.col_t = torch.full((1,), prompt_len, dtype=torch.long, device=device)
+        self.nb = rows
+        self.nbb = rows
+        if static and device.type == "cuda":  # fixed addresses, so CUDA graphs can be replayed on them
+            for buf in self.buffers() + [self.col_t]:
+                torch._dynamo.mark_static_address(buf)
+
+    def buffers(self):
+        return [*self.k, *self.v, *self.conv, *self.ssm, self.pos] + ([self.bias] if self.bias is not None else [])
+
+    def fill(self, cache, arch: _Arch, dest, src, mask, lengths) -> None:
+        """Copy a prefill cache (prompts ``src`` of it -> rows ``dest``) into the buffers, right-aligned."""
+        import torch
+
+        lpad = mask.shape[1]
+        off = self.lp - lpad
+        a_i = m_i = 0
+        for layer in cache.layers:
+            lin = getattr(layer, "conv_states", None)
+            if lin is not None and lin.get(0) is not None:
+                self.conv[m_i][dest] = lin[0].index_select(0, src).to(self.conv[m_i].dtype)
+                self.ssm[m_i][dest] = layer.recurrent_states[0].index_select(0, src).to(self.ssm[m_i].dtype)
+                m_i += 1
+            elif getattr(layer, "keys", None) is not None:
+                valid = mask.index_select(0, src).bool()[:, None, :, None]
+                # padded positions can hold anything (even NaN): zero them, the bias masks them anyway
+                self.k[a_i][dest, :, off:self.lp] = layer.keys.index_select(0, src).masked_fill(~valid, 0)
+                self.v[a_i][dest, :, off:self.lp] = layer.values.index_select(0, src).masked_fill(~valid, 0)
+                a_i += 1
+        if self.bias is not None:
+            b = torch.zeros(len(src), lpad, dtype=self.bias.dtype, device=self.bias.device)
+            b.masked_fill_(mask.index_select(0, src) == 0, self.neg)
+            self.bias[dest, off:self.lp] = b
+            if bool((mask == 0).any()) or off > 0:
+                self.padded = True
+        self.pos[dest] = lengths.index_select(0, src)
+
+    def compact(self, alive: list[int]) -> list[int]:
+        """Keep slots ``alive`` (sorted) as slots 0..len-1 by moving tail rows into holes; returns the order."""
+        import torch
+
+        nb = len(alive)
+        alive_set = set(alive)
+        holes = [s for s in range(nb) if s not in alive_set]
+        movers = [s for s in alive if s >= nb]
+        order = list(range(nb))
+        for h, m in zip(holes, movers):
+            order[h] = m
+        if holes:
+            dev = self.pos.device
+            hi = torch.tensor(holes, device=dev)
+            mi = torch.tensor(movers, device=dev)
+            for buf in self.buffers():
+                buf.index_copy_(0, hi, buf.index_select(0, mi))
+        self.nb = nb
+        self.nbb = _bucket(nb) if self.static else nb
+        return order
+
+
+def _bucket(n: int) -> int:
+    """Smallest power of two >= n."""
+    return 1 << max(0, (n - 1).bit_length())
+
+
+# ------------------------------------------------------------------------------------- engine
+class Engine:
+    """Batched sampler over a loaded model; see the module docstring.
+
+    ``backend``: "auto" (fast when the architecture is supported, else hf), "fast", "hf".
+    ``max_batch_size``: most sample rows decoded together (default 64 on CPU, 256 on CUDA).
+    ``max_cache_bytes``: bound on the preallocated decode state of one batch (default: a quarter of
+    RAM on CPU, half of free GPU memory). ``prefill_tokens``: most (padded) tokens per prefill forward.
+    """
+
+    def __init__(self, model, tokenizer, *, backend: str = "auto", max_batch_size: int | None = None,
+                 max_cache_bytes: int | None = None, prefill_tokens: int = 8192, compile: bool = False):
+        import torch
+
+        if backend not in ("auto", "fast", "hf"):
+            raise M1Error(f"backend must be one of auto, fast, hf for a loaded model (vllm: Engine.from_pretrained), got '{backend}'")
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        p = next(model.parameters())
+        self.device, self.dtype = p.device, p.dtype
+        why = _Arch.unsupported(model)
+        if backend == "fast" and why:
+            raise M1Error(f"the fast backend does not support this model ({why}); use backend='hf'")
+        self.backend = "hf" if (backend == "hf" or why) else "fast"
+        self.arch = _Arch(model) if self.backend == "fast" else None
+        cuda = self.device.type == "cuda"
+        self.max_batch_size = max_batch_size or (256 if cuda else 64)
+        if max_cache_bytes is None:
+            if cuda:
+                free, _ = torch.cuda.mem_get_info(self.device)
+                max_cache_bytes = free // 2
+            else:
+                try:
+                    max_cache_bytes = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 4
+                except (ValueError, OSError, AttributeError):
+                    max_cache_bytes = 4 << 30
+        self.max_cache_bytes = int(max_cache_bytes)
+        self.prefill_tokens = int(prefill_tokens)
+        cfg = model.config
+        self.max_context = int(getattr(cfg, "max_position_embeddings", 0) or 1 << 30)
+        eos = set()
+        gc = getattr(model, "generation_config", None)
+        for src in (getattr(gc, "eos_token_id", None), getattr(tokenizer, "eos_token_id", None)):
+            if isinstance(src, int):
+                eos.add(src)
+            elif src:
+                eos.update(int(x) for x in src)
+        self.eos_ids = frozenset(eos)
+        pad = getattr(tokenizer, "pad_token_id", None)
+        self.pad_id = pad if pad is not None else (min(eos) if eos else 0)
+        self.compiled = bool(compile and self.backend == "fast")
+        self._step = self._fast_step
+        if self.compiled:
+            mode = "reduce-overhead" if cuda else "default"  # reduce-overhead = CUDA graphs
+            self._step = torch.compile(self._static_step, mode=mode, dynamic=False)
+
+    # ----------------------------------------------------------------------------- construction
+    @classmethod
+    def from_pretrained(cls, directory, *, device: str | None = None, dtype=None, backend: str = "auto", **kw):
+        """Load a checkpoint directory (m1 or plain HF) with :func:`m1.checkpoint.load_model`."""
+        if backend not in BACKENDS:
+            raise M1Error(f"backend must be one of {', '.join(BACKENDS)}, got '{backend}'")
+        if backend == "vllm":
+            return VLLMEngine(directory, dtype=dtype, **kw)
+        from .checkpoint import load_model
+
+        model, tokenizer = load_model(directory, dtype=dtype, device=device)
+        return cls(model, tokenizer, backend=backend, **kw)
+
+    # ------------------------------------------------------------------------------- tokenising
+    def encode(self, prompt, chat: bool = False) -> list[int]:
+        """Token ids of a prompt: a token-id list is used as is; a string optionally via the chat template."""
+        if isinstance(prompt, (list, tuple)):
+            if not prompt:
+                raise M1Error("empty prompt: a prompt needs at least one token")
+            if not all(isinstance(t, int) and t >= 0 for t in prompt):
+                raise M1Error("a token-id prompt must be a list of non-negative integers")
+            return list(prompt)
+        if not isinstance(prompt, str):
+            raise M1Error(f"a prompt must be a string or a list of token ids, got {type(prompt).__name__}")
+        if not prompt.strip():
+            raise M1Error("empty prompt: give some text to continue")
+        tok = self.tokenizer
+        if chat:
+            if not getattr(tok, "chat_template", None):
+                raise M1Error("the tokenizer has no chat template: use --no-chat (chat=False)")
+            text = tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                           add_generation_prompt=True)
+            return list(tok(text, add_special_tokens=False)["input_ids"])
+        return list(tok(prompt)["input_ids"])
+
+    def tokenize(self, prompt, chat: bool = False) -> list[int]:
+        """:meth:`encode` plus the context check that :meth:`generate` applies."""
+        ids = self.encode(prompt, chat=chat)
+        if len(ids) >= self.max_context:
+            raise M1Error(f"the prompt is {len(ids)} tokens, longer than the model's context of "
+                          f"{self.max_context} tokens (it needs room for at least one new token)")
+        return ids
+
+    # ----------------------------------------------------------------------------------- public
+    def generate(self, prompts, params: SamplingParams | Sequence[SamplingParams] | None = None, *,
+                 chat: bool = False, on_token: Callable[[StreamEvent], None] | None = None,
+                 progress: bool = False, deadline: float | None = None) -> list[RequestOutput]:
+        """Sample completions for ``prompts`` (a string, a token-id list, or a list of either).
+
+        ``params``: one :class:`SamplingParams` for all prompts or one per prompt. ``on_token`` is
+        called after every generated token of every sample. ``deadline`` (a ``time.perf_counter()``
+        value): stop everything then; unfinished samples end with finish_reason "budget".
+        """
+        import torch
+
+        if isinstance(prompts, str) or (isinstance(prompts, (list, tuple)) and prompts
+                                        and all(isinstance(t, int) for t in prompts)):
+            prompts = [prompts]
+        prompts = list(prompts)
+        if not prompts:
+            return []
+        if params is None:
+            params = SamplingParams()
+        plist = list(params) if isinstance(params, (list, tuple)) else [params] * len(prompts)
+        if len(plist) != len(prompts):
+            raise M1Error(f"got {len(plist)} SamplingParams for {len(prompts)} prompts")
+        reqs, rows_by_req = [], []
+        for i, (pr, sp) in enumerate(zip(prompts, plist)):
+            sp.validate()
+            ids = self.tokenize(pr, chat=chat)
+            max_new = min(sp.max_new_tokens, self.max_context - len(ids))
+            base = sp.seed if sp.seed is not None else random.SystemRandom().randrange(1 << 62)
+            reqs.append(_Request(i, pr, ids, sp))
+            rows_by_req.append([_Row(i, j, base + j, sp, max_new) for j in range(sp.n)])
+        bar = None
+        if progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=len(reqs), file=sys.stderr, unit="prompt", dynamic_ncols=True)
+        outputs: list[RequestOutput | None] = [None] * len(reqs)
+        pending = {r.index: sp.n for r, sp in zip(reqs, plist)}
+        try:
+            with torch.inference_mode():
+                for group in self._plan(reqs, rows_by_req):
+                    if deadline is not None and time.perf_counter() >= deadline:
+                        now = time.perf_counter()
+                        for row in group:  # the budget is spent before this batch started
+                            self._finish(row, FINISH_BUDGET, now, now, None)
+                    else:
+                        self._run_group(reqs, group, on_token, deadline)
+                    for row in group:
+                        pending[row.req] -= 1
+                        if pending[row.req] == 0:
+                            outputs[row.req] = self._finish_request(reqs[row.req], rows_by_req[row.req])
+                            if bar is not None:
+                                bar.update(1)
+        finally:
+            if bar is not None:
+                bar.close()
+        return outputs  # type: ignore[return-value]
+
+    def next_token_logits(self, prompts, chat: bool = False):
+        """Float32 logits (prompts, vocab) of the token after each prompt (batched, left-padded)."""
+        import torch
+
+        ids = [self.encode(p, chat=chat) for p in prompts]
+        with torch.inference_mode():
+            chunks = []
+            for batch in self._prefill_batches(list(range(len(ids))), [len(x) for x in ids]):
+                _, logits, _, _ = self._prefill([ids[i] for i in batch])
+                chunks.append((batch, logits))
+            vocab = chunks[0][1].shape[1]
+            out = torch.empty(len(ids), vocab, dtype=torch.float32, device=self.device)
+            for batch, logits in chunks:
+                out[torch.tensor(batch, device=self.device)] = logits
+        return out
+
+    # ------------------------------------------------------------------------------- scheduling
+    def _row_bytes(self, length: int) -> int:
+        cfg = self.model.config
+        esize = torch_esize(self.dtype)
+        heads = cfg.num_attention_heads
+        kvh = getattr(cfg, "num_key_value_heads", None) or heads
+        hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+        types = getattr(cfg, "layer_types", None) or ["full_attention"] * cfg.num_hidden_layers
+        n_attn = sum(t != "linear_attention" for t in types)
+        n_mamba = len(types) - n_attn
+        b = n_attn * 2 * kvh * hd * length * esize
+        if n_mamba:
+            nh, dh, ds = cfg.mamba_n_heads, cfg.mamba_d_head, cfg.mamba_d_state
+            conv_dim = int(cfg.mamba_expand * cfg.hidden_size) + 2 * cfg.mamba_n_groups * ds
+            b += n_mamba * (conv_dim * cfg.mamba_d_conv * esize + nh * dh * ds * 4)
+        return b + 8 * length
+
+    def _plan(self, reqs, rows_by_req):
+        """Pack rows into groups (in request order) within max_batch_size and max_cache_bytes."""
+        groups, cur, cur_len = [], [], 0
+        for r in reqs:
+            rows = rows_by_req[r.index]
+            need = len(r.ids) + max(row.max_new for row in rows)
+            for row in rows:
+                new_len = max(cur_len, need)
+                if cur and (len(cur) + 1 > self.max_batch_size
+                            or (len(cur) + 1) * self._row_bytes(new_len) > self.max_cache_bytes):
+                    groups.append(cur)
+                    cur, new_len = [], need
+                cur.append(row)
+                cur_len = new_len
+        if cur:
+            groups.append(cur)
+        return groups
+
+    def _prefill_batches(self, req_ids, lengths):
+        """Split prompts (sorted by length) into prefill batches of at most prefill_tokens padded tokens."""
+        order = sorted(range(len(req_ids)), key=lambda i: lengths[i])
+        batches, cur, mx = [], [], 0
+        for i in order:
+            m = max(mx, lengths[i])
+            if cur and m * (len(cur) + 1) > self.prefill_tokens:
+                batches.append(cur)
+                cur, m = [], lengths[i]
+            cur.append(req_ids[i])
+            mx = m
+        if cur:
+            batches.append(cur)
+        return batches
+
+    def _prefill(self, ids_list):
+        """Left-padded batched forward with a fresh DynamicCache -> (cache, last logits, mask, lengths)."""
+        import torch
+        from transformers import DynamicCache
+
+        dev = self.device
+        lens = [len(x) for x in ids_list]
+        lp = max(lens)
+        inp = torch.full((len(ids_list), lp), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(ids_list), lp), dtype=torch.long)
+        for i, x in enumerate(ids_list):
+            inp[i, lp - len(x):] = torch.tensor(x, dtype=torch.long)
+            mask[i, lp - len(x):] = 1
+        inp, mask = inp.to(dev), mask.to(dev)
+        pos = mask.cumsum(-1) - 1
+        pos.masked_fill_(mask == 0, 1)
+        cache = DynamicCache(config=self.model.config)
+        out = self.model(input_ids=inp, attention_mask=mask, position_ids=pos, past_key_values=cache,
+                         use_cache=True, logits_to_keep=1)
+        return cache, out.logits[:, -1, :].float(), mask, torch.tensor(lens, device=dev)
+
+    # ------------------------------------------------------------------------------- one group
+    def _run_group(self, reqs, rows, on_token, deadline) -> None:
+        import torch
+
+        t0 = time.perf_counter()
+        dev = self.device
+        for row in rows:
+            g = torch.Generator(device=dev)
+            g.manual_seed(row.seed)
+            row.gen = g
+        req_ids = sorted({row.req for row in rows})
+        if self.backend == "fast":
+            st, logits = self._fast_start(reqs, req_ids, rows)
+        else:
+            st, logits = self._hf_start(reqs, req_ids, rows)
+        active = list(rows)
+        samp = self._sampling_tensors(active)
+        while True:
+            toks = sample_tokens(logits, *samp, [r.gen for r in active])
+            now = time.perf_counter()
+            finished = []
+            for slot, (row, t) in enumerate(zip(active, toks.tolist())):
+                self._append(row, t, on_token, now, t0)
+                if row.done:
+                    finished.append(slot)
+            if deadline is not None and now >= deadline:
+                for row in active:
+                    if not row.done:
+                        self._finish(row, FINISH_BUDGET, now, t0, on_token)
+                break
+            if finished:
+                alive = [s for s in range(len(active)) if not active[s].done]
+                if not alive:
+                    break
+                order = st.compact(alive) if self.backend == "fast" else self._hf_compact(st, alive)
+                active = [active[s] for s in order]
+                idx = torch.tensor(order, device=dev)
+                toks = toks.index_select(0, idx)
+                samp = self._sampling_tensors(active)
+            if self.compiled:
+                nb = toks.shape[0]
+                if nb < st.nbb:
+                    toks = torch.cat([toks, toks.new_zeros(st.nbb - nb)])
+                logits = self._step(st, toks)[:nb].float()
+                st.col += 1
+            elif self.backend == "fast":
+                logits = self._step(st, toks).float()
+            else:
+                logits = self._hf_step(st, toks)
+
+    def _sampling_tensors(self, active):
+        import torch
+
+        dev = self.device
+        f = lambda vals, dt: torch.tensor(vals, dtype=dt, device=dev)  # noqa: E731
+        ps = [r.params for r in active]
+        return (f([p.temperature for p in ps], torch.float32), f([p.top_k for p in ps], torch.long),
+                f([p.top_p for p in ps], torch.float32), f([p.min_p for p in ps], torch.float32))
+
+    # ---------------------------------------------------------------------------- stopping rules
+    def _append(self, row: _Row, tok: int, on_token, now: float, t0: float) -> None:
+        row.tokens.append(tok)
+        p = row.params
+        reason = None
+        if (tok in self.eos_ids and not p.ignore_eos) or tok in p.stop_token_ids:
+            reason = FINISH_STOP
+        elif p.stop:
+            tail = self.tokenizer.decode(row.tokens[-row.stop_window:], skip_special_tokens=p.skip_special_tokens)
+            if any(s in tail for s in p.stop):
+                reason = FINISH_STOP
+        if reason is None and len(row.tokens) >= row.max_new:
+            reason = FINISH_LENGTH
+        if reason is not None:
+            self._finish(row, reason, now, t0, None)
+        if on_token is not None:
+            self._stream(row, tok, on_token)
+
+    def _finish(self, row: _Row, reason: str, now: float, t0: float, on_token) -> None:
+        row.done, row.finish, row.t_done = True, reason, now
+        row.secs = now - t0  # seconds since the group started
+        if on_token is not None and reason == FINISH_BUDGET:
+            self._stream(row, None, on_token)
+
+    def _text(self, row: _Row) -> str:
+        p = row.params
+        text = self.tokenizer.decode(row.tokens, skip_special_tokens=p.skip_special_tokens)
+        if p.stop:
+            cut = [i for i in (text.find(s) for s in p.stop) if i >= 0]
+            if cut:
+                text = text[:min(cut)]
+        return text
+
+    def _stream(self, row: _Row, tok, on_token) -> None:
+        text = self._text(row)
+        if row.done:
+            end = len(text)
+        else:
+            end = len(text)
+            while end > row.emitted and text[end - 1] == "\ufffd":  # incomplete UTF-8 sequence
+                end -= 1
+            if row.params.stop:  # hold back what could be the start of a stop string
+                hold = max(len(s) for s in row.params.stop) - 1
+                end = max(row.emitted, end - hold)
+        delta = text[row.emitted:end]
+        row.emitted = max(row.emitted, end)
+        on_token(StreamEvent(row.req, row.sample, -1 if tok is None else tok, delta, row.done, row.finish))
+
+    def _finish_request(self, req: _Request, rows) -> RequestOutput:
+        comps = [Completion(index=r.sample, text=self._text(r), token_ids=list(r.tokens), num_tokens=len(r.tokens),
+                            finish_reason=r.finish, seconds=r.secs, seed=r.seed, finished_at=r.t_done)
+                 for r in rows]
+        for r in rows:
+            r.gen = None
+        return RequestOutput(index=req.index, prompt=req.prompt, prompt_token_ids=list(req.ids), completions=comps,
+                             seconds=max(c.seconds for c in comps))
+
+    # --------------------------------------------------------------------------- fast backend
+    def _fast_start(self, reqs, req_ids, rows):
+        import torch
+
+        dev = self.device
+        lens = {i: len(reqs[i].ids) for i in req_ids}
+        lp = max(lens.values())
+        cap = lp + max(r.max_new for r in rows)
+        ssm_dtype = torch.float32  # HF keeps the recurrent state in float32 (its chunk scan output)
+        st = _FastState(self.arch, len(rows), lp, cap, self.dtype, dev, ssm_dtype, static=self.compiled)
+        st.nb = len(rows)
+        logits = None
+        for batch in self._prefill_batches(req_ids, [lens[i] for i in req_ids]):
+            cache, last, mask, lengths = self._prefill([reqs[i].ids for i in batch])
+            pos_in_batch = {req: k for k, req in enumerate(batch)}
+            dest = [s for s, r in enumerate(rows) if r.req in pos_in_batch]
+            src = torch.tensor([pos_in_batch[rows[s].req] for s in dest], device=dev)
+            dest_t = torch.tensor(dest, device=dev)
+            st.fill(cache, self.arch, dest_t, src, mask, lengths)
+            if logits is None:
+                logits = torch.empty(len(rows), last.shape[1], dtype=torch.float32, device=dev)
+            logits[dest_t] = last.index_select(0, src)
+            del cache
+        a = self.arch
+        if a.rotary is not None and a.n_attn:
+            positions = torch.arange(st.cap, device=dev)[None]
+            dummy = torch.empty(1, dtype=self.dtype, device=dev)
+            cos, sin = a.rotary(dummy, positions)
+            st.cos, st.sin = cos[0], sin[0]
+        else:
+            st.cos = st.sin = None
+        return st, logits
+
+    def _fast_step(self, st: _FastState, toks):
+        """One decode step for the first ``st.nb`` rows; returns logits (nb, vocab)."""
+        import torch
+        import torch.nn.functional as F
+
+        a = self.arch
+        nb, c = st.nb, st.col
+        if c >= st.cap:
+            raise RuntimeError("decode state is full (a max_new_tokens bookkeeping bug)")
+        h = F.embedding(toks, a.embed.weight)
+        if a.emb_mult != 1.0:
+            h = h * a.emb_mult
+        pos = st.pos[:nb]
+        cos = sin = None
+        if st.cos is not None:
+            cos = st.cos.index_select(0, pos)[:, None, :]
+            sin = st.sin.index_select(0, pos)[:, None, :]
+        bias = None
+        if st.bias is not None:
+            st.bias[:nb, c] = 0
+            if st.padded:
+                bias = st.bias[:nb, None, None, :c + 1]
+        rm = a.res_mult
+        for kind, slot, layer in a.layers:
+            res = h
+            x = layer.input_layernorm.forward(h)
+            if kind == "attn":
+                x = self._attn_step(layer.self_attn, x, st, slot, nb, c, cos, sin, bias)
+            else:
+                x = self._mamba_step(layer.mamba, x, st, slot, nb)
+            h = res + x * rm if rm != 1.0 else res + x
+            res = h
+            x = getattr(layer, a.mlp_name).forward(layer.post_attention_layernorm.forward(h))
+            h = res + x * rm if rm != 1.0 else res + x
+        h = a.norm.forward(h)
+        logits = F.linear(h, a.lm_head.weight, a.lm_head.bias)
+        if a.logit_scale != 1.0:
+            logits = logits / a.logit_scale
+        st.pos[:nb] += 1
+        st.col = c + 1
+        return logits
+
+    def _static_step(self, st: _FastState, toks):
+        """The decode step with static shapes, for torch.compile / CUDA graphs: ``st.nbb`` rows (the
+        live ones padded to a power of two), attention over the whole capacity behind the bias, the
+        write column a tensor. Same arithmetic as :meth:`_fast_step` otherwise."""
+        import torch
+        import torch.nn.functional as F
+
+        a = self.arch
+        nb = st.nbb
+        col = st.col_t
+        h = F.embedding(toks, a.embed.weight)
+        if a.emb_mult != 1.0:
+            h = h * a.emb_mult
+        pos = st.pos[:nb]
+        cos = sin = bias = None
+        if st.cos is not None:
+            cos = st.cos.index_select(0, pos)[:, None, :]
+            sin = st.sin.index_select(0, pos)[:, None, :]
+        if st.bias is not None:
+            st.bias[:nb].index_fill_(1, col, 0)
+            bias = st.bias[:nb, None, None, :]
+        rm = a.res_mult
+        for kind, slot, layer in a.layers:
+            res = h
+            x = layer.input_layernorm.forward(h)
+            if kind == "attn":
+                x = self._attn_step(layer.self_attn, x, st, slot, nb, col, cos, sin, bias)
+            else:
+                x = self._mamba_step(layer.mamba, x, st, slot, nb)
+            h = res + x * rm if rm != 1.0 else res + x
+            res = h
+            x = getattr(layer, a.mlp_name).forward(layer.post_attention_layernorm.forward(h))
+            h = res + x * rm if rm != 1.0 else res + x
+        h = a.norm.forward(h)
+        logits = F.linear(h, a.lm_head.weight, a.lm_head.bias)
+        if a.logit_scale != 1.0:
+            logits = logits / a.logit_scale
+        st.pos[:nb] += 1
+        st.col_t += 1
+        return logits
+
+    def _attn_step(self, attn, x, st, slot, nb, c, cos, sin, bias):
+        import torch
+        import torch.nn.functional as F
+
+        a = self.arch
+        hd, H, KV = a.head_dim, a.heads, a.kv_heads
+        q = F.linear(x, attn.q_proj.weight, attn.q_proj.bias).view(nb, H, hd)
+        k = F.linear(x, attn.k_proj.weight, attn.k_proj.bias).view(nb, KV, hd)
+        v = F.linear(x, attn.v_proj.weight, attn.v_proj.bias).view(nb, KV, hd)
+        if cos is not None:
+            half = hd // 2
+            q = q * cos + torch.cat((-q[..., half:], q[..., :half]), dim=-1) * sin
+            k = k * cos + torch.cat((-k[..., half:], k[..., :half]), dim=-1) * sin
+        K, V = st.k[slot], st.v[slot]
+        if isinstance(c, int):
+            K[:nb, :, c] = k
+            V[:nb, :, c] = v
+            kc, vc = K[:nb, :, :c + 1], V[:nb, :, :c + 1]
+        else:  # static shapes: c is a (1,) tensor, attend over the whole capacity (the bias masks the rest)
+            K[:nb].index_copy_(2, c, k[:, :, None, :])
+            V[:nb].index_copy_(2, c, v[:, :, None, :])
+            kc, vc = K[:nb], V[:nb]
+        qg = q.view(nb, KV, H // KV, hd)
+        scores = torch.matmul(qg, kc.transpose(-1, -2)) * attn.scaling
+        if bias is not None:
+            scores = scores + bias
+        w = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+        o = torch.matmul(w, vc).reshape(nb, H * hd)
+        return F.linear(o, attn.o_proj.weight, attn.o_proj.bias)
+
+    def _mamba_step(self, mx, x, st, slot, nb):
+        import torch
+        import torch.nn.functional as F
+
+        a = self.arch
+        H, P, N, G, I = a.m_heads, a.m_head_dim, a.m_state, a.m_groups, a.m_inner
+        zxbcdt = F.linear(x, mx.in_proj.weight, mx.in_proj.bias)
+        gate, xbc, dt = zxbcdt.split([I, a.m_conv_dim, H], dim=-1)
+        cs = st.conv[slot][:nb]
+        cs.copy_(torch.cat([cs[:, :, 1:], xbc[:, :, None].to(cs.dtype)], dim=-1))
+        xbc = (cs * mx.conv1d.weight[:, 0, :]).sum(dim=-1)  # depthwise conv over the window (as conv1d)
+        if mx.conv1d.bias is not None:
+            xbc = xbc + mx.conv1d.bias
+        xbc = mx.act(xbc).to(x.dtype)
+        xs, B, C = xbc.split([I, G * N, G * N], dim=-1)
+        xs = xs.view(nb, H, P)
+        B = B.view(nb, G, N)
+        C = C.view(nb, G, N)
+        if G != H:
+            B = B.repeat_interleave(H // G, dim=1)
+            C = C.repeat_interleave(H // G, dim=1)
+        dt = F.softplus(dt + mx.dt_bias.to(dt.dtype))  # (nb, H)
+        A = -torch.exp(mx.A_log.float())
+        dA = torch.exp(dt.float() * A)  # (nb, H)
+        ssm = st.ssm[slot][:nb]
+        ssm.mul_(dA[:, :, None, None])
+        # + x (dt B)^T per head, in place: (nb*H, P, 1) @ (nb*H, 1, N)
+        dB = (dt[:, :, None] * B).to(ssm.dtype)
+        ssm.view(nb * H, P, N).baddbmm_(xs.reshape(nb * H, P, 1).to(ssm.dtype), dB.view(nb * H, 1, N))
+        y = torch.bmm(ssm.to(C.dtype).view(nb * H, P, N), C.reshape(nb * H, N, 1)).view(nb, H, P)
+        y = (y + xs * mx.D[:, None]).to(y.dtype)
+        y = mx.norm.forward(y.reshape(nb, I), gate)
+        return F.linear(y.to(x.dtype), mx.out_proj.weight, mx.out_proj.bias)
+
+    # ----------------------------------------------------------------------------- hf backend
+    def _hf_start(self, reqs, req_ids, rows):
+        import torch
+
+        dev = self.device
+        cache, last, mask, lengths = self._prefill([reqs[i].ids for i in req_ids])
+        where = {r: k for k, r in enumerate(req_ids)}
+        idx = torch.tensor([where[r.req] for r in rows], device=dev)
+        _cache_apply(cache, lambda t: t.index_select(0, idx.to(t.device)))
+        st = {"cache": cache, "mask": mask.index_select(0, idx), "pos": lengths.index_select(0, idx).clone()}
+        return st, last.index_select(0, idx)
+
+    def _hf_step(self, st, toks):
+        import torch
+
+        mask = torch.cat([st["mask"], torch.ones_like(st["mask"][:, :1])], dim=1)
+        st["mask"] = mask
+        out = self.model(input_ids=toks[:, None], attention_mask=mask, position_ids=st["pos"][:, None],
+                         past_key_values=st["cache"], use_cache=True, logits_to_keep=1)
+        st["pos"] = st["pos"] + 1
+        return out.logits[:, -1, :].float()
+
+    def _hf_compact(self, st, alive):
+        import torch
+
+        idx = torch.tensor(alive, device=self.device)
+        _cache_apply(st["cache"], lambda t: t.index_select(0, idx.to(t.device)))
+        st["mask"] = st["mask"].index_select(0, idx)
+        st["pos"] = st["pos"].index_select(0, idx)
+        return alive
+
+
+def torch_esize(dtype) -> int:
+    import torch
+
+    return torch.empty(0, dtype=dtype).element_size()
+
+
+# ------------------------------------------------------------------------------------- vLLM
+class VLLMEngine:
+    """The same ``generate`` API on vLLM (GPU, when ``vllm`` is installed). Not exercised by the tests.
+
+    Differences: vLLM seeds one generator per request (samples of a request are not reproducible
+    one by one), streaming callbacks and deadlines are not supported, ``seconds`` is the whole call.
+    """
+
+    def __init__(self, directory, dtype=None, **kw):
+        try:
+            import vllm  # noqa: F401
+        except ImportError:
+            raise M1Error("backend 'vllm' needs the vllm package (pip install vllm, on a CUDA machine)") from None
+        from .checkpoint import check_model_dir
+
+        d = check_model_dir(directory)
+        args = {k: v for k, v in kw.items() if k in ("gpu_memory_utilization", "max_model_len", "tensor_parallel_size")}
+        self.llm = vllm.LLM(model=str(d), dtype=str(dtype).replace("torch.", "") if dtype else "auto", **args)
+        self.tokenizer = self.llm.get_tokenizer()
+        self.backend = "vllm"
+
+    def generate(self, prompts, params=None, *, chat=False, on_token=None, progress=False, deadline=None):
+        import vllm
+
+        if on_token is not None or deadline is not None:
+            raise M1Error("the vllm backend does not support streaming or deadlines: use backend 'fast'")
+        if isinstance(prompts, str) or (prompts and all(isinstance(t, int) for t in prompts)):
+            prompts = [prompts]
+        params = params or SamplingParams()
+        plist = list(params) if isinstance(params, (list, tuple)) else [params] * len(prompts)
+        inputs, vparams = [], []
+        for pr, sp in zip(prompts, plist):
+            sp.validate()
+            if isinstance(pr, str):
+                if not pr.strip():
+                    raise M1Error("empty prompt: give some text to continue")
+                if chat:
+                    pr = self.tokenizer.apply_chat_template([{"role": "user", "content": pr}], tokenize=False,
+                                                            add_generation_prompt=True)
+                inputs.append({"prompt": pr})
+            else:
+                inputs.append({"prompt_token_ids": list(pr)})
+            vparams.append(vllm.SamplingParams(
+                n=sp.n, temperature=sp.temperature, top_p=sp.top_p, top_k=sp.top_k if sp.top_k > 0 else -1,
+                min_p=sp.min_p, seed=sp.seed, max_tokens=sp.max_new_tokens, stop=list(sp.stop) or None,
+                stop_token_ids=list(sp.stop_token_ids) or None, ignore_eos=sp.ignore_eos,
+                skip_special_tokens=sp.skip_special_tokens))
+        t0 = time.perf_counter()
+        outs = self.llm.generate(inputs, vparams, use_tqdm=progress)
+        dt = time.perf_counter() - t0
+        res = []
+        for i, (pr, o) in enumerate(zip(prompts, outs)):
+            comps = [Completion(index=c.index, text=c.text, token_ids=list(c.token_ids), num_tokens=len(c.token_ids),
+                                finish_reason=c.finish_reason if c.finish_reason in (FINISH_STOP, FINISH_LENGTH)
+                                else FINISH_STOP, seconds=dt, seed=plist[i].seed, finished_at=t0 + dt)
+                     for c in o.outputs]
+            res.append(RequestOutput(index=i, prompt=pr, prompt_token_ids=list(o.prompt_token_ids), completions=comps,
+                                     seconds=dt))
+        return res

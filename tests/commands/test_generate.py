@@ -1,0 +1,97 @@
+"""`m1 generate` through the CLI: streaming, JSONL output, voting, time budget, and bad input."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from m1.cli import main
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    """Decode steps are tiny: on 2 shared cores OpenMP spinning makes 2 threads up to 20x slower than 1."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _one_error_line(err: str) -> str:
+    lines = [ln for ln in err.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    assert "Traceback" not in err
+    return lines[0]
+
+
+def test_single_prompt_streams_the_greedy_text(tiny_hybrid, capsys):
+    from m1.engine import Engine, SamplingParams
+
+    code = main(["generate", "--model", str(tiny_hybrid), "--prompt", "Tom has 12 apples.", "--temperature", "0",
+                 "--max-new-tokens", "12", "--no-chat"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    ref = Engine.from_pretrained(tiny_hybrid).generate("Tom has 12 apples.",
+                                                       SamplingParams(max_new_tokens=12, temperature=0))[0]
+    assert out == ref.completions[0].text + "\n"
+    assert "tokens/s" in err
+
+
+def test_file_with_samples_vote_and_output(tiny_hybrid, tmp_path, capsys):
+    f = tmp_path / "p.jsonl"
+    f.write_text(json.dumps({"id": "a", "prompt": "Tom has 12 apples.", "answer": "19"}) + "\n"
+                 + json.dumps("What is 3 * 4 - 5?") + "\n\n"
+                 + json.dumps({"problem": "Solve step by step."}) + "\n")
+    out = tmp_path / "out.jsonl"
+    code = main(["generate", "--model", str(tiny_hybrid), "--file", str(f), "-n", "3", "--max-new-tokens", "8",
+                 "--seed", "4", "--vote", "--output", str(out), "--chat"])
+    _, err = capsys.readouterr()
+    assert code == 0, err
+    rows = [json.loads(x) for x in out.read_text().splitlines()]
+    assert [r["index"] for r in rows] == [0, 1, 2]
+    assert rows[0]["id"] == "a" and rows[0]["gold"] == "19" and rows[1]["prompt"] == "What is 3 * 4 - 5?"
+    for r in rows:
+        assert len(r["completions"]) == len(r["num_tokens"]) == len(r["seconds"]) == len(r["answers"]) == 3
+        assert r["seeds"] == [4, 5, 6]
+        assert all(1 <= n <= 8 for n in r["num_tokens"]) and all(s >= 0 for s in r["seconds"])
+        assert "vote" in r and isinstance(r["votes"], dict)
+    assert "generate" in err  # the progress bar went to stderr
+
+
+def test_budget_mode_records_arrivals(tiny_hybrid, capsys):
+    code = main(["generate", "--model", str(tiny_hybrid), "--prompt", "Tom has", "-n", "2", "--max-new-tokens", "6",
+                 "--budget-seconds", "0.5"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    row = json.loads(out)
+    assert row["rounds"] >= 1 and row["elapsed"] >= 0.5
+    assert len(row["arrival_seconds"]) == len(row["completions"]) == 2 * row["rounds"]
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--prompt", ""], "empty prompt"),
+    (["--prompt", "hi", "-n", "0"], "at least 1"),
+    (["--prompt", "hi", "--temperature", "-1"], "temperature"),
+    (["--prompt", "hi", "--top-p", "0"], "top_p"),
+    (["--prompt", "hi", "--top-p", "1.5"], "top_p"),
+    (["--prompt", "hi", "--budget-seconds", "0"], "budget"),
+    (["--prompt", "word " * 700], "longer than the model's context"),
+])
+def test_bad_input_is_one_error_line(tiny_hybrid, capsys, args, needle):
+    code = main(["generate", "--model", str(tiny_hybrid), "--no-chat", *args])
+    line = _one_error_line(capsys.readouterr().err)
+    assert code == 1 and needle in line, line
+
+
+def test_bad_model_directory(tmp_path, capsys):
+    assert main(["generate", "--model", str(tmp_path / "missing"), "--prompt", "hi"]) == 1
+    assert "does not exist" in _one_error_line(capsys.readouterr().err)
+    (tmp_path / "empty").mkdir()
+    assert main(["generate", "--model", str(tmp_path / "empty"), "--prompt", "hi"]) == 1
+    assert "not a model checkpoint" in _one_error_line(capsys.readouterr().err)
+    f = tmp_path / "bad.jsonl"
+    f.write_text('{"prompt": "ok"}\n{"nope": 1}\n')
+    assert main(["generate", "--model", str(tmp_path / "empty"), "--file", str(f)]) == 1
+    assert "bad.jsonl:2" in _one_error_line(capsys.readouterr().err)

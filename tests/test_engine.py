@@ -1,0 +1,332 @@
+"""The sampling engine against HF generate, against itself run sample by sample, and its sampler."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from m1.engine import Engine, SamplingParams, filter_logits, sample_tokens
+from m1.errors import M1Error
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    """Decode steps are tiny: on 2 shared cores OpenMP spinning makes 2 threads up to 20x slower than 1."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+PROMPTS = ["Tom has 12 apples.", "What is 3 * 4 - 5? The answer is", "Solve", "The total is 19. So"]
+
+
+@pytest.fixture(scope="module")
+def models(tiny_teachers, tiny_hybrid):
+    """name -> (model, tokenizer): the tiny hybrid (attention at 1,3), its Llama teacher, a Qwen2 teacher."""
+    from m1.checkpoint import load_model
+
+    return {"hybrid": load_model(tiny_hybrid), "teacher": load_model(tiny_teachers["llama_untied"]),
+            "qwen2": load_model(tiny_teachers["qwen2"])}
+
+
+def _hf_greedy(model, tok, prompt, n_new):
+    enc = tok(prompt, return_tensors="pt")
+    with torch.no_grad():
+        out = model.generate(**enc, max_new_tokens=n_new, do_sample=False)
+    return out[0, enc["input_ids"].shape[1]:].tolist()
+
+
+def _chi2_limit(df: int, z: float = 3.72) -> float:
+    """Upper chi-square quantile (Wilson-Hilferty), z=3.72 ~ p=1e-4."""
+    return df * (1 - 2 / (9 * df) + z * math.sqrt(2 / (9 * df))) ** 3
+
+
+# ---------------------------------------------------------------------------------- exactness
+@pytest.mark.parametrize("name", ["hybrid", "teacher", "qwen2"])
+@pytest.mark.parametrize("backend", ["fast", "hf"])
+def test_greedy_equals_hf_generate(models, name, backend):
+    model, tok = models[name]
+    eng = Engine(model, tok, backend=backend)
+    assert eng.backend == backend
+    outs = eng.generate(PROMPTS, SamplingParams(max_new_tokens=24, temperature=0))  # one left-padded batch
+    for p, o in zip(PROMPTS, outs):
+        ref = _hf_greedy(model, tok, p, 24)
+        c = o.completions[0]
+        assert c.token_ids == ref, (name, backend, p)
+        assert c.num_tokens == len(ref)
+        assert c.finish_reason == ("stop" if ref[-1] in eng.eos_ids else "length")
+
+
+@pytest.mark.parametrize("name", ["hybrid", "teacher"])
+def test_fast_step_logits_match_model_forward(models, name):
+    """Teacher-forced: the fast decode step's logits equal model.forward on the full left-padded sequence."""
+    model, tok = models[name]
+    eng = Engine(model, tok, backend="fast")
+    ids = [eng.encode(p) for p in PROMPTS[:3]]
+    reqs = [type("R", (), {"ids": x})() for x in ids]
+    from m1.engine import _Row
+
+    rows = [_Row(i, 0, 0, SamplingParams(), 8) for i in range(3)]
+    gen = torch.Generator().manual_seed(0)
+    cont = torch.randint(3, 300, (3, 6), generator=gen)
+    with torch.inference_mode():
+        st, logits = eng._fast_start(reqs, [0, 1, 2], rows)
+        got = [logits]
+        for t in range(5):
+            got.append(eng._fast_step(st, cont[:, t]))
+        lp = max(len(x) for x in ids)
+        for i, x in enumerate(ids):
+            full = torch.tensor([x + cont[i, :5].tolist()])
+            ref = model(input_ids=full).logits[0, len(x) - 1:].float()
+            mine = torch.stack([g[i] for g in got])
+            assert torch.allclose(mine, ref, atol=2e-4, rtol=1e-4), (name, i, (mine - ref).abs().max())
+        assert lp > min(len(x) for x in ids)  # the batch really was padded
+
+
+@pytest.mark.slow
+def test_greedy_equals_hf_generate_smollm2_hybrid(smollm2_hybrid):
+    from m1.checkpoint import load_model
+
+    model, tok = load_model(smollm2_hybrid)
+    eng = Engine(model, tok)
+    assert eng.backend == "fast"
+    prompts = ["What is 12 + 7?", "Write one sentence about the sea."]
+    outs = eng.generate(prompts, SamplingParams(max_new_tokens=16, temperature=0), chat=True)
+    for p, o in zip(prompts, outs):
+        ids = eng.encode(p, chat=True)
+        with torch.no_grad():
+            ref = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                                 max_new_tokens=16, do_sample=False)[0, len(ids):].tolist()
+        assert o.completions[0].token_ids == ref
+
+
+# -------------------------------------------------------------------- replication and batching
+@pytest.mark.parametrize("name,backend", [("hybrid", "fast"), ("teacher", "fast"), ("hybrid", "hf")])
+def test_replicated_samples_equal_independent_runs(models, name, backend):
+    model, tok = models[name]
+    eng = Engine(model, tok, backend=backend)
+    params = SamplingParams(n=5, max_new_tokens=16, temperature=1.0, seed=10, ignore_eos=True)
+    together = eng.generate(PROMPTS[0], params)[0].completions
+    assert len({tuple(c.token_ids) for c in together}) > 1  # really different samples
+    for j, c in enumerate(together):
+        alone = eng.generate(PROMPTS[0], SamplingParams(n=1, max_new_tokens=16, temperature=1.0, seed=10 + j,
+                                                        ignore_eos=True))[0].completions[0]
+        assert c.seed == 10 + j
+        assert c.token_ids == alone.token_ids, j
+
+
+@pytest.mark.parametrize("name", ["hybrid", "teacher"])
+def test_left_padded_mixed_batch_equals_unbatched(models, name):
+    model, tok = models[name]
+    eng = Engine(model, tok)
+    params = [SamplingParams(n=2, max_new_tokens=12, temperature=0.9, top_p=0.95, seed=100 * i) for i in range(4)]
+    lens = {len(eng.encode(p)) for p in PROMPTS}
+    assert len(lens) > 2  # mixed lengths -> left padding
+    batched = eng.generate(PROMPTS, params)
+    for i, p in enumerate(PROMPTS):
+        alone = eng.generate([p], params[i])[0]
+        assert [c.token_ids for c in batched[i].completions] == [c.token_ids for c in alone.completions]
+        assert [c.text for c in batched[i].completions] == [c.text for c in alone.completions]
+
+
+def test_small_batches_and_prefill_chunks_change_nothing(models):
+    """Groups split by max_batch_size and prefill split by prefill_tokens give the same samples."""
+    model, tok = models["hybrid"]
+    params = SamplingParams(n=3, max_new_tokens=10, temperature=1.0, seed=7, ignore_eos=True)
+    ref = Engine(model, tok).generate(PROMPTS, params)
+    small = Engine(model, tok, max_batch_size=2, prefill_tokens=8).generate(PROMPTS, params)
+    assert [[c.token_ids for c in o.completions] for o in ref] == [[c.token_ids for c in o.completions] for o in small]
+
+
+# ------------------------------------------------------------------------------------ stopping
+def test_per_row_stop_tokens_compact_the_batch(models):
+    """Rows that stop early (at different steps) leave the others exactly as independent runs."""
+    model, tok = models["hybrid"]
+    eng = Engine(model, tok)
+    free = eng.generate(PROMPTS[0], SamplingParams(n=8, max_new_tokens=20, temperature=1.0, seed=3,
+                                                    ignore_eos=True))[0].completions
+    stop_tok = free[0].token_ids[4]  # a token that really occurs
+    params = SamplingParams(n=8, max_new_tokens=20, temperature=1.0, seed=3, ignore_eos=True,
+                            stop_token_ids=[stop_tok])
+    got = eng.generate(PROMPTS[0], params)[0].completions
+    reasons = set()
+    for c, f in zip(got, free):
+        if stop_tok in f.token_ids:
+            k = f.token_ids.index(stop_tok)
+            assert c.token_ids == f.token_ids[:k + 1] and c.finish_reason == "stop"
+        else:
+            assert c.token_ids == f.token_ids and c.finish_reason == "length"
+        reasons.add(c.finish_reason)
+        alone = eng.generate(PROMPTS[0], SamplingParams(**{**params.__dict__, "n": 1, "seed": c.seed}))[0].completions[0]
+        assert alone.token_ids == c.token_ids
+    assert reasons == {"stop", "length"}
+    assert got[0].num_tokens == 5
+
+
+def test_eos_from_generation_config_stops_a_row(models):
+    model, tok = models["teacher"]
+    eng = Engine(model, tok)
+    assert tok.eos_token_id in eng.eos_ids
+    greedy = eng.generate(PROMPTS[:2], SamplingParams(max_new_tokens=20, temperature=0, ignore_eos=True))
+    a, b = greedy[0].completions[0].token_ids, greedy[1].completions[0].token_ids
+    eos = next(t for t in a[3:] if t not in b)  # ends prompt 0 early, never occurs in prompt 1
+    eng.eos_ids = frozenset({eos})
+    out = eng.generate(PROMPTS[:2], SamplingParams(max_new_tokens=20, temperature=0))
+    k = a.index(eos)
+    assert out[0].completions[0].token_ids == a[:k + 1]
+    assert out[0].completions[0].finish_reason == "stop"
+    assert out[1].completions[0].token_ids == b and out[1].completions[0].finish_reason == "length"
+    ignored = eng.generate(PROMPTS[0], SamplingParams(max_new_tokens=20, temperature=0, ignore_eos=True))
+    assert ignored[0].completions[0].token_ids == a
+
+
+def test_stop_strings(models):
+    model, tok = models["teacher"]
+    eng = Engine(model, tok)
+    free = eng.generate(PROMPTS[1], SamplingParams(max_new_tokens=30, temperature=0, ignore_eos=True))[0].completions[0]
+    full = tok.decode(free.token_ids)
+    stop = next(full[i:i + 2] for i in range(4, len(full) - 2) if full[i:i + 2].isascii() and full[i:i + 2].strip())
+    c = eng.generate(PROMPTS[1], SamplingParams(max_new_tokens=30, temperature=0, ignore_eos=True,
+                                                stop=[stop]))[0].completions[0]
+    assert c.finish_reason == "stop"
+    assert c.token_ids == free.token_ids[:c.num_tokens]
+    assert stop in tok.decode(c.token_ids) and stop not in tok.decode(c.token_ids[:-1])  # stopped at once
+    assert c.text == tok.decode(c.token_ids)[:tok.decode(c.token_ids).find(stop)]
+    assert stop not in c.text
+
+
+def test_context_limit_and_length_finish(models):
+    model, tok = models["hybrid"]
+    eng = Engine(model, tok)
+    ctx = model.config.max_position_embeddings
+    ids = [5] * (ctx - 3)
+    c = eng.generate([ids], SamplingParams(max_new_tokens=50, temperature=0, ignore_eos=True))[0].completions[0]
+    assert c.num_tokens == 3 and c.finish_reason == "length"
+    with pytest.raises(M1Error, match="longer than the model's context"):
+        eng.generate([[5] * ctx], SamplingParams(max_new_tokens=5))
+    with pytest.raises(M1Error, match="empty prompt"):
+        eng.generate(["  "], SamplingParams())
+
+
+def test_streaming_callback_reassembles_the_text(models):
+    model, tok = models["hybrid"]
+    eng = Engine(model, tok)
+    events = []
+    outs = eng.generate(PROMPTS[:2], SamplingParams(n=2, max_new_tokens=12, temperature=1.0, seed=1, stop=["4"]),
+                        on_token=events.append)
+    for o in outs:
+        for c in o.completions:
+            evs = [e for e in events if (e.request, e.sample) == (o.index, c.index)]
+            assert len(evs) == c.num_tokens
+            assert [e.token_id for e in evs] == c.token_ids
+            assert "".join(e.text for e in evs) == c.text
+            assert evs[-1].finished and evs[-1].finish_reason == c.finish_reason
+
+
+def test_bad_sampling_params():
+    for kw, msg in [({"n": 0}, "n "), ({"temperature": -0.1}, "temperature"), ({"top_p": 0.0}, "top_p"),
+                    ({"top_p": 1.5}, "top_p"), ({"top_k": -1}, "top_k"), ({"min_p": 2.0}, "min_p"),
+                    ({"max_new_tokens": 0}, "max_new_tokens")]:
+        with pytest.raises(M1Error, match=msg):
+            SamplingParams(**kw).validate()
+
+
+# ------------------------------------------------------------------------------------ sampler
+def _direct_probs(logits: np.ndarray, t: float, top_k: int, top_p: float, min_p: float) -> np.ndarray:
+    """The filtered distribution computed the obvious way, one token at a time."""
+    x = logits.astype(np.float64) / t
+    order = np.argsort(-x, kind="stable")
+    keep = np.ones_like(x, dtype=bool)
+    if top_k:
+        kth = x[order[top_k - 1]]
+        keep &= x >= kth
+    if top_p < 1:
+        p = np.exp(np.where(keep, x, -np.inf) - x.max())
+        p /= p.sum()
+        mass = 0.0
+        kept = np.zeros_like(keep)
+        for i in order:
+            if not keep[i]:
+                continue
+            if mass >= top_p:
+                break
+            kept[i] = True
+            mass += p[i]
+        keep &= kept
+    p = np.exp(np.where(keep, x, -np.inf) - x.max())
+    p /= p.sum()
+    if min_p:
+        keep &= p >= min_p * p.max()
+        p = np.where(keep, p, 0.0)
+        p /= p.sum()
+    return p
+
+
+@pytest.mark.parametrize("t,top_k,top_p,min_p", [(1.0, 0, 1.0, 0.0), (0.7, 0, 1.0, 0.0), (1.0, 4, 1.0, 0.0),
+                                                  (1.3, 0, 0.7, 0.0), (1.0, 0, 1.0, 0.15), (0.8, 6, 0.9, 0.05)])
+def test_sampled_frequencies_match_filtered_softmax(t, top_k, top_p, min_p):
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(1, 12, generator=gen) * 1.5
+    expected = _direct_probs(logits[0].numpy(), t, top_k, top_p, min_p)
+    filt = torch.softmax(filter_logits(logits, t, top_k, top_p, min_p), -1)[0].double().numpy()
+    assert np.allclose(filt, expected, atol=1e-6)
+    rows = 6000
+    gens = [torch.Generator().manual_seed(1000 + i) for i in range(rows)]
+    toks = sample_tokens(logits.expand(rows, -1), torch.full((rows,), t), torch.full((rows,), top_k),
+                         torch.full((rows,), top_p), torch.full((rows,), min_p), gens)
+    counts = np.bincount(toks.numpy(), minlength=12)
+    assert counts[expected == 0].sum() == 0  # filtered tokens are never drawn
+    live = expected > 0
+    chi2 = (((counts[live] - rows * expected[live]) ** 2) / (rows * expected[live])).sum()
+    assert chi2 < _chi2_limit(max(1, live.sum() - 1)), (chi2, counts, expected)
+
+
+def test_greedy_rows_and_per_row_parameters():
+    gen = torch.Generator().manual_seed(1)
+    logits = torch.randn(3, 50, generator=gen)
+    gens = [torch.Generator().manual_seed(i) for i in range(3)]
+    toks = sample_tokens(logits, torch.tensor([0.0, 1.0, 0.0]), torch.tensor([0, 1, 0]), torch.tensor([1.0, 1.0, 1.0]),
+                         torch.tensor([0.0, 0.0, 0.0]), gens)
+    assert toks.tolist() == [int(logits[0].argmax()), int(logits[1].argmax()), int(logits[2].argmax())]  # top_k=1
+
+
+def test_engine_first_token_distribution(models):
+    """End to end: first sampled tokens of 3000 replicated rows follow softmax(logits / T) with top-k."""
+    model, tok = models["hybrid"]
+    eng = Engine(model, tok)
+    ids = eng.encode(PROMPTS[0])
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([ids])).logits[0, -1].float()
+    t, k = 1.5, 8
+    expected = _direct_probs(logits.numpy(), t, k, 1.0, 0.0)
+    rows = 3000
+    out = eng.generate([ids], SamplingParams(n=rows, max_new_tokens=1, temperature=t, top_k=k, seed=0))[0]
+    counts = np.bincount([c.token_ids[0] for c in out.completions], minlength=len(expected))
+    live = expected > 0
+    assert counts[~live].sum() == 0
+    chi2 = (((counts[live] - rows * expected[live]) ** 2) / (rows * expected[live])).sum()
+    assert chi2 < _chi2_limit(int(live.sum()) - 1), (chi2, counts[live], expected[live])
+
+
+# ------------------------------------------------------------------------------------ GPU only
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("compile", [False, True])
+def test_cuda_engine_matches_cpu_reference(tiny_hybrid, compile):
+    """On CUDA (eager, and compiled with CUDA graphs) the samples equal the CPU reference backend."""
+    from m1.checkpoint import load_model
+
+    params = [SamplingParams(n=3, max_new_tokens=16, temperature=0), SamplingParams(n=2, max_new_tokens=12, temperature=0)]
+    model, tok = load_model(tiny_hybrid)
+    ref = Engine(model, tok, backend="hf").generate(PROMPTS[:2], params)
+    gpu_model, _ = load_model(tiny_hybrid, device="cuda")
+    eng = Engine(gpu_model, tok, compile=compile)
+    for _ in range(2):  # the second run replays what the first compiled
+        got = eng.generate(PROMPTS[:2], params)
+        assert [[c.token_ids for c in o.completions] for o in got] == [[c.token_ids for c in o.completions] for o in ref]
