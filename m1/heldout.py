@@ -3,6 +3,9 @@
 Used to compare initialisations after ``m1 convert`` and to report before/after numbers of
 ``m1 distill``. Texts are scored one padded batch at a time; padding and the first token of each
 text carry no loss, so the result does not depend on the batch size.
+
+``heldout_report`` scores a student against its teacher on the same positions: the mean
+KL(teacher || student) of the next-token distributions, and both models' NLL / perplexity.
 """
 
 from __future__ import annotations
@@ -21,12 +24,10 @@ class HeldoutLoss:
         return math.exp(self.nll)
 
 
-def heldout_loss(model, tokenizer, texts: list[str], max_len: int = 256, batch_size: int = 8) -> HeldoutLoss:
+def _batches(tokenizer, texts: list[str], max_len: int, batch_size: int, device):
+    """Right-padded (ids, mask) batches of the texts, tokenized without special tokens."""
     import torch
-    import torch.nn.functional as F
 
-    total, count = 0.0, 0
-    device = next(model.parameters()).device
     for i in range(0, len(texts), batch_size):
         enc = [tokenizer(t, add_special_tokens=False).input_ids[:max_len] for t in texts[i:i + batch_size]]
         width = max(len(e) for e in enc)
@@ -35,13 +36,80 @@ def heldout_loss(model, tokenizer, texts: list[str], max_len: int = 256, batch_s
         for r, e in enumerate(enc):  # right padding: positions start at 0 for every row
             ids[r, :len(e)] = torch.tensor(e)
             mask[r, :len(e)] = 1
-        ids, mask = ids.to(device), mask.to(device)
+        yield ids.to(device), mask.to(device)
+
+
+def _nll(logits, ids, mask):
+    """Per-position next-token NLL (positions 0..L-2) and the mask of positions that have a next token."""
+    import torch.nn.functional as F
+
+    logp = F.log_softmax(logits[:, :-1].float(), dim=-1)
+    nll = -logp.gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+    return nll, mask[:, 1:].bool()
+
+
+def heldout_loss(model, tokenizer, texts: list[str], max_len: int = 256, batch_size: int = 8) -> HeldoutLoss:
+    import torch
+
+    total, count = 0.0, 0
+    device = next(model.parameters()).device
+    for ids, mask in _batches(tokenizer, texts, max_len, batch_size, device):
         with torch.no_grad():
-            logits = model(input_ids=ids, attention_mask=mask).logits.float()
-        logp = F.log_softmax(logits[:, :-1], dim=-1)
-        tgt = ids[:, 1:]
-        nll = -logp.gather(-1, tgt.unsqueeze(-1)).squeeze(-1)
-        m = mask[:, 1:].bool()
+            logits = model(input_ids=ids, attention_mask=mask).logits
+        nll, m = _nll(logits, ids, mask)
         total += nll[m].double().sum().item()
         count += int(m.sum().item())
     return HeldoutLoss(nll=total / max(count, 1), tokens=count)
+
+
+@dataclass
+class HeldoutReport:
+    kl: float  # mean KL(teacher || student) per predicted token, nats
+    student_nll: float
+    teacher_nll: float
+    tokens: int
+
+    @property
+    def student_ppl(self) -> float:
+        return math.exp(self.student_nll)
+
+    @property
+    def teacher_ppl(self) -> float:
+        return math.exp(self.teacher_nll)
+
+    def as_dict(self) -> dict:
+        return {"kl": self.kl, "student_nll": self.student_nll, "student_ppl": self.student_ppl,
+                "teacher_nll": self.teacher_nll, "teacher_ppl": self.teacher_ppl, "tokens": self.tokens}
+
+    @staticmethod
+    def combine(parts: list["HeldoutReport"]) -> "HeldoutReport":
+        """Token-weighted merge of reports over disjoint text shards."""
+        n = sum(p.tokens for p in parts)
+        w = [p.tokens / max(n, 1) for p in parts]
+        return HeldoutReport(kl=sum(a * p.kl for a, p in zip(w, parts)),
+                             student_nll=sum(a * p.student_nll for a, p in zip(w, parts)),
+                             teacher_nll=sum(a * p.teacher_nll for a, p in zip(w, parts)), tokens=n)
+
+
+def heldout_report(student, teacher, tokenizer, texts: list[str], max_len: int = 256,
+                   batch_size: int = 8) -> HeldoutReport:
+    """KL(teacher || student) and both perplexities on ``texts``, over the positions that predict a next token."""
+    import torch
+
+    from .losses import forward_kl_per_token
+
+    kl, s_nll, t_nll, count = 0.0, 0.0, 0.0, 0
+    device = next(student.parameters()).device
+    for ids, mask in _batches(tokenizer, texts, max_len, batch_size, device):
+        with torch.no_grad():
+            s_logits = student(input_ids=ids, attention_mask=mask).logits
+            t_logits = teacher(input_ids=ids, attention_mask=mask).logits
+        s, m = _nll(s_logits, ids, mask)
+        t, _ = _nll(t_logits, ids, mask)
+        k = forward_kl_per_token(s_logits[:, :-1], t_logits[:, :-1])
+        kl += k[m].double().sum().item()
+        s_nll += s[m].double().sum().item()
+        t_nll += t[m].double().sum().item()
+        count += int(m.sum().item())
+    c = max(count, 1)
+    return HeldoutReport(kl=kl / c, student_nll=s_nll / c, teacher_nll=t_nll / c, tokens=count)

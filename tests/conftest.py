@@ -11,6 +11,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
+# One intra-op thread: the tiny models gain nothing from more, and the checker's worker processes
+# and other jobs on a 2-core machine make OpenMP's spinning threads 10-30x slower.
+import torch  # noqa: E402
+
+torch.set_num_threads(1)
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 

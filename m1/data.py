@@ -1,0 +1,234 @@
+"""Text data for distillation: JSONL files or the built-in ``gsm8k-train``, tokenized, unpacked.
+
+A data spec is a comma-separated list of sources:
+
+* ``gsm8k-train`` -- the 7,473 GSM8K train problems as chats (the user turn is the question with
+  m1's step-by-step instruction, the assistant turn the worked solution ending in ``\\boxed{N}``),
+  rendered with the tokenizer's chat template.
+* ``path/to/file.jsonl`` -- one JSON object per line, either ``{"text": "..."}`` (tokenized as
+  is, no BOS added) or ``{"messages": [{"role": "user", "content": "..."}, ...]}`` (rendered with
+  the tokenizer's chat template). Blank lines are skipped; anything else that is not such a row
+  (bad JSON, empty text, no messages, a message without role/content) is an error that names the
+  file and the line.
+
+Every row is one training sample, truncated to ``seq_len`` tokens and right-padded within its
+micro-batch. Samples are never packed together: a Mamba layer's state would carry over from one
+sample into the next (transformers raises on CPU rather than honouring ``seq_idx``), so packing
+would teach the student to read across document boundaries.
+
+Batching is a pure function of (seed, step): epoch ``e`` visits the training rows in the order of
+``numpy.random.default_rng([seed, e]).permutation``, and global batch ``k`` is rows
+``[k*G, (k+1)*G)`` of that endless stream. So "where are we in the data" is just the step number,
+and a resumed or multi-process run sees exactly the batches of an uninterrupted single-process one.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import M1Error
+
+BUILTIN_DATA = {
+    "gsm8k-train": "GSM8K train solutions (7,473) as user/assistant chats, rendered with the teacher's chat template",
+}
+
+
+@dataclass
+class Row:
+    """One sample before tokenization: plain text or chat messages, and where it came from."""
+    text: str | None = None
+    messages: list[dict] | None = None
+    where: str = ""  # "file.jsonl:12" or "gsm8k-train:12"
+
+
+@dataclass
+class TextData:
+    """Tokenized training rows and the held-out texts used for the before/after report."""
+    train: list[list[int]]  # token ids per sample (already truncated to seq_len)
+    heldout_texts: list[str]  # rendered texts, never trained on
+    heldout_ids: list[list[int]] = field(default_factory=list)
+    sources: list[str] = field(default_factory=list)
+
+    @property
+    def train_tokens(self) -> int:
+        return sum(len(r) for r in self.train)
+
+
+# ----------------------------------------------------------------------------------- reading rows
+def _gsm8k_problems() -> list[tuple[str, str]]:
+    """(question, worked solution ending in \\boxed{N}) for each GSM8K train problem, from ``m1.tasks``."""
+    from .tasks import load_task
+
+    return [(p.question, p.solution) for p in load_task("gsm8k", split="train")]
+
+
+def gsm8k_train_rows() -> list[Row]:
+    from .tasks.prompts import user_message
+
+    return [Row(messages=[{"role": "user", "content": user_message(q)}, {"role": "assistant", "content": s.strip()}],
+                where=f"gsm8k-train:{i + 1}") for i, (q, s) in enumerate(_gsm8k_problems())]
+
+
+def read_jsonl_rows(path: str | Path) -> list[Row]:
+    """Rows of a ``text`` / ``messages`` JSONL file; errors name the file and the line."""
+    path = Path(path).expanduser()
+    if not path.exists():
+        known = ", ".join(BUILTIN_DATA)
+        raise M1Error(f"data '{path}' not found: give a .jsonl file with 'text' or 'messages' rows, or one of: {known}")
+    if path.is_dir():
+        raise M1Error(f"data '{path}' is a directory: give a .jsonl file (or several, comma-separated)")
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise M1Error(f"cannot read data file {path}: {e}") from None
+    rows = []
+    for n, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        where = f"{path}:{n}"
+        try:
+            obj = json.loads(line)
+        except ValueError as e:
+            raise M1Error(f"{where}: not valid JSON ({e})") from None
+        rows.append(parse_row(obj, where))
+    if not rows:
+        raise M1Error(f"data file {path} has no rows: each line must be a JSON object with 'text' or 'messages'")
+    return rows
+
+
+def parse_row(obj, where: str) -> Row:
+    if not isinstance(obj, dict):
+        raise M1Error(f"{where}: expected a JSON object with 'text' or 'messages', got {type(obj).__name__}")
+    has_text, has_msgs = "text" in obj, "messages" in obj
+    if has_text == has_msgs:
+        raise M1Error(f"{where}: a row needs exactly one of 'text' or 'messages' (found keys: {', '.join(sorted(obj)) or 'none'})")
+    if has_text:
+        text = obj["text"]
+        if not isinstance(text, str):
+            raise M1Error(f"{where}: 'text' must be a string, got {type(text).__name__}")
+        if not text.strip():
+            raise M1Error(f"{where}: empty 'text'")
+        return Row(text=text, where=where)
+    msgs = obj["messages"]
+    if not isinstance(msgs, list) or not msgs:
+        raise M1Error(f"{where}: 'messages' must be a non-empty list of {{'role': ..., 'content': ...}} objects")
+    for k, m in enumerate(msgs):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+            raise M1Error(f"{where}: message {k} must be an object with string 'role' and 'content'")
+        if not m["role"].strip():
+            raise M1Error(f"{where}: message {k} has an empty role")
+    if not any(m["content"].strip() for m in msgs):
+        raise M1Error(f"{where}: every message is empty")
+    return Row(messages=[{"role": m["role"], "content": m["content"]} for m in msgs], where=where)
+
+
+def read_rows(spec: str) -> list[Row]:
+    """All rows of a comma-separated data spec (built-in names and/or JSONL paths)."""
+    if not spec or not spec.strip():
+        raise M1Error(f"--data is empty: give {' or '.join(BUILTIN_DATA)} or a .jsonl file")
+    rows = []
+    for part in (p.strip() for p in spec.split(",")):
+        if not part:
+            continue
+        rows.extend(gsm8k_train_rows() if part == "gsm8k-train" else read_jsonl_rows(part))
+    return rows
+
+
+# ------------------------------------------------------------------------------------ tokenizing
+def render(row: Row, tokenizer) -> str:
+    if row.text is not None:
+        return row.text
+    if not getattr(tokenizer, "chat_template", None):
+        raise M1Error(f"{row.where}: a 'messages' row needs a chat template, and the tokenizer has none; "
+                      "use 'text' rows for this model")
+    try:
+        return tokenizer.apply_chat_template(row.messages, tokenize=False)
+    except Exception as e:  # template errors (e.g. roles it does not accept)
+        raise M1Error(f"{row.where}: the chat template rejected this row: {type(e).__name__}: {str(e)[:200]}") from None
+
+
+def tokenize(texts: list[str], tokenizer, seq_len: int) -> list[list[int]]:
+    """Token ids per text, no special tokens added (chat templates carry their own), cut to seq_len."""
+    if not texts:
+        return []
+    enc = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    return [list(ids[:seq_len]) for ids in enc]
+
+
+def load_data(spec: str, tokenizer, seq_len: int = 512, heldout: int = 64, seed: int = 0) -> TextData:
+    """Read, render and tokenize ``spec``; hold out ``heldout`` rows (chosen by ``seed``) for the report."""
+    import numpy as np
+
+    if seq_len < 2:
+        raise M1Error(f"--seq-len must be at least 2, got {seq_len}")
+    if heldout < 0:
+        raise M1Error(f"--heldout must be >= 0, got {heldout}")
+    rows = read_rows(spec)
+    if heldout >= len(rows):
+        raise M1Error(f"--data has {len(rows)} rows, not enough to hold out {heldout} and still train; "
+                      "lower --heldout or add data")
+    order = np.random.default_rng([seed, 1_000_003]).permutation(len(rows))
+    held = sorted(order[:heldout].tolist())
+    train_idx = sorted(order[heldout:].tolist())
+    texts = [render(r, tokenizer) for r in rows]
+    train = tokenize([texts[i] for i in train_idx], tokenizer, seq_len)
+    empty = [rows[train_idx[j]].where for j, ids in enumerate(train) if not ids]
+    if empty:
+        raise M1Error(f"{empty[0]}: the row tokenizes to no tokens")
+    held_texts = [texts[i] for i in held]
+    return TextData(train=train, heldout_texts=held_texts, heldout_ids=tokenize(held_texts, tokenizer, seq_len),
+                    sources=[p.strip() for p in spec.split(",") if p.strip()])
+
+
+# -------------------------------------------------------------------------------------- batching
+class BatchPlan:
+    """Which training rows form global batch ``step``: a pure function of (seed, step)."""
+
+    def __init__(self, n_rows: int, global_batch: int, seed: int):
+        if n_rows < 1:
+            raise M1Error("no training rows")
+        self.n, self.g, self.seed = n_rows, global_batch, seed
+        self._perms: dict[int, list[int]] = {}
+
+    def _perm(self, epoch: int) -> list[int]:
+        import numpy as np
+
+        if epoch not in self._perms:
+            self._perms[epoch] = np.random.default_rng([self.seed, epoch]).permutation(self.n).tolist()
+        return self._perms[epoch]
+
+    def rows(self, step: int) -> list[int]:
+        out = []
+        for pos in range(step * self.g, (step + 1) * self.g):
+            out.append(self._perm(pos // self.n)[pos % self.n])
+        return out
+
+    def epoch(self, step: int) -> float:
+        return step * self.g / self.n
+
+
+def micro_batches(rows: list[int], lengths, micro: int, world: int, rank: int) -> list[list[int]]:
+    """Split a global batch into this rank's micro-batches.
+
+    Rows are sorted by length (less padding), cut into consecutive chunks of ``micro``, and chunk
+    ``a * world + rank`` goes to rank ``rank`` at accumulation step ``a``. One process with
+    ``accum = 2`` and two processes with ``accum = 1`` therefore compute the very same micro-batches.
+    """
+    ordered = sorted(rows, key=lambda r: (lengths[r], r))
+    chunks = [ordered[i:i + micro] for i in range(0, len(ordered), micro)]
+    return chunks[rank::world]
+
+
+def collate(samples: list[list[int]], pad_id: int):
+    """Right-padded ``(input_ids, attention_mask)`` LongTensors; positions start at 0 in every row."""
+    import torch
+
+    width = max(len(s) for s in samples)
+    ids = torch.full((len(samples), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(samples), width), dtype=torch.long)
+    for r, s in enumerate(samples):
+        ids[r, :len(s)] = torch.tensor(s, dtype=torch.long)
+        mask[r, :len(s)] = 1
+    return ids, mask

@@ -1,0 +1,635 @@
+"""``m1 distill``: layerwise alignment, then end-to-end distillation from the teacher (M1, stage 1).
+
+Two stages, run one after the other on the same student checkpoint (``stage="both"``):
+
+``align``  Every Mamba layer ``i`` of the student is fed the teacher's input to its attention at
+           layer ``i`` (the teacher's normalised hidden state, captured with forward hooks) and its
+           mixer ``model.layers[i].mamba`` is trained to reproduce that attention's output (MSE,
+           :func:`m1.losses.hidden_mse`, summed over layers). Only mixer parameters train, and the
+           layers train independently of each other: no error compounds through the depth.
+``kd``     End-to-end distillation on the next-token distributions: ``reverse_kl`` (default, as in
+           M1), ``forward_kl`` or ``jsd`` with ``beta``, at ``temperature``, plus optionally
+           ``ce_weight`` times the usual next-token cross-entropy. ``trainable="all"`` trains every
+           parameter, ``"mamba"`` only the Mamba mixers.
+
+The training loop (:func:`distill`) reads top to bottom: AdamW, linear warm-up then cosine decay
+per stage, gradient accumulation, gradient clipping. It runs in one process by default and
+unchanged under ``accelerate launch`` (DDP): the global batch (``batch_size`` rows per optimizer
+step) is fixed, each process takes its share of micro-batches, and every loss is a sum over
+tokens divided by the token count of the *whole global batch*, so accumulation steps and processes
+add up to exactly the gradient of one big batch.
+
+Files. Training state lives in ``<out>.work/`` beside the output: ``checkpoint/`` (the latest
+atomic checkpoint: model, tokenizer, optimizer, scheduler, RNG, ``state.json`` with the data
+position = the step, and ``distill_config.json``), ``metrics.jsonl`` (one row per step) and
+``report_before.json``. A checkpoint is written to a temporary directory and renamed into place
+every ``checkpoint_every`` steps and at the end of each stage. ``resume=True`` continues a killed
+run from it; a checkpoint made with different settings is refused (nothing is overwritten). A
+NaN/inf loss or gradient stops the run with an error and leaves the last good checkpoint alone.
+At the end ``<out>`` is written atomically as a normal m1 checkpoint (the files ``m1 convert``
+writes, with ``m1.json`` saying ``stage: distill`` and recording the settings and the held-out
+report) and the work directory is removed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import random
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+from .checkpoint import M1_RECORD, atomic_dir, check_model_dir, read_record, write_json_atomic
+from .errors import M1Error
+
+STAGES = ("align", "kd", "both")
+TRAINABLE = ("all", "mamba")
+CONFIG_FILE = "distill_config.json"
+# settings that may change between a run and its --resume (they do not change the numbers)
+RESUME_NEUTRAL = ("checkpoint_every",)
+
+
+@dataclass
+class DistillConfig:
+    """Every setting of a distillation run; saved as ``distill_config.json`` beside each checkpoint."""
+    student: str  # checkpoint directory written by `m1 convert` (or any GraniteMoeHybrid dir)
+    out: str  # output checkpoint directory
+    teacher: str | None = None  # None: the teacher recorded in the student's m1.json
+    data: str = "gsm8k-train"  # see m1.data
+    stage: str = "both"  # align | kd | both
+    loss: str = "reverse_kl"  # reverse_kl | forward_kl | jsd
+    beta: float = 0.5  # jsd mixture weight of the teacher
+    temperature: float = 1.0
+    ce_weight: float = 0.0  # add ce_weight * next-token cross-entropy to the kd loss
+    trainable: str = "all"  # kd: all | mamba
+    steps: int | None = None  # optimizer steps per stage (kd; and align unless align_* given)
+    max_tokens: int | None = None  # token budget per stage; with steps too, whichever ends first
+    align_steps: int | None = None
+    align_max_tokens: int | None = None
+    seq_len: int = 512  # samples are truncated to this many tokens (never packed)
+    batch_size: int = 8  # global batch: rows per optimizer step, over all processes
+    micro_batch_size: int | None = None  # rows per forward per process (default: batch_size / processes)
+    lr: float = 1e-4  # kd peak learning rate
+    align_lr: float = 3e-3  # align peak learning rate (SmolLM2: loss 117 after 6 steps vs 241 at 1e-3)
+    weight_decay: float = 0.0
+    warmup: float = 0.05  # fraction of each stage's steps spent warming up linearly
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    grad_clip: float = 1.0  # max global gradient norm (0 = no clipping)
+    seed: int = 0
+    heldout: int = 64  # rows held out of training for the before/after report
+    eval_batch_size: int = 8
+    checkpoint_every: int = 50
+
+    def validate(self) -> None:
+        if self.stage not in STAGES:
+            raise M1Error(f"--stage must be one of {', '.join(STAGES)}, got '{self.stage}'")
+        from .losses import LOSSES
+
+        if self.loss not in LOSSES:
+            raise M1Error(f"--loss must be one of {', '.join(LOSSES)}, got '{self.loss}'")
+        if self.trainable not in TRAINABLE:
+            raise M1Error(f"--trainable must be one of {', '.join(TRAINABLE)}, got '{self.trainable}'")
+        if self.loss == "jsd" and not 0.0 < self.beta < 1.0:
+            raise M1Error(f"--beta must be strictly between 0 and 1 for jsd, got {self.beta}")
+        if self.temperature <= 0:
+            raise M1Error(f"--temperature must be > 0, got {self.temperature}")
+        if self.ce_weight < 0:
+            raise M1Error(f"--ce-weight must be >= 0, got {self.ce_weight}")
+        for name in ("steps", "max_tokens", "align_steps", "align_max_tokens"):
+            v = getattr(self, name)
+            if v is not None and v < 1:
+                raise M1Error(f"--{name.replace('_', '-')} must be >= 1, got {v}")
+        if self.steps is None and self.max_tokens is None:
+            if self.stage != "align" or (self.align_steps is None and self.align_max_tokens is None):
+                raise M1Error("give a training budget: --steps N and/or --max-tokens N")
+        for name in ("batch_size", "seq_len", "checkpoint_every", "eval_batch_size"):
+            if getattr(self, name) < 1:
+                raise M1Error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.micro_batch_size is not None and self.micro_batch_size < 1:
+            raise M1Error(f"--micro-batch-size must be >= 1, got {self.micro_batch_size}")
+        if self.lr <= 0 or self.align_lr <= 0:
+            raise M1Error("--lr and --align-lr must be > 0")
+        if not 0.0 <= self.warmup < 1.0:
+            raise M1Error(f"--warmup is a fraction of the steps in [0, 1), got {self.warmup}")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise M1Error(f"--min-lr-ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if not self.out:
+            raise M1Error("--out is required")
+
+
+@dataclass
+class Stage:
+    name: str  # align | kd
+    start: int  # first global step (= data batch index) of the stage
+    end: int  # one past its last step
+    lr: float
+
+    @property
+    def steps(self) -> int:
+        return self.end - self.start
+
+
+@dataclass
+class DistillResult:
+    out: Path
+    before: dict  # held-out report of the student as it came in
+    after: dict  # ... and as it goes out
+    steps: int
+    tokens: int
+    seconds: float
+
+
+# ------------------------------------------------------------------------------ small pieces
+def work_dir(out: str | Path) -> Path:
+    out = Path(out)
+    return out.parent / f"{out.name}.work"
+
+
+def lr_lambda(stage_steps: int, warmup: float, min_ratio: float):
+    """Multiplier of the peak lr at stage step k: linear warm-up, then cosine down to ``min_ratio``."""
+    w = int(round(warmup * stage_steps))
+
+    def f(k: int) -> float:
+        if k < w:
+            return (k + 1) / w
+        progress = min(1.0, (k - w) / max(1, stage_steps - w))
+        return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+    return f
+
+
+def mamba_layers(model) -> list[int]:
+    return [i for i, layer in enumerate(model.model.layers) if getattr(layer, "mamba", None) is not None]
+
+
+def _steps_for_budget(plan, lengths, start: int, steps, max_tokens) -> int:
+    """Number of steps from ``start`` until ``steps`` or ``max_tokens`` (trained tokens) is reached."""
+    if max_tokens is None:
+        return steps
+    n, seen = 0, 0
+    while seen < max_tokens and (steps is None or n < steps):
+        seen += sum(lengths[r] for r in plan.rows(start + n))
+        n += 1
+    return n
+
+
+def _rng_state() -> dict:
+    import numpy as np
+    import torch
+
+    return {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+
+
+def _set_rng_state(s: dict) -> None:
+    import numpy as np
+    import torch
+
+    torch.set_rng_state(s["torch"])
+    random.setstate(s["python"])
+    np.random.set_state(s["numpy"])
+
+
+def _find_checkpoint(work: Path) -> Path | None:
+    ckpt = work / "checkpoint"
+    if (ckpt / "state.json").is_file():
+        return ckpt
+    # killed between the two renames of atomic_dir: the previous checkpoint is still complete
+    olds = sorted(work.glob(".checkpoint.old-*"), key=lambda p: p.stat().st_mtime)
+    for old in reversed(olds):
+        if (old / "state.json").is_file():
+            return old
+    return None
+
+
+def _config_diff(saved: dict, now: dict) -> list[str]:
+    keys = sorted((set(saved) | set(now)) - set(RESUME_NEUTRAL))
+    return [f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in keys if saved.get(k) != now.get(k)]
+
+
+def _load_student(directory, dtype):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype)
+    except Exception as e:
+        raise M1Error(f"cannot load the student in {directory}: {type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}") from None
+    try:
+        tok = AutoTokenizer.from_pretrained(directory)
+    except Exception as e:
+        raise M1Error(f"cannot load the tokenizer in {directory}: {type(e).__name__}") from None
+    return model, tok
+
+
+def check_compatible(student, teacher, s_tok, t_tok, need_layers: bool) -> None:
+    """Teacher and student must share the vocabulary (and, for align, the layer structure)."""
+    sv, tv = student.config.vocab_size, teacher.config.vocab_size
+    if sv != tv:
+        raise M1Error(f"vocabulary mismatch: the student has {sv} tokens and the teacher {tv}; distill from the "
+                      "teacher the student was converted from (or one with the same tokenizer)")
+    if s_tok.get_vocab() != t_tok.get_vocab():
+        raise M1Error("vocabulary mismatch: the student's and the teacher's tokenizers map tokens to different ids; "
+                      "distill from the teacher the student was converted from")
+    if need_layers:
+        sc, tc = student.config, teacher.config
+        if (sc.num_hidden_layers, sc.hidden_size) != (tc.num_hidden_layers, tc.hidden_size):
+            raise M1Error(f"--stage align needs the teacher's layer structure: student has {sc.num_hidden_layers} layers "
+                          f"of width {sc.hidden_size}, teacher {tc.num_hidden_layers} of width {tc.hidden_size}")
+
+
+# ------------------------------------------------------------------------------ align pieces
+def _mixer_stack(mixers):
+    import torch.nn as nn
+
+    class _MixerStack(nn.Module):
+        """The student's Mamba mixers as one module, so DDP can wrap exactly the trainable part."""
+
+        def __init__(self, mixers):
+            super().__init__()
+            self.mixers = nn.ModuleList(mixers)
+
+        def forward(self, inputs, attention_mask=None):
+            return [m(hidden_states=x, attention_mask=attention_mask) for m, x in zip(self.mixers, inputs)]
+
+    return _MixerStack(mixers)
+
+
+def teacher_attention_io(teacher, ids, mask, layers: list[int]):
+    """[(input, output)] of the teacher's attention at ``layers`` for one batch (hooks, no grad)."""
+    import torch
+
+    captured, handles = {}, []
+    for i in layers:
+        def hook(module, args, kwargs, out, i=i):
+            x = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+            captured[i] = (x.detach(), out[0].detach())
+        handles.append(teacher.model.layers[i].self_attn.register_forward_hook(hook, with_kwargs=True))
+    try:
+        with torch.no_grad():
+            teacher(input_ids=ids, attention_mask=mask, logits_to_keep=1)
+    finally:
+        for h in handles:
+            h.remove()
+    return [captured[i] for i in layers]
+
+
+def _mamba_mask(mask):
+    """What GraniteMoeHybrid passes its mixers: the 2-D padding mask, or None when nothing is padded."""
+    return None if bool((mask == 1).all()) else mask
+
+
+def layer_mse(student, teacher, batches, layers: list[int] | None = None) -> list[float]:
+    """Per-layer token-mean MSE between each student mixer and the teacher attention it replaces."""
+    import torch
+
+    from .losses import hidden_mse_per_token
+
+    layers = mamba_layers(student) if layers is None else layers
+    sums, count = [0.0] * len(layers), 0
+    for ids, mask in batches:
+        io = teacher_attention_io(teacher, ids, mask, layers)
+        with torch.no_grad():
+            for k, (i, (x, y)) in enumerate(zip(layers, io)):
+                out = student.model.layers[i].mamba(hidden_states=x, attention_mask=_mamba_mask(mask))
+                sums[k] += (hidden_mse_per_token(out, y) * mask).double().sum().item()
+        count += int(mask.sum().item())
+    return [s / max(count, 1) for s in sums]
+
+
+# ------------------------------------------------------------------------------ reports
+def _report(acc, student, teacher, tokenizer, data, cfg, align_layers) -> dict:
+    """Held-out KL / perplexities (texts sharded over processes), plus per-layer MSE if aligning."""
+    import torch
+
+    from .data import collate
+    from .heldout import HeldoutReport, heldout_report
+
+    rank, world = acc.process_index, acc.num_processes
+    student.eval()
+    texts = data.heldout_texts[rank::world]
+    part = heldout_report(student, teacher, tokenizer, texts, max_len=cfg.seq_len,
+                          batch_size=cfg.eval_batch_size) if texts else HeldoutReport(0.0, 0.0, 0.0, 0)
+    vec = torch.tensor([part.kl * part.tokens, part.student_nll * part.tokens, part.teacher_nll * part.tokens,
+                        part.tokens], dtype=torch.float64, device=acc.device)
+    vec = acc.reduce(vec, reduction="sum")
+    n = max(vec[3].item(), 1.0)
+    rep = HeldoutReport(kl=vec[0].item() / n, student_nll=vec[1].item() / n, teacher_nll=vec[2].item() / n,
+                        tokens=int(vec[3].item())).as_dict()
+    rep["texts"] = len(data.heldout_texts)
+    if align_layers:
+        ids_list = data.heldout_ids[rank::world]
+        pad = tokenizer.pad_token_id or 0
+        batches = [tuple(t.to(acc.device) for t in collate(ids_list[i:i + cfg.eval_batch_size], pad))
+                   for i in range(0, len(ids_list), cfg.eval_batch_size)]
+        mse = layer_mse(student, teacher, batches, align_layers)
+        count = sum(int(m.sum()) for _, m in batches)
+        vec = torch.tensor([x * count for x in mse] + [count], dtype=torch.float64, device=acc.device)
+        vec = acc.reduce(vec, reduction="sum")
+        n = max(vec[-1].item(), 1.0)
+        rep["layer_mse"] = {str(i): vec[k].item() / n for k, i in enumerate(align_layers)}
+    return rep
+
+
+def format_report(before: dict, after: dict | None = None) -> str:
+    rows = [("KL(teacher||student)", "kl", "{:.4f}"), ("student perplexity", "student_ppl", "{:.3f}"),
+            ("teacher perplexity", "teacher_ppl", "{:.3f}")]
+    head = f"held-out: {before.get('texts', '?')} texts, {before.get('tokens', 0):,} predicted tokens"
+    lines = [head, f"{'':24}{'before':>12}" + (f"{'after':>12}" if after else "")]
+    for label, key, fmt in rows:
+        line = f"{label:24}{fmt.format(before[key]):>12}"
+        if after:
+            line += f"{fmt.format(after[key]):>12}"
+        lines.append(line)
+    if "layer_mse" in before:
+        b = before["layer_mse"]
+        a = (after or {}).get("layer_mse", {})
+        mean_b = sum(b.values()) / max(len(b), 1)
+        line = f"{'mean layer MSE':24}{mean_b:>12.4g}"
+        if a:
+            line += f"{sum(a.values()) / max(len(a), 1):>12.4g}"
+        lines.append(line)
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------ the run
+def distill(cfg: DistillConfig, resume: bool = False, force: bool = False, log=print, progress: bool = True,
+            on_step=None) -> DistillResult:
+    """Run the configured stages and write ``cfg.out``; see the module docstring.
+
+    ``on_step(step, metrics, student)`` is called after every optimizer step and checkpoint (tests use
+    it to stop a run part-way, as a kill would). Every user-facing problem raises :class:`m1.errors.M1Error`.
+    """
+    from transformers.utils import logging as hf_logging
+
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # "Writing model shards" at every checkpoint would break our bar
+    try:
+        return _distill(cfg, resume, force, log, progress, on_step)
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+def _distill(cfg, resume, force, log, progress, on_step) -> DistillResult:
+    import torch
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    from .data import BatchPlan, collate, load_data, micro_batches
+    from .losses import cross_entropy, forward_kl, hidden_mse, kd_loss
+    from .teachers import load_teacher
+
+    # ---- settings and directories: every check before anything is loaded or written
+    cfg.validate()
+    out, work = Path(cfg.out), work_dir(cfg.out)
+    student_dir = check_model_dir(cfg.student)
+    if out.exists() and not force:
+        raise M1Error(f"output directory {out} already exists: pass --force to replace it, or choose another --out")
+    ckpt = _find_checkpoint(work) if work.exists() else None
+    if resume:
+        if ckpt is None:
+            raise M1Error(f"nothing to resume: no checkpoint in {work} (start without --resume)")
+        saved = json.loads((ckpt / CONFIG_FILE).read_text())
+        diff = _config_diff(saved, asdict(cfg))
+        if diff:
+            raise M1Error(f"--resume: the checkpoint in {work} was made with different settings ({'; '.join(diff)}); "
+                          "rerun with the original settings, or drop --resume and pass --force to start over")
+    elif ckpt is not None and not force:
+        raise M1Error(f"{work} holds a checkpoint of an unfinished run: pass --resume to continue it, "
+                      "or --force to start over")
+    record = read_record(student_dir)
+    teacher_spec = cfg.teacher or record.get("teacher")
+    if not teacher_spec:
+        raise M1Error(f"{student_dir}/m1.json names no teacher: pass --teacher")
+
+    # `accelerate launch --multi_gpu` / torchrun on a machine without CUDA: DDP over CPU processes (gloo)
+    cpu_ddp = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+    acc = Accelerator(cpu=cpu_ddp)
+    main, rank, world = acc.is_main_process, acc.process_index, acc.num_processes
+    say = log if main else (lambda *a, **k: None)
+    micro = cfg.micro_batch_size or max(1, cfg.batch_size // world)
+    if cfg.batch_size % (micro * world):
+        raise M1Error(f"--batch-size {cfg.batch_size} must be a multiple of --micro-batch-size {micro} x "
+                      f"{world} process(es)")
+    accum = cfg.batch_size // (micro * world)
+    set_seed(cfg.seed)
+    if main and work.exists() and not resume:
+        shutil.rmtree(work)  # --force: start over
+    acc.wait_for_everyone()
+
+    # ---- models and data
+    teacher = load_teacher(teacher_spec)
+    t_model = teacher.model.to(acc.device).eval()
+    for p in t_model.parameters():
+        p.requires_grad_(False)
+    student, tokenizer = _load_student(ckpt if resume else student_dir, torch.float32)
+    student.to(acc.device)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    layers = mamba_layers(student) if hasattr(student, "model") and hasattr(student.model, "layers") else []
+    stages_wanted = ["align", "kd"] if cfg.stage == "both" else [cfg.stage]
+    if "align" in stages_wanted and not layers:
+        raise M1Error("the student has no Mamba layers, so there is nothing to align: use --stage kd")
+    if cfg.trainable == "mamba" and "kd" in stages_wanted and not layers:
+        raise M1Error("--trainable mamba: the student has no Mamba layers")
+    check_compatible(student, t_model, tokenizer, teacher.tokenizer, need_layers="align" in stages_wanted)
+    data = load_data(cfg.data, tokenizer, cfg.seq_len, cfg.heldout, cfg.seed)
+    lengths = [len(r) for r in data.train]
+    plan = BatchPlan(len(data.train), cfg.batch_size, cfg.seed)
+
+    stages, start = [], 0
+    for name in stages_wanted:
+        if name == "align" and (cfg.align_steps is not None or cfg.align_max_tokens is not None):
+            n = _steps_for_budget(plan, lengths, start, cfg.align_steps, cfg.align_max_tokens)
+        else:
+            n = _steps_for_budget(plan, lengths, start, cfg.steps, cfg.max_tokens)
+        stages.append(Stage(name, start, start + n, cfg.align_lr if name == "align" else cfg.lr))
+        start += n
+    total_steps = start
+    say(f"teacher {teacher.path}; student {student_dir}: {len(layers)} mamba layers of "
+        f"{student.config.num_hidden_layers}")
+    say(f"data {cfg.data}: {len(data.train):,} training rows ({data.train_tokens:,} tokens), "
+        f"{len(data.heldout_texts)} held out; global batch {cfg.batch_size} = {micro} rows x {accum} accumulation "
+        f"x {world} process(es)")
+    say("plan: " + ", ".join(f"{s.name} {s.steps} steps (lr {s.lr:g})" for s in stages))
+
+    # ---- where we start
+    step, tokens_done, elapsed0 = 0, 0, 0.0
+    state = {}
+    if resume:
+        state = json.loads((ckpt / "state.json").read_text())
+        step, tokens_done, elapsed0 = state["step"], state["tokens"], state["elapsed"]
+        _set_rng_state(torch.load(ckpt / "rng.pt", weights_only=False))
+        say(f"resuming at step {step} of {total_steps} from {ckpt}")
+        before = json.loads((work / "report_before.json").read_text())
+        if main:  # drop metrics logged after the checkpoint by the killed run
+            mpath = work / "metrics.jsonl"
+            if mpath.exists():
+                keep = [ln for ln in mpath.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
+                mpath.write_text("".join(ln + "\n" for ln in keep))
+    else:
+        before = _report(acc, student, t_model, tokenizer, data, cfg, layers if "align" in stages_wanted else [])
+        if main:
+            work.mkdir(parents=True, exist_ok=True)
+            write_json_atomic(work / "report_before.json", before)
+        say(format_report(before))
+    acc.wait_for_everyone()
+
+    def save_checkpoint(stage, optimizer, scheduler, step, tokens, elapsed):
+        if main:
+            with atomic_dir(work / "checkpoint", force=True) as tmp:
+                student.save_pretrained(tmp)
+                tokenizer.save_pretrained(tmp)
+                torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+                torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+                torch.save(_rng_state(), tmp / "rng.pt")
+                write_json_atomic(tmp / "state.json", {"step": step, "stage": stage.name, "tokens": tokens,
+                                                       "elapsed": elapsed, "optimizer_stage": stage.name})
+                write_json_atomic(tmp / CONFIG_FILE, asdict(cfg))
+        acc.wait_for_everyone()
+
+    # ---- the training loop
+    pad_id = tokenizer.pad_token_id
+    t_start = time.perf_counter() - elapsed0
+    for stage in stages:
+        if step >= stage.end:
+            continue
+        # what trains in this stage, wrapped for DDP
+        for p in student.parameters():
+            p.requires_grad_(False)
+        if stage.name == "align":
+            trainable = _mixer_stack([student.model.layers[i].mamba for i in layers])
+        elif cfg.trainable == "mamba":
+            trainable = _mixer_stack([student.model.layers[i].mamba for i in layers])
+        else:
+            trainable = student
+        for p in trainable.parameters():
+            p.requires_grad_(True)
+        params = [p for p in trainable.parameters() if p.requires_grad]
+        model = acc.prepare_model(student if stage.name == "kd" else trainable)
+        optimizer = torch.optim.AdamW(params, lr=stage.lr, betas=(0.9, 0.95), eps=1e-8, weight_decay=cfg.weight_decay)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(stage.steps, cfg.warmup, cfg.min_lr_ratio))
+        if resume and step > stage.start and state.get("optimizer_stage") == stage.name:
+            optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=False))
+            scheduler.load_state_dict(torch.load(ckpt / "scheduler.pt", weights_only=False))
+        student.train()
+        bar = None
+        if progress and main:
+            from tqdm.auto import tqdm
+            bar = tqdm(total=stage.steps, initial=step - stage.start, desc=stage.name, unit="step", dynamic_ncols=True)
+
+        while step < stage.end:
+            t0 = time.perf_counter()
+            rows = plan.rows(step)
+            n_tok = sum(lengths[r] for r in rows)  # loss positions of the global batch (kd, align)
+            n_ce = max(1, n_tok - len(rows))  # positions with a next token (cross-entropy)
+            # this process's share; each micro-loss is (sum over its tokens) / (global count / world)
+            # so that DDP's gradient *average* over processes is the global token mean
+            share = micro_batches(rows, lengths, micro, world, rank)
+            sums = torch.zeros(3 + len(layers), dtype=torch.float64, device=acc.device)  # loss, kl, ce, mse...
+            for a, chunk in enumerate(share):
+                ids, mask = (t.to(acc.device) for t in collate([data.train[r] for r in chunk], pad_id))
+                sync = contextlib.nullcontext() if a == len(share) - 1 else acc.no_sync(model)
+                with sync:
+                    if stage.name == "align":
+                        io = teacher_attention_io(t_model, ids, mask, layers)
+                        outs = model([x for x, _ in io], attention_mask=_mamba_mask(mask))
+                        per_layer = [hidden_mse(o, y, mask, normalizer=n_tok / world) for o, (_, y) in zip(outs, io)]
+                        loss = sum(per_layer)
+                        for k, v in enumerate(per_layer):
+                            sums[3 + k] += v.detach().double() / world
+                    else:
+                        with torch.no_grad():
+                            t_logits = t_model(input_ids=ids, attention_mask=mask).logits
+                        s_logits = model(input_ids=ids, attention_mask=mask).logits
+                        loss = kd_loss(cfg.loss, s_logits, t_logits, mask, cfg.temperature, cfg.beta,
+                                       normalizer=n_tok / world)
+                        with torch.no_grad():
+                            sums[1] += forward_kl(s_logits, t_logits, mask, normalizer=n_tok).double()
+                        if cfg.ce_weight > 0:
+                            ce = cross_entropy(s_logits[:, :-1], ids[:, 1:], mask[:, 1:], normalizer=n_ce / world)
+                            sums[2] += ce.detach().double() / world
+                            loss = loss + cfg.ce_weight * ce
+                    sums[0] += loss.detach().double() / world
+                    acc.backward(loss)
+            sums = acc.reduce(sums, reduction="sum")
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+            loss_value, grad_value = sums[0].item(), float(grad_norm)
+            if not (math.isfinite(loss_value) and math.isfinite(grad_value)):
+                if bar is not None:
+                    bar.close()
+                last = _find_checkpoint(work)
+                kept = (f"the last good checkpoint (step {json.loads((last / 'state.json').read_text())['step']}) "
+                        f"is kept in {last}") if last else "no checkpoint had been written yet"
+                what = "loss" if not math.isfinite(loss_value) else "gradient norm"
+                raise M1Error(f"the {what} became {loss_value if what == 'loss' else grad_value} at step {step + 1} "
+                              f"({stage.name}); stopped without updating the model; {kept}. Try a lower "
+                              f"--{'align-lr' if stage.name == 'align' else 'lr'}")
+            lr_now = scheduler.get_last_lr()[0]
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            tokens_done += n_tok
+            dt = time.perf_counter() - t0
+            m = {"step": step, "stage": stage.name, "loss": loss_value, "lr": lr_now, "grad_norm": grad_value,
+                 "tokens": tokens_done, "step_tokens": n_tok, "tokens_per_s": n_tok / dt,
+                 "epoch": plan.epoch(step), "elapsed": time.perf_counter() - t_start}
+            if stage.name == "kd":
+                m["kl"] = sums[1].item()
+                if cfg.ce_weight > 0:
+                    m["ce"] = sums[2].item()
+            else:
+                m["layer_mse"] = [sums[3 + k].item() for k in range(len(layers))]
+            if main:
+                with open(work / "metrics.jsonl", "a") as f:
+                    f.write(json.dumps(m) + "\n")
+            if bar is not None:
+                post = {"loss": f"{loss_value:.4f}"}
+                if "kl" in m:
+                    post["kl"] = f"{m['kl']:.4f}"
+                post["tok/s"] = f"{m['tokens_per_s']:.0f}"
+                bar.set_postfix(post, refresh=False)
+                bar.update(1)
+            if step % cfg.checkpoint_every == 0 or step == stage.end:
+                save_checkpoint(stage, optimizer, scheduler, step, tokens_done, time.perf_counter() - t_start)
+            if on_step is not None:
+                on_step(step, m, student)
+        if bar is not None:
+            bar.close()
+        student.eval()
+
+    # ---- held-out report and the final checkpoint
+    after = _report(acc, student, t_model, tokenizer, data, cfg, layers if "align" in stages_wanted else [])
+    say(format_report(before, after))
+    seconds = time.perf_counter() - t_start
+    if main:
+        from .convert import versions
+
+        rec = dict(record)  # the parent's record (layout, teacher) updated for this stage, like m1.sft
+        for k in ("sft", "grpo", "distill"):  # earlier stages' settings stay in their own checkpoints
+            rec.pop(k, None)
+        rec.update(stage="distill", dtype="float32", versions=versions(), base_model=str(student_dir),
+                   created=datetime.now(timezone.utc).isoformat(timespec="seconds"))
+        rec.setdefault("teacher", teacher_spec)
+        rec["distill"] = {"student": str(student_dir), "teacher": teacher_spec, "teacher_path": teacher.path,
+                          "settings": asdict(cfg), "stages": [asdict(s) for s in stages], "steps": step,
+                          "tokens": tokens_done, "seconds": round(seconds, 1), "processes": world,
+                          "report": {"before": before, "after": after}}
+        rec["history"] = list(record.get("history", [])) + [
+            {"stage": record.get("stage", "hf"), "created": record.get("created"), "path": str(student_dir)}]
+        with atomic_dir(out, force=force) as tmp:
+            student.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+            write_json_atomic(tmp / M1_RECORD, rec)
+            write_json_atomic(tmp / CONFIG_FILE, asdict(cfg))
+            write_json_atomic(tmp / "distill_report.json", {"before": before, "after": after})
+            if (work / "metrics.jsonl").exists():
+                shutil.copyfile(work / "metrics.jsonl", tmp / "distill_metrics.jsonl")
+        shutil.rmtree(work, ignore_errors=True)
+        say(f"wrote {out}")
+    acc.wait_for_everyone()
+    return DistillResult(out=out, before=before, after=after, steps=step, tokens=tokens_done, seconds=seconds)

@@ -1,0 +1,140 @@
+r"""Distillation losses as small named functions: forward KL, reverse KL, JSD, hidden-state MSE.
+
+Every loss is a per-token quantity reduced by a *mask-aware token mean*: padding (``mask == 0``)
+contributes nothing, and the result is ``sum(per_token * mask) / normalizer`` where the normalizer
+is ``mask.sum()`` by default. Pass ``normalizer=`` explicitly to divide by the number of tokens of
+a whole global batch instead, which is what makes gradient accumulation and data-parallel training
+give the same gradient as one big batch (see :mod:`m1.distill`).
+
+Definitions, with ``p = softmax(teacher_logits / T)`` (teacher) and ``q = softmax(student_logits / T)``
+(student), per token position, summed over the vocabulary ``v``:
+
+    forward_kl  KL(p || q) = sum_v p_v (log p_v - log q_v)          mass-covering ("mean seeking")
+    reverse_kl  KL(q || p) = sum_v q_v (log q_v - log p_v)          mode-seeking; M1's choice
+    jsd(beta)   m = beta p + (1 - beta) q
+                JSD_beta = beta KL(p || m) + (1 - beta) KL(q || m)   bounded by log 2 at beta = 0.5
+    hidden_mse  mean over the hidden dimension of (student - teacher)^2
+
+No ``T^2`` factor is applied; at the default ``T = 1`` it makes no difference.
+Logits are upcast to float32 (float64 stays float64) before the softmax.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["masked_sum", "masked_token_mean", "forward_kl", "reverse_kl", "jsd", "hidden_mse",
+           "forward_kl_per_token", "reverse_kl_per_token", "jsd_per_token", "hidden_mse_per_token",
+           "cross_entropy", "LOSSES", "kd_loss"]
+
+
+def _upcast(x: torch.Tensor) -> torch.Tensor:
+    return x if x.dtype == torch.float64 else x.float()
+
+
+def _mask_like(per_token: torch.Tensor, mask) -> torch.Tensor:
+    if mask is None:
+        return torch.ones_like(per_token)
+    if mask.shape != per_token.shape:
+        raise ValueError(f"mask has shape {tuple(mask.shape)} but the per-token loss has {tuple(per_token.shape)}")
+    return mask.to(per_token.dtype)
+
+
+def masked_sum(per_token: torch.Tensor, mask=None) -> torch.Tensor:
+    """Sum of ``per_token`` over the positions where ``mask`` is non-zero (all positions if None)."""
+    return (per_token * _mask_like(per_token, mask)).sum()
+
+
+def masked_token_mean(per_token: torch.Tensor, mask=None, normalizer=None) -> torch.Tensor:
+    """``masked_sum / normalizer``; the normalizer defaults to the number of unmasked tokens.
+
+    An all-masked input gives 0 (not NaN) when no normalizer is given.
+    """
+    total = masked_sum(per_token, mask)
+    if normalizer is None:
+        normalizer = _mask_like(per_token, mask).sum().clamp(min=1)
+    return total / normalizer
+
+
+def _log_probs(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    return F.log_softmax(_upcast(logits) / temperature, dim=-1)
+
+
+def forward_kl_per_token(student_logits, teacher_logits, temperature: float = 1.0) -> torch.Tensor:
+    """KL(teacher || student) at each position: ``sum_v p_v (log p_v - log q_v)``."""
+    log_q = _log_probs(student_logits, temperature)
+    log_p = _log_probs(teacher_logits, temperature)
+    return (log_p.exp() * (log_p - log_q)).sum(-1)
+
+
+def reverse_kl_per_token(student_logits, teacher_logits, temperature: float = 1.0) -> torch.Tensor:
+    """KL(student || teacher) at each position: ``sum_v q_v (log q_v - log p_v)``."""
+    log_q = _log_probs(student_logits, temperature)
+    log_p = _log_probs(teacher_logits, temperature)
+    return (log_q.exp() * (log_q - log_p)).sum(-1)
+
+
+def jsd_per_token(student_logits, teacher_logits, beta: float = 0.5, temperature: float = 1.0) -> torch.Tensor:
+    """Generalised Jensen-Shannon divergence: ``beta KL(p||m) + (1-beta) KL(q||m)``, ``m = beta p + (1-beta) q``."""
+    if not 0.0 < beta < 1.0:
+        raise ValueError(f"jsd beta must be strictly between 0 and 1, got {beta} (use forward_kl / reverse_kl for the limits)")
+    log_q = _log_probs(student_logits, temperature)
+    log_p = _log_probs(teacher_logits, temperature)
+    log_m = torch.logsumexp(torch.stack([log_p + math.log(beta), log_q + math.log(1.0 - beta)]), dim=0)
+    kl_pm = (log_p.exp() * (log_p - log_m)).sum(-1)
+    kl_qm = (log_q.exp() * (log_q - log_m)).sum(-1)
+    return beta * kl_pm + (1.0 - beta) * kl_qm
+
+
+def hidden_mse_per_token(student_hidden, teacher_hidden) -> torch.Tensor:
+    """Mean over the last (hidden) dimension of the squared difference."""
+    if student_hidden.shape != teacher_hidden.shape:
+        raise ValueError(f"hidden states differ in shape: {tuple(student_hidden.shape)} vs {tuple(teacher_hidden.shape)}")
+    return (_upcast(student_hidden) - _upcast(teacher_hidden)).pow(2).mean(-1)
+
+
+def forward_kl(student_logits, teacher_logits, mask=None, temperature: float = 1.0, normalizer=None):
+    """Token mean of KL(teacher || student) over unmasked positions."""
+    return masked_token_mean(forward_kl_per_token(student_logits, teacher_logits, temperature), mask, normalizer)
+
+
+def reverse_kl(student_logits, teacher_logits, mask=None, temperature: float = 1.0, normalizer=None):
+    """Token mean of KL(student || teacher) over unmasked positions (M1's distillation loss)."""
+    return masked_token_mean(reverse_kl_per_token(student_logits, teacher_logits, temperature), mask, normalizer)
+
+
+def jsd(student_logits, teacher_logits, mask=None, temperature: float = 1.0, beta: float = 0.5, normalizer=None):
+    """Token mean of the generalised JSD (see :func:`jsd_per_token`)."""
+    return masked_token_mean(jsd_per_token(student_logits, teacher_logits, beta, temperature), mask, normalizer)
+
+
+def hidden_mse(student_hidden, teacher_hidden, mask=None, normalizer=None):
+    """Token mean (over unmasked positions) of the per-token mean squared error of hidden states."""
+    return masked_token_mean(hidden_mse_per_token(student_hidden, teacher_hidden), mask, normalizer)
+
+
+def cross_entropy(logits, labels, mask=None, normalizer=None):
+    """Token mean of ``-log softmax(logits)[label]`` (no shifting: align ``labels`` yourself)."""
+    logp = F.log_softmax(_upcast(logits), dim=-1)
+    nll = -logp.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+    return masked_token_mean(nll, mask, normalizer)
+
+
+LOSSES = ("reverse_kl", "forward_kl", "jsd")
+
+
+def kd_loss(name: str, student_logits, teacher_logits, mask=None, temperature: float = 1.0, beta: float = 0.5,
+            normalizer=None):
+    """Dispatch on the loss name used by ``m1 distill --loss``."""
+    if name == "reverse_kl":
+        return reverse_kl(student_logits, teacher_logits, mask, temperature, normalizer)
+    if name == "forward_kl":
+        return forward_kl(student_logits, teacher_logits, mask, temperature, normalizer)
+    if name == "jsd":
+        return jsd(student_logits, teacher_logits, mask, temperature, beta, normalizer)
+    raise ValueError(f"unknown distillation loss '{name}': choose one of {', '.join(LOSSES)}")

@@ -1,0 +1,267 @@
+"""m1.distill on tiny models: resume = uninterrupted, align touches only mixers, kd lowers KL, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from m1.cli import main
+from m1.distill import DistillConfig, distill, work_dir
+from m1.errors import M1Error
+
+
+class Kill(Exception):
+    """Stands in for a kill -9 between two steps."""
+
+
+@pytest.fixture(scope="module")
+def data_file(tmp_path_factory):
+    r = random.Random(0)
+    rows = []
+    for i in range(40):
+        a, b = r.randint(1, 99), r.randint(1, 99)
+        rows.append({"messages": [{"role": "user", "content": f"What is {a} + {b}?"},
+                                  {"role": "assistant", "content": f"First, {a} + {b} = {a + b}. "
+                                                                   f"The answer is \\boxed{{{a + b}}}."}]})
+    for i in range(8):
+        rows.append({"text": f"Tom has {i} apples. He buys {i + 3} more. So the total is {2 * i + 3}."})
+    f = tmp_path_factory.mktemp("data") / "train.jsonl"
+    f.write_text("".join(json.dumps(x) + "\n" for x in rows))
+    return f
+
+
+def _cfg(student, data, out, **kw):
+    base = dict(student=str(student), out=str(out), data=str(data), seq_len=40, batch_size=4, micro_batch_size=2,
+                heldout=6, eval_batch_size=6, checkpoint_every=2, lr=1e-3, align_lr=3e-3, warmup=0.0)
+    base.update(kw)
+    return DistillConfig(**base)
+
+
+def _run(cfg, **kw):
+    return distill(cfg, log=lambda m: None, progress=False, **kw)
+
+
+def _metrics(out):
+    return [json.loads(ln) for ln in (Path(out) / "distill_metrics.jsonl").read_text().splitlines()]
+
+
+def _weights(d):
+    return load_file(str(Path(d) / "model.safetensors"))
+
+
+def test_killed_and_resumed_run_matches_uninterrupted(tiny_hybrid, data_file, tmp_path):
+    kw = dict(stage="both", align_steps=3, steps=4)
+    full = _run(_cfg(tiny_hybrid, data_file, tmp_path / "full", **kw))
+    assert full.steps == 7
+
+    cfg = _cfg(tiny_hybrid, data_file, tmp_path / "part", **kw)
+
+    def kill(step, m, model):
+        if step == 5:
+            raise Kill
+
+    with pytest.raises(Kill):
+        _run(cfg, on_step=kill)
+    work = work_dir(cfg.out)
+    assert not Path(cfg.out).exists()
+    state = json.loads((work / "checkpoint" / "state.json").read_text())
+    assert state["step"] == 4 and state["stage"] == "kd"
+    assert len((work / "metrics.jsonl").read_text().splitlines()) == 5  # step 5 ran, after the checkpoint
+
+    # a different configuration is refused and nothing is touched
+    before = sorted((p.name, p.stat().st_mtime_ns) for p in (work / "checkpoint").iterdir())
+    with pytest.raises(M1Error, match=r"different settings.*lr: 0\.001 -> 0\.002"):
+        _run(replace(cfg, lr=2e-3), resume=True)
+    with pytest.raises(M1Error, match="--resume to continue"):
+        _run(cfg)
+    assert sorted((p.name, p.stat().st_mtime_ns) for p in (work / "checkpoint").iterdir()) == before
+
+    resumed = _run(cfg, resume=True)
+    a, b = _metrics(full.out), _metrics(resumed.out)
+    assert [m["step"] for m in b] == list(range(1, 8))
+    for x, y in zip(a, b):
+        assert x["stage"] == y["stage"]
+        assert abs(x["loss"] - y["loss"]) <= 1e-6, (x, y)
+        assert abs(x["lr"] - y["lr"]) <= 1e-12
+    wa, wb = _weights(full.out), _weights(resumed.out)
+    assert max((wa[k] - wb[k]).abs().max().item() for k in wa) <= 1e-6
+    assert not work.exists()  # cleaned up after success
+    assert abs(full.after["kl"] - resumed.after["kl"]) <= 1e-6
+
+
+def test_align_trains_only_mixers_and_lowers_layer_mse(tiny_hybrid, data_file, tmp_path):
+    res = _run(_cfg(tiny_hybrid, data_file, tmp_path / "a", stage="align", steps=8))
+    before, after = _weights(tiny_hybrid), _weights(res.out)
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all(".mamba." in k for k in changed), sorted(changed)
+    assert {k.split(".mamba.")[1] for k in changed} >= {"in_proj.weight", "out_proj.weight", "A_log", "D"}
+    for layer, mse in res.after["layer_mse"].items():
+        assert mse < 0.8 * res.before["layer_mse"][layer], (layer, res.before["layer_mse"], res.after["layer_mse"])
+    rec = json.loads((res.out / "m1.json").read_text())
+    assert rec["stage"] == "distill" and rec["attn_layers"] == [1, 3]
+    assert rec["distill"]["settings"]["stage"] == "align" and rec["history"][0]["stage"] == "convert"
+
+
+def test_kd_lowers_heldout_kl(tiny_hybrid, data_file, tmp_path):
+    res = _run(_cfg(tiny_hybrid, data_file, tmp_path / "k", stage="kd", steps=8))
+    assert res.after["kl"] < 0.7 * res.before["kl"], (res.before, res.after)
+    assert res.after["teacher_ppl"] == pytest.approx(res.before["teacher_ppl"])
+    m = _metrics(res.out)
+    assert m[-1]["kl"] < m[0]["kl"] and {"loss", "kl", "lr", "tokens_per_s", "grad_norm"} <= set(m[0])
+    # the output is a normal checkpoint that m1 reads
+    from m1.checkpoint import load_model
+    from m1.info import model_info
+    load_model(res.out)
+    assert model_info(res.out).record["stage"] == "distill"
+
+
+def test_kd_jsd_mamba_only_with_ce(tiny_hybrid, data_file, tmp_path):
+    res = _run(_cfg(tiny_hybrid, data_file, tmp_path / "j", stage="kd", steps=3, loss="jsd", beta=0.3,
+                    temperature=2.0, ce_weight=0.5, trainable="mamba", max_tokens=10_000))
+    before, after = _weights(tiny_hybrid), _weights(res.out)
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all(".mamba." in k for k in changed)
+    assert "ce" in _metrics(res.out)[0]
+
+
+def test_max_tokens_budget(tiny_hybrid, data_file, tmp_path):
+    res = _run(_cfg(tiny_hybrid, data_file, tmp_path / "t", stage="kd", max_tokens=200, heldout=2))
+    m = _metrics(res.out)
+    assert m[-1]["tokens"] >= 200 and m[-2]["tokens"] < 200 and res.steps == len(m)
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_hybrid, data_file, tmp_path):
+    cfg = _cfg(tiny_hybrid, data_file, tmp_path / "n", stage="kd", steps=6)
+
+    def poison(step, m, model):
+        if step == 2:  # corrupt the weights after the step-2 checkpoint was written
+            with torch.no_grad():
+                model.model.norm.weight.fill_(float("nan"))
+
+    with pytest.raises(M1Error, match=r"loss became nan at step 3.*last good checkpoint \(step 2\)"):
+        _run(cfg, on_step=poison)
+    ckpt = work_dir(cfg.out) / "checkpoint"
+    assert json.loads((ckpt / "state.json").read_text())["step"] == 2
+    assert torch.isfinite(_weights(ckpt)["model.norm.weight"]).all()
+    assert not Path(cfg.out).exists()
+
+
+def test_vocabulary_mismatch(tiny_hybrid, data_file, tmp_path, tiny_teachers):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    other = tmp_path / "other"
+    m = AutoModelForCausalLM.from_pretrained(tiny_teachers["llama_untied"])
+    m.resize_token_embeddings(m.config.vocab_size + 8, mean_resizing=False)
+    m.save_pretrained(other)
+    AutoTokenizer.from_pretrained(tiny_teachers["llama_untied"]).save_pretrained(other)
+    n = m.config.vocab_size
+    with pytest.raises(M1Error, match=f"vocabulary mismatch: the student has {n - 8} tokens and the teacher {n}"):
+        _run(_cfg(tiny_hybrid, data_file, tmp_path / "o", teacher=str(other), stage="kd", steps=1))
+    assert not (tmp_path / "o").exists() and not work_dir(tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("kw,needle", [
+    (dict(steps=None), "budget"),
+    (dict(loss="kl"), "--loss"),
+    (dict(loss="jsd", beta=1.0), "--beta"),
+    (dict(stage="distill"), "--stage"),
+    (dict(batch_size=3), "multiple of --micro-batch-size"),
+    (dict(temperature=0.0), "--temperature"),
+    (dict(data="/nonexistent/x.jsonl"), "not found"),
+])
+def test_bad_settings(tiny_hybrid, data_file, tmp_path, kw, needle):
+    base = dict(stage="kd", steps=2)
+    base.update(kw)
+    data = base.pop("data", data_file)
+    with pytest.raises(M1Error, match=needle):
+        _run(_cfg(tiny_hybrid, data, tmp_path / "o", **base))
+    assert not (tmp_path / "o").exists()
+
+
+def test_align_needs_mamba_layers(tiny_teachers, data_file, tmp_path):
+    from m1.convert import convert
+    exact = convert(str(tiny_teachers["llama_tied"]), tmp_path / "exact", attn_layers="all", log=lambda m: None)
+    with pytest.raises(M1Error, match="no Mamba layers"):
+        _run(_cfg(exact, data_file, tmp_path / "o", stage="align", steps=1))
+
+
+def _cli(capsys, *argv):
+    code = main(list(argv))
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.strip().splitlines() if ln.strip()]
+    return code, lines
+
+
+def test_cli_errors_are_one_line(capsys, tiny_hybrid, data_file, tmp_path):
+    out = tmp_path / "o"
+    code, lines = _cli(capsys, "distill", "--student", str(tmp_path / "missing"), "--data", str(data_file),
+                       "--out", str(out), "--steps", "1")
+    assert code == 1 and len(lines) == 1 and lines[0].startswith("error: ") and "does not exist" in lines[0]
+    code, lines = _cli(capsys, "distill", "--student", str(tiny_hybrid), "--data", str(data_file), "--out",
+                       str(out), "--steps", "1", "--resume")
+    assert code == 1 and len(lines) == 1 and "nothing to resume" in lines[0]
+    out.mkdir()
+    code, lines = _cli(capsys, "distill", "--student", str(tiny_hybrid), "--data", str(data_file), "--out",
+                       str(out), "--steps", "1")
+    assert code == 1 and len(lines) == 1 and "already exists" in lines[0]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "ok"}\n{"text": ""}\n')
+    code, lines = _cli(capsys, "distill", "--student", str(tiny_hybrid), "--data", str(bad), "--out",
+                       str(tmp_path / "o2"), "--steps", "1", "--no-progress")
+    assert code == 1 and lines[-1] == f"error: {bad}:2: empty 'text'"
+
+
+def test_cli_help(capsys):
+    with pytest.raises(SystemExit):
+        main(["distill", "--help"])
+    text = capsys.readouterr().out
+    for flag in ("--stage", "--loss", "--beta", "--ce-weight", "--temperature", "--trainable", "--max-tokens",
+                 "--resume", "--micro-batch-size", "reverse_kl", "accelerate launch"):
+        assert flag in text
+
+
+def test_two_process_accelerate_launch_matches_one_process(tiny_hybrid, data_file, tmp_path):
+    """Same global batch (4 rows): 1 process x 2 accumulation steps vs 2 processes x 1 (CPU, gloo)."""
+    common = ["distill", "--student", str(tiny_hybrid), "--data", str(data_file), "--stage", "both",
+              "--align-steps", "2", "--steps", "3", "--seq-len", "40", "--batch-size", "4", "--micro-batch-size", "2",
+              "--heldout", "6", "--lr", "1e-3", "--align-lr", "3e-3", "--warmup", "0", "--no-progress"]
+    one = _run(_cfg(tiny_hybrid, data_file, tmp_path / "one", align_steps=2, steps=3))
+    # `--cpu` would make accelerate start a single process (multi-CPU needs mpirun); `--multi_gpu` starts
+    # torchrun, and with no CUDA visible m1.distill runs DDP over gloo on CPU
+    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "m1"] + common + [
+           "--out", str(tmp_path / "two")]
+    p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    a, b = _metrics(one.out), _metrics(tmp_path / "two")
+    assert len(a) == len(b) == 5
+    for x, y in zip(a, b):
+        assert abs(x["loss"] - y["loss"]) <= 1e-6 * max(1.0, abs(x["loss"])), (x, y)  # bit-identical when measured
+    rec = json.loads((tmp_path / "two" / "m1.json").read_text())
+    assert rec["distill"]["processes"] == 2
+    wa, wb = _weights(one.out), _weights(tmp_path / "two")
+    assert max((wa[k] - wb[k]).abs().max().item() for k in wa) <= 1e-6
+
+
+@pytest.mark.slow
+def test_smollm2_align_and_kd_smoke(smollm2_hybrid, tmp_path):
+    """The real teacher (GGUF Llama) through both stages: hooks, chat-rendered GSM8K, a loadable output."""
+    cfg = DistillConfig(student=str(smollm2_hybrid), out=str(tmp_path / "d"), teacher="smollm2-135m",
+                        data="gsm8k-train", stage="both", align_steps=2, steps=1, seq_len=48, batch_size=2,
+                        heldout=2, eval_batch_size=2, align_lr=3e-3)
+    res = _run(cfg)
+    assert res.steps == 3
+    assert res.after["kl"] < res.before["kl"]
+    mean = lambda d: sum(d.values()) / len(d)  # noqa: E731  (single layers may go up: kd trains end to end)
+    assert mean(res.after["layer_mse"]) < 0.8 * mean(res.before["layer_mse"])
+    assert json.loads((res.out / "m1.json").read_text())["attn_layers"] == [4, 9, 14, 19, 24, 29]
