@@ -1,0 +1,787 @@
+r"""``m1 grpo``: RL with verifiable math rewards (M1, stage 3), on TRL's GRPOTrainer.
+
+The loop (TRL's): each optimizer step takes ``prompts_per_step`` problems, samples
+``num_generations`` completions of each (the *group*, 8 by default), scores every completion, and
+turns the scores into advantages relative to the group (reward minus the group mean, divided by the
+group's standard deviation with ``scale_rewards="group"``). The policy-gradient loss on the
+completion tokens is clipped PPO-style (``epsilon``) and aggregated per ``loss_type``:
+
+* ``grpo``    -- the GRPO paper / M1: mean over each sequence's tokens, then over sequences;
+* ``dr_grpo`` -- Dr. GRPO: sum over tokens divided by a constant (``max_completion_length``);
+* ``dapo``    -- DAPO: mean over all tokens of the batch.
+
+M1's choices are the defaults: **no KL term** (``beta=0``: no reference model is loaded at all) and
+an **entropy bonus** (``entropy_coef``: the loss is ``L_policy - entropy_coef * H``, with ``H`` the
+mean per-token entropy of the policy on the completion tokens; TRL >= 1.x implements it natively as
+``GRPOConfig.entropy_coef``). The default coefficient 1e-3 is our choice, not a number from the
+paper. With ``beta > 0`` TRL builds the reference model from ``config._name_or_path`` -- the
+``--model`` directory as it is on disk -- so the policy must always be loaded from a saved
+checkpoint (it is, here).
+
+Rewards
+-------
+``accuracy`` (weight 1): 1.0 when the completion's final answer equals the gold answer according to
+:func:`m1.grading.check_many` -- the very checker ``m1 eval`` reports with (last ``\boxed{}``,
+math-verify in worker processes with a hard timeout) -- else 0.0. Optionally ``format`` (weight
+``format_reward``): 1.0 when the completion finished (ended with EOS) and its last ``\boxed{...}``
+is closed. Python callers may pass their own ``reward_funcs`` (TRL's signature:
+``f(prompts, completions, completion_ids, **columns) -> list[float]``).
+
+Every reward function runs guarded (:class:`GuardedReward`): if it raises, or the built-in check
+times out (worker killed), or a custom function overruns ``reward_timeout`` seconds, the affected
+completions score 0, a warning names the problem, and the counts are reported (``reward_failures``
+in the metrics). Completions that hit ``max_completion_length`` without an end-of-sequence token are
+counted (``truncated`` per step, a total at the end); by default they are trained on like any other
+(they usually score 0), ``mask_truncated=True`` leaves them out of the loss (DAPO).
+
+Rollouts
+--------
+``rollout="auto"``: vLLM (``use_vllm``, colocated in the training process, or ``vllm_mode="server"``
+with ``trl vllm-serve``) when ``vllm`` is importable and a CUDA GPU is present, else transformers'
+``generate``. ``rollout="engine"`` samples with :class:`m1.engine.Engine` instead (prefill once per
+problem, the group's ``num_generations`` rows share the prompt's state; the engine reads the live
+weights, so nothing needs syncing) -- usually much faster than ``generate`` on CPU.
+
+Files: as ``m1 sft`` (see :mod:`m1.sft`): ``<out>.work/`` holds ``checkpoints/checkpoint-N/`` (each
+made complete by ``grpo_config.json``) and ``metrics.jsonl``; ``--resume`` continues an
+unfinished run and refuses different settings; ``<out>`` is written atomically at the end as a
+normal m1 checkpoint with ``m1.json`` ``stage: grpo``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from .checkpoint import check_model_dir, write_json_atomic
+from .errors import M1Error
+from .sft import (CHECKPOINTS, METRICS_FILE, _barrier, _base_dtype, _cuda, _read_metrics, _step_of, find_checkpoints,
+                  finalize, lineage_record, load_policy, make_metrics_callback, model_fingerprint, prepare_run,
+                  quiet_trainer, quiet_transformers, resolve_precision, run_state, set_mamba_chunk_size, truncate_metrics,
+                  unknown_options, with_checkpoint_marker, work_dir)
+
+logger = logging.getLogger("m1.grpo")
+
+GRPO_CONFIG_FILE = "grpo_config.json"
+LOSS_TYPES = ("grpo", "dr_grpo", "dapo")
+ROLLOUTS = ("auto", "vllm", "hf", "engine")
+SCALE_REWARDS = ("group", "batch", "none")
+DEFAULT_ARITH_PROBLEMS = 1000
+
+
+# =================================================================================================
+# Rewards
+# =================================================================================================
+class RewardStats:
+    """Running counts over a run: completions seen, truncated ones, reward failures (thread-safe)."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.completions = 0
+        self.truncated = 0
+        self.failures = 0  # samples scored 0 because a reward raised or timed out
+        self.timeouts = 0
+        self.no_answer = 0
+        self.examples: list[str] = []  # a few failure messages
+
+    def note_failure(self, msg: str, n: int = 1, timeout: bool = False) -> None:
+        with self.lock:
+            self.failures += n
+            if timeout:
+                self.timeouts += n
+            if len(self.examples) < 20:
+                self.examples.append(msg)
+        logger.warning(msg)
+
+    def as_dict(self) -> dict:
+        with self.lock:
+            return {"completions_total": self.completions, "truncated_total": self.truncated,
+                    "reward_failures_total": self.failures, "reward_timeouts_total": self.timeouts}
+
+
+def _no_op(*args, **kwargs) -> None:
+    return None
+
+
+def completion_text(c) -> str:
+    """The text of one TRL completion (a string, or a list of chat messages)."""
+    if isinstance(c, str):
+        return c
+    if isinstance(c, list) and c and isinstance(c[-1], dict):
+        return "".join(str(m.get("content", "")) for m in c if m.get("role", "assistant") == "assistant")
+    return str(c)
+
+
+def _finished(ids, eos_ids: frozenset) -> bool:
+    return bool(ids) and int(ids[-1]) in eos_ids
+
+
+class AccuracyReward:
+    r"""1.0 when the final answer matches ``answer`` (:func:`m1.grading.check_many`, as ``m1 eval``), else 0.0.
+
+    Logs ``accuracy`` and ``no_answer`` (fraction without an extractable answer) per batch. A check
+    that times out or errors in the worker scores 0 and is reported as a reward failure.
+    """
+
+    __name__ = "accuracy"
+
+    def __init__(self, stats: RewardStats, timeout: float = 5.0, workers: int | None = None):
+        self.stats, self.timeout, self.workers = stats, float(timeout), workers
+
+    def __call__(self, prompts, completions, answer=None, log_metric=None, problem_id=None, **kw):
+        from .grading import check_many
+
+        if answer is None:
+            raise M1Error("the accuracy reward needs an 'answer' column in the training data")
+        texts = [completion_text(c) for c in completions]
+        verdicts = check_many(list(zip(texts, [str(a) for a in answer])), timeout=self.timeout,
+                              workers=self.workers)
+        scores = []
+        for i, v in enumerate(verdicts):
+            if v.status in ("timeout", "error"):
+                pid = problem_id[i] if problem_id else i
+                self.stats.note_failure(f"answer check {v.status} on problem {pid} (answer {str(v.pred)[:80]!r}): "
+                                        "scored 0", timeout=v.status == "timeout")
+            scores.append(1.0 if v.correct else 0.0)
+        no_ans = sum(v.status == "no_answer" for v in verdicts)
+        with self.stats.lock:
+            self.stats.no_answer += no_ans
+        if log_metric is not None and scores:
+            log_metric("accuracy", sum(scores) / len(scores))
+            log_metric("no_answer", no_ans / len(scores))
+        return scores
+
+
+def _closed_last_box(text: str) -> bool:
+    """Whether the last ``\\boxed{`` in ``text`` has its closing brace."""
+    i = text.rfind("\\boxed{")
+    if i < 0:
+        return False
+    depth = 0
+    for ch in text[i + len("\\boxed"):]:
+        if ch == "{":
+            depth += 1
+        elif ch == "}":
+            depth -= 1
+            if depth == 0:
+                return True
+    return False
+
+
+class FormatReward:
+    r"""1.0 when the completion finished (ended with EOS) and its last ``\boxed{...}`` is closed, else 0.0."""
+
+    __name__ = "format"
+
+    def __init__(self, eos_ids):
+        self.eos_ids = frozenset(eos_ids)
+
+    def __call__(self, prompts, completions, completion_ids=None, **kw):
+        texts = [completion_text(c) for c in completions]
+        ids = completion_ids or [[]] * len(texts)
+        return [1.0 if (_finished(c, self.eos_ids) and _closed_last_box(t)) else 0.0 for t, c in zip(texts, ids)]
+
+
+class GuardedReward:
+    """Run a reward function so that a failure costs the affected samples their reward, not the run.
+
+    The batch call runs with a deadline (``timeout`` seconds per sample, at least ``timeout``); if it
+    raises or overruns, each sample is retried alone with ``timeout``; a sample that still raises or
+    overruns scores 0.0 and is reported through ``stats``. (A Python thread cannot be killed: an
+    overrunning custom function keeps running in the background; the built-in answer check has its
+    own hard, process-level timeout.) ``count_completions``: this instance also counts completions
+    and truncated ones (exactly one guarded reward per run does).
+    """
+
+    def __init__(self, fn: Callable, stats: RewardStats, timeout: float | None = None, eos_ids=(),
+                 count_completions: bool = False):
+        from trl.trainer.utils import get_callable_name
+
+        self.fn, self.stats, self.timeout = fn, stats, timeout
+        self.eos_ids = frozenset(eos_ids)
+        self.count_completions = count_completions
+        self.__name__ = get_callable_name(fn)
+
+    def _call(self, timeout, kwargs):
+        if not timeout:
+            return self.fn(**kwargs)
+        box: dict = {}
+
+        def target():
+            try:
+                box["out"] = self.fn(**kwargs)
+            except BaseException as e:  # noqa: BLE001 - reported to the caller
+                box["err"] = e
+
+        t = threading.Thread(target=target, daemon=True, name=f"reward-{self.__name__}")
+        t.start()
+        t.join(timeout)
+        if t.is_alive():
+            raise TimeoutError(f"reward '{self.__name__}' ran over {timeout:g} s")
+        if "err" in box:
+            raise box["err"]
+        return box["out"]
+
+    def __call__(self, prompts, completions, completion_ids=None, log_metric=None, **kw):
+        n = len(completions)
+        if self.count_completions and completion_ids is not None:
+            trunc = sum(not _finished(c, self.eos_ids) for c in completion_ids)
+            with self.stats.lock:
+                self.stats.completions += n
+                self.stats.truncated += trunc
+            if log_metric is not None and n:
+                log_metric("truncated", trunc / n)
+        kwargs = dict(prompts=prompts, completions=completions, completion_ids=completion_ids,
+                      log_metric=log_metric, **kw)
+        try:
+            out = self._call(self.timeout * max(1, n) if self.timeout else None, kwargs)
+            out = list(out)
+            if len(out) != n:
+                raise ValueError(f"returned {len(out)} rewards for {n} completions")
+            return [self._clean(v, i) for i, v in enumerate(out)]
+        except M1Error:
+            raise
+        except Exception as e:  # noqa: BLE001 - one bad batch must not end the run
+            batch_error = f"{type(e).__name__}: {e}"
+        logger.warning("reward '%s' failed on a batch (%s); scoring its %d samples one by one",
+                       self.__name__, batch_error, n)
+        scores = []
+        ids = kw.get("problem_id") if isinstance(kw.get("problem_id"), list) else None
+        for i in range(n):
+            one = {k: ([v[i]] if isinstance(v, list) and len(v) == n else v) for k, v in kwargs.items()}
+            one["log_metric"] = _no_op
+            if "log_extra" in one:
+                one["log_extra"] = _no_op
+            try:
+                v = list(self._call(self.timeout, one))
+                if len(v) != 1:
+                    raise ValueError(f"returned {len(v)} rewards for 1 completion")
+                scores.append(self._clean(v[0], i))
+            except M1Error:
+                raise
+            except Exception as e:  # noqa: BLE001
+                pid = ids[i] if ids else f"#{i}"
+                self.stats.note_failure(f"reward '{self.__name__}' failed on problem {pid}: {type(e).__name__}: "
+                                        f"{str(e)[:200]}; scored 0", timeout=isinstance(e, TimeoutError))
+                scores.append(0.0)
+        return scores
+
+    def _clean(self, v, i):
+        if v is None:
+            return None  # TRL: "not applicable" (NaN, ignored for this function)
+        try:
+            f = float(v)
+        except (TypeError, ValueError):
+            self.stats.note_failure(f"reward '{self.__name__}' returned a non-number ({v!r}) for sample {i}; scored 0")
+            return 0.0
+        if not math.isfinite(f):
+            self.stats.note_failure(f"reward '{self.__name__}' returned {f} for sample {i}; scored 0")
+            return 0.0
+        return f
+
+
+# =================================================================================================
+# Problems
+# =================================================================================================
+@dataclass
+class RLProblem:
+    id: str
+    question: str
+    answer: str
+    where: str
+    meta: dict = field(default_factory=dict)  # a task's own fields (arith: steps, digits -> matching few-shot)
+
+
+def _gold_from_row(row: dict, where: str) -> str:
+    from .grading import extract_answer
+
+    ans = row.get("answer")
+    if isinstance(ans, bool):
+        ans = None
+    if isinstance(ans, (int, float)):
+        ans = str(int(ans)) if float(ans).is_integer() else str(ans)
+    if isinstance(ans, str) and ans.strip():
+        if "####" in ans:  # a raw GSM8K row
+            final = ans.rpartition("####")[2].strip().replace(",", "")
+            if final:
+                return final
+        else:
+            return ans.strip()
+    sol = row.get("solution")
+    if isinstance(sol, str) and sol.strip():
+        got = extract_answer(sol)
+        if got:
+            return got
+    raise M1Error(f"{where}: row has no answer: give an 'answer' (e.g. \"72\" or \"\\\\frac{{1}}{{2}}\"), or a "
+                  "'solution' ending in \\boxed{...} / '#### N'; RL needs a gold answer to reward against")
+
+
+def read_rl_jsonl(path: Path) -> list[RLProblem]:
+    import json
+
+    if not path.exists():
+        raise M1Error(f"task file {path} not found: give arith[:options], gsm8k, a task name or a .jsonl file")
+    if path.is_dir():
+        raise M1Error(f"task {path} is a directory: give a .jsonl file")
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise M1Error(f"cannot read task file {path}: {e}") from None
+    out = []
+    for n, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        where = f"{path}:{n}"
+        try:
+            row = json.loads(line)
+        except ValueError as e:
+            raise M1Error(f"{where}: not valid JSON ({e})") from None
+        if not isinstance(row, dict):
+            raise M1Error(f"{where}: expected a JSON object, got {type(row).__name__}")
+        q = next((row[k] for k in ("question", "problem", "prompt") if isinstance(row.get(k), str) and row[k].strip()),
+                 None)
+        if q is None:
+            raise M1Error(f"{where}: row has no question: give a non-empty 'question' (or 'problem') string")
+        out.append(RLProblem(id=str(row.get("id", f"{path.name}:{n}")), question=q, answer=_gold_from_row(row, where),
+                             where=where))
+    if not out:
+        raise M1Error(f"task file {path} has no rows")
+    return out
+
+
+def load_rl_problems(task: str, limit: int | None = None, seed: int = 0) -> list[RLProblem]:
+    """Problems with gold answers for ``--task`` (arith[:opts], gsm8k / gsm8k-train, a task, FILE.jsonl)."""
+    import os
+
+    from .tasks import TASKS, load_task, parse_task_spec
+
+    if not task or not str(task).strip():
+        raise M1Error("--task is empty: give arith[:options], gsm8k, a task name or a .jsonl file")
+    task = str(task).strip()
+    if task.endswith((".jsonl", ".json")) or os.sep in task or Path(task).exists():
+        problems = read_rl_jsonl(Path(task).expanduser())
+        _check_golds(problems)
+        return problems if limit is None else problems[:limit]
+    spec = "gsm8k:split=train" if task == "gsm8k-train" else task
+    try:
+        name, opts = parse_task_spec(spec)
+    except ValueError as e:
+        raise M1Error(f"--task {task}: {e}") from None
+    if name not in TASKS:
+        raise M1Error(f"--task {task}: unknown task; give arith[:options], one of {', '.join(sorted(TASKS))}, "
+                      "or a .jsonl file")
+    info = TASKS[name]
+    split = opts.pop("split", "train" if "train" in info.splits else None)
+    if split is None:
+        raise M1Error(f"--task {task}: {name} has no train split (only {', '.join(info.splits)}); training on a "
+                      f"test set is allowed only when asked for explicitly: --task {name}:split={info.splits[0]}")
+    if split not in info.splits:
+        raise M1Error(f"--task {task}: {name} has no '{split}' split (it has {', '.join(info.splits)})")
+    if info.generated and limit is None and "n" not in opts:
+        limit = DEFAULT_ARITH_PROBLEMS
+    try:
+        loaded = load_task(name, split=split, limit=limit, seed=seed if info.generated else None, **opts)
+    except (ValueError, TypeError) as e:
+        raise M1Error(f"--task {task}: {e}") from None
+    out = []
+    for p in loaded:
+        if p.answer is None or not str(p.answer).strip():
+            raise M1Error(f"--task {task}: problem {p.id} has no answer; RL needs a gold answer for every problem")
+        out.append(RLProblem(id=p.id, question=p.question, answer=str(p.answer), where=f"{name}:{p.id}",
+                             meta=dict(p.meta or {})))
+    if not out:
+        raise M1Error(f"--task {task}: no problems (check --limit)")
+    return out
+
+
+def _check_golds(problems: list[RLProblem]) -> None:
+    from .grading import gold_parses
+
+    ok = gold_parses([p.answer for p in problems])
+    bad = [p for p, good in zip(problems, ok) if not good]
+    if bad:
+        shown = "; ".join(f"{p.where}: {p.answer[:60]!r}" for p in bad[:3])
+        raise M1Error(f"{len(bad)} gold answer(s) cannot be parsed by the answer checker ({shown}"
+                      f"{' ...' if len(bad) > 3 else ''}): fix or drop those rows")
+
+
+def to_rl_dataset(problems: list[RLProblem], few_shot: int = 0):
+    """TRL conversational prompt dataset with the gold ``answer`` and ``problem_id`` columns."""
+    from datasets import Dataset
+
+    from .tasks.base import Problem
+    from .tasks.prompts import build_messages
+
+    rows = []
+    for p in problems:
+        msgs = build_messages(Problem(id=p.id, question=p.question, answer=p.answer, meta=p.meta), few_shot=few_shot)
+        rows.append({"prompt": msgs, "answer": p.answer, "problem_id": p.id})
+    return Dataset.from_list(rows)
+
+
+# =================================================================================================
+# Settings
+# =================================================================================================
+@dataclass
+class GRPOSettings:
+    """Every setting of a GRPO run; saved as ``grpo_config.json`` in each checkpoint and in the output."""
+    model: str
+    task: str = "arith"  # arith[:opts] | gsm8k | task[:opts] | FILE.jsonl
+    limit: int | None = None  # problems (arith: how many to generate, default 1000)
+    max_steps: int = 200  # optimizer steps; <= 0: use epochs
+    epochs: float = 1.0
+    prompts_per_step: int = 4  # distinct problems per optimizer step (over all processes)
+    num_generations: int = 8  # completions per problem (the group)
+    micro_batch_size: int | None = None  # completions per forward per process (default: all of them)
+    max_completion_length: int = 512
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    learning_rate: float = 1e-6
+    lr_scheduler: str = "constant"
+    warmup_ratio: float = 0.0
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    beta: float = 0.0  # KL coefficient; M1: 0 (no reference model)
+    entropy_coef: float = 1e-3  # entropy bonus; M1 adds one
+    loss_type: str = "grpo"  # grpo | dr_grpo | dapo
+    epsilon: float = 0.2
+    epsilon_high: float | None = None
+    num_iterations: int = 1
+    scale_rewards: str = "group"
+    format_reward: float = 0.0  # weight of the format reward (0 = off)
+    mask_truncated: bool = False
+    reward_timeout: float = 5.0  # seconds per answer check / per sample of a custom reward
+    few_shot: int = 0
+    seed: int = 0
+    bf16: str = "auto"
+    gradient_checkpointing: bool = False
+    mamba_chunk_size: int | None = None  # training-time Mamba2 scan chunk (None: 64 on CPU, the model's on GPU)
+    rollout: str = "auto"  # auto | vllm | hf | engine
+    vllm_mode: str = "colocate"
+    vllm_gpu_memory_utilization: float = 0.3
+    save_steps: int = 50
+    save_total_limit: int = 2
+    logging_steps: int = 1
+    reward_funcs: list = field(default_factory=list)  # names of custom reward functions (Python API)
+
+    def validate(self) -> None:
+        if self.loss_type not in LOSS_TYPES:
+            raise M1Error(f"--loss-type must be one of {', '.join(LOSS_TYPES)}, got '{self.loss_type}'")
+        if self.rollout not in ROLLOUTS:
+            raise M1Error(f"--rollout must be one of {', '.join(ROLLOUTS)}, got '{self.rollout}'")
+        if self.scale_rewards not in SCALE_REWARDS:
+            raise M1Error(f"--scale-rewards must be one of {', '.join(SCALE_REWARDS)}, got '{self.scale_rewards}'")
+        if self.vllm_mode not in ("colocate", "server"):
+            raise M1Error(f"--vllm-mode must be colocate or server, got '{self.vllm_mode}'")
+        if self.num_generations < 2:
+            raise M1Error(f"--num-generations must be >= 2 (advantages are relative to the group), "
+                          f"got {self.num_generations}")
+        for name in ("prompts_per_step", "max_completion_length", "save_steps", "logging_steps", "num_iterations"):
+            if getattr(self, name) < 1:
+                raise M1Error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.micro_batch_size is not None and self.micro_batch_size < 1:
+            raise M1Error(f"--micro-batch-size must be >= 1, got {self.micro_batch_size}")
+        if self.limit is not None and self.limit < 1:
+            raise M1Error(f"--limit must be >= 1, got {self.limit}")
+        if self.max_steps <= 0 and self.epochs <= 0:
+            raise M1Error("give a training budget: --max-steps N or --epochs > 0")
+        if self.learning_rate <= 0 or not math.isfinite(self.learning_rate):
+            raise M1Error(f"--lr must be > 0, got {self.learning_rate}")
+        if self.temperature <= 0:
+            raise M1Error(f"--temperature must be > 0 for RL sampling, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise M1Error(f"--top-p must be in (0, 1], got {self.top_p}")
+        for name in ("beta", "entropy_coef", "format_reward", "epsilon"):
+            if getattr(self, name) < 0:
+                raise M1Error(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
+        if self.reward_timeout <= 0:
+            raise M1Error(f"--reward-timeout must be > 0, got {self.reward_timeout}")
+        if not 0.0 <= self.warmup_ratio < 1.0:
+            raise M1Error(f"--warmup-ratio must be in [0, 1), got {self.warmup_ratio}")
+        if self.save_total_limit < 1:
+            raise M1Error(f"--save-total-limit must be >= 1, got {self.save_total_limit}")
+
+
+# settings that may change between a run and its --resume: they change neither the data nor the update
+GRPO_RESUME_NEUTRAL = ("save_steps", "save_total_limit", "logging_steps", "rollout", "vllm_mode",
+                       "vllm_gpu_memory_utilization", "micro_batch_size", "mamba_chunk_size")
+
+
+@dataclass
+class GRPOResult:
+    out: Path
+    steps: int
+    seconds: float
+    stats: dict
+    metrics: list[dict] = field(default_factory=list)
+
+
+GRPO_COLUMNS = [("reward", "reward"), ("accuracy", "acc"), ("entropy", "entropy"),
+                ("completions/mean_length", "len"), ("truncated", "trunc"), ("kl", "kl"), ("loss", "loss"),
+                ("grad_norm", "grad")]
+
+
+def resolve_rollout(rollout: str) -> str:
+    """``auto`` -> ``vllm`` when vllm is importable and CUDA is available, else ``hf``."""
+    import importlib.util
+
+    has_vllm = importlib.util.find_spec("vllm") is not None
+    if rollout == "auto":
+        return "vllm" if (has_vllm and _cuda()) else "hf"
+    if rollout == "vllm":
+        if not has_vllm:
+            raise M1Error("--rollout vllm: vllm is not installed (pip install vllm, on a CUDA machine); "
+                          "use --rollout hf or engine")
+        if not _cuda():
+            raise M1Error("--rollout vllm needs a CUDA GPU; use --rollout hf or engine here")
+    return rollout
+
+
+def engine_rollout(max_batch_size: int | None = None):
+    """A TRL ``rollout_func`` sampling with :class:`m1.engine.Engine` on the live policy weights.
+
+    Identical consecutive prompts (TRL repeats each problem ``num_generations`` times) are prefilled
+    once and sampled as one request with ``n`` samples.
+    """
+    import random
+
+    from .engine import Engine, SamplingParams
+
+    def rollout(prompts, trainer):
+        tok = trainer.processing_class
+        model = trainer.accelerator.unwrap_model(trainer.model)
+        was_training = model.training
+        texts = [tok.apply_chat_template(p, tokenize=False, add_generation_prompt=True) if isinstance(p, list)
+                 else p for p in prompts]
+        ids = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
+        groups: list[tuple[list[int], int]] = []
+        for x in ids:
+            if groups and groups[-1][0] == x:
+                groups[-1] = (x, groups[-1][1] + 1)
+            else:
+                groups.append((x, 1))
+        args = trainer.args
+        base = random.Random(f"{args.seed}-{trainer.state.global_step}-{trainer.accelerator.process_index}")
+        params = [SamplingParams(n=n, max_new_tokens=args.max_completion_length, temperature=args.temperature,
+                                 top_p=args.top_p, top_k=args.top_k or 0, seed=base.randrange(1 << 40))
+                  for _, n in groups]
+        eng = Engine(model, tok, max_batch_size=max_batch_size)
+        try:
+            outs = eng.generate([g[0] for g in groups], params)
+        finally:
+            model.train(was_training)
+        prompt_ids, completion_ids = [], []
+        for (p_ids, _), o in zip(groups, outs):
+            for c in o.completions:
+                prompt_ids.append(list(p_ids))
+                completion_ids.append(list(c.token_ids))
+        return {"prompt_ids": prompt_ids, "completion_ids": completion_ids, "logprobs": None}
+
+    return rollout
+
+
+# =================================================================================================
+# GRPO
+# =================================================================================================
+def grpo(model: str | Path, task: str, out: str | Path, *, resume: bool = False, force: bool = False,
+         keep_checkpoints: bool = False, reward_funcs: list[Callable] | None = None,
+         reward_weights: list[float] | None = None, log: Callable[[str], None] = print,
+         callbacks: list | None = None, **options) -> GRPOResult:
+    """RL-train ``model`` on ``task`` with GRPO and write the result to ``out``; see the module docstring.
+
+    ``options`` are :class:`GRPOSettings` fields. ``reward_funcs`` (Python API): TRL-style reward
+    functions replacing the built-in accuracy (+ format) rewards, with ``reward_weights``. Every
+    user-facing problem raises :class:`M1Error`.
+    """
+    unknown_options(GRPOSettings, options)
+    if "reward_funcs" in options:
+        raise M1Error("pass reward functions as grpo(..., reward_funcs=[f, ...])")
+    from trl.trainer.utils import get_callable_name
+
+    cfg = GRPOSettings(model=str(model), task=str(task), **options)
+    cfg.reward_funcs = [get_callable_name(f) for f in (reward_funcs or [])]
+    cfg.validate()
+    if reward_weights is not None and len(reward_weights) != len(reward_funcs or []):
+        raise M1Error(f"{len(reward_weights)} reward weights for {len(reward_funcs or [])} reward functions")
+    out = Path(out)
+    base = check_model_dir(cfg.model)
+    settings = {**asdict(cfg), "reward_weights": reward_weights, "model_fingerprint": model_fingerprint(base)}
+    ckpt = prepare_run(out, settings, stage="grpo", marker=GRPO_CONFIG_FILE, neutral=GRPO_RESUME_NEUTRAL,
+                       resume=resume, force=force)
+    _barrier()  # every process has checked the directories before the main one writes anything
+    rollout = resolve_rollout(cfg.rollout)
+    undo = quiet_transformers()
+    try:
+        return _grpo(cfg, settings, base, out, ckpt, force, keep_checkpoints, reward_funcs, reward_weights,
+                     rollout, log, callbacks or [])
+    finally:
+        undo()
+
+
+def _eos_ids(model, tokenizer) -> frozenset:
+    eos = set()
+    for src in (getattr(model.generation_config, "eos_token_id", None), tokenizer.eos_token_id):
+        if isinstance(src, int):
+            eos.add(src)
+        elif src:
+            eos.update(int(x) for x in src)
+    return frozenset(eos)
+
+
+def build_grpo_trainer(cfg: GRPOSettings, settings: dict, model, tokenizer, dataset, work: Path, *,
+                       rewards: list, weights: list[float], rollout: str, num_processes: int, callbacks: list):
+    """The TRL ``GRPOTrainer`` of an m1 run."""
+    from trl import GRPOConfig, GRPOTrainer
+
+    completions = cfg.prompts_per_step * cfg.num_generations
+    if completions % num_processes:
+        raise M1Error(f"--prompts-per-step {cfg.prompts_per_step} x --num-generations {cfg.num_generations} = "
+                      f"{completions} completions per step must split evenly over {num_processes} processes")
+    per_process = completions // num_processes
+    micro = cfg.micro_batch_size or per_process
+    if per_process % micro:
+        raise M1Error(f"--micro-batch-size {micro} must divide the {per_process} completions per process and step")
+    kw = {}
+    if rollout == "vllm":
+        kw.update(use_vllm=True, vllm_mode=cfg.vllm_mode, vllm_gpu_memory_utilization=cfg.vllm_gpu_memory_utilization)
+    args = GRPOConfig(
+        output_dir=str(work / CHECKPOINTS),
+        max_steps=cfg.max_steps if cfg.max_steps > 0 else -1,
+        num_train_epochs=cfg.epochs,
+        per_device_train_batch_size=micro,
+        gradient_accumulation_steps=per_process // micro,  # one generation batch per optimizer step
+        num_generations=cfg.num_generations,
+        max_completion_length=cfg.max_completion_length,
+        temperature=cfg.temperature,
+        top_p=cfg.top_p,
+        top_k=cfg.top_k,
+        learning_rate=cfg.learning_rate,
+        lr_scheduler_type=cfg.lr_scheduler,
+        warmup_steps=cfg.warmup_ratio,
+        weight_decay=cfg.weight_decay,
+        max_grad_norm=cfg.max_grad_norm,
+        beta=cfg.beta,
+        entropy_coef=cfg.entropy_coef,
+        loss_type=cfg.loss_type,
+        epsilon=cfg.epsilon,
+        epsilon_high=cfg.epsilon_high,
+        num_iterations=cfg.num_iterations,
+        scale_rewards=cfg.scale_rewards,
+        mask_truncated_completions=cfg.mask_truncated,
+        reward_weights=weights,
+        seed=cfg.seed,
+        data_seed=cfg.seed,
+        bf16=resolve_precision(cfg.bf16),
+        fp16=False,
+        activation_checkpointing=cfg.gradient_checkpointing,
+        logging_steps=cfg.logging_steps,
+        save_strategy="steps",
+        save_steps=cfg.save_steps,
+        save_total_limit=max(2, cfg.save_total_limit),
+        report_to="none",
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        dataloader_pin_memory=_cuda(),
+        use_cpu=not _cuda(),
+        router_aux_loss_coef=0.0,  # GraniteMoeHybrid has the attribute but no experts
+        log_completions=False,
+        **kw,
+    )
+    trainer_cls = with_checkpoint_marker(GRPOTrainer, GRPO_CONFIG_FILE,
+                                         lambda tr: {"stage": "grpo", "settings": settings})
+    trainer = trainer_cls(model=model, reward_funcs=rewards, args=args, train_dataset=dataset,
+                          processing_class=tokenizer, callbacks=callbacks,
+                          rollout_func=engine_rollout() if rollout == "engine" else None)
+    return quiet_trainer(trainer)
+
+
+def _grpo(cfg, settings, base, out, ckpt, force, keep_checkpoints, reward_funcs, reward_weights, rollout,
+          log, callbacks) -> GRPOResult:
+    import os
+
+    state = run_state()
+    main = state.is_main_process
+    say = log if main else (lambda *a, **k: None)
+    work = work_dir(out)
+
+    problems = load_rl_problems(cfg.task, cfg.limit, cfg.seed)
+    dataset = to_rl_dataset(problems, cfg.few_shot)
+    model, tokenizer = load_policy(base, say)
+    set_mamba_chunk_size(model, cfg.mamba_chunk_size)
+    eos = _eos_ids(model, tokenizer)
+    stats = RewardStats()
+    if reward_funcs:
+        rewards = [GuardedReward(f, stats, cfg.reward_timeout, eos, count_completions=(i == 0))
+                   for i, f in enumerate(reward_funcs)]
+        weights = list(reward_weights) if reward_weights is not None else [1.0] * len(rewards)
+    else:
+        # the built-in check has its own per-check hard timeout in worker processes
+        rewards = [GuardedReward(AccuracyReward(stats, cfg.reward_timeout), stats, None, eos, count_completions=True)]
+        weights = [1.0]
+        if cfg.format_reward > 0:
+            rewards.append(GuardedReward(FormatReward(eos), stats, cfg.reward_timeout, eos))
+            weights.append(cfg.format_reward)
+    say(f"grpo {base} on {cfg.task}: {len(problems):,} problems; {cfg.prompts_per_step} problems x "
+        f"{cfg.num_generations} completions per step, max {cfg.max_completion_length} new tokens; "
+        f"loss {cfg.loss_type}, beta {cfg.beta:g}, entropy bonus {cfg.entropy_coef:g}, lr {cfg.learning_rate:g}; "
+        f"rewards {', '.join(f'{r.__name__} x{w:g}' for r, w in zip(rewards, weights))}; rollouts: {rollout}")
+
+    if main:
+        if ckpt is None and work.exists():
+            import shutil
+
+            shutil.rmtree(work)
+        work.mkdir(parents=True, exist_ok=True)
+        if ckpt is not None:
+            import shutil
+
+            _, incomplete = find_checkpoints(work, GRPO_CONFIG_FILE)
+            for p in incomplete:
+                shutil.rmtree(p, ignore_errors=True)
+                say(f"removed incomplete checkpoint {p.name}")
+            truncate_metrics(work / METRICS_FILE, _step_of(ckpt))
+            say(f"resuming from {ckpt}")
+        write_json_atomic(work / GRPO_CONFIG_FILE, {"stage": "grpo", "settings": settings})
+    state.wait_for_everyone()
+
+    os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")  # rollout_func (--rollout engine) is "experimental"
+    metrics_cb = make_metrics_callback(work / METRICS_FILE, say, GRPO_COLUMNS, stats=stats.as_dict)
+    trainer = build_grpo_trainer(cfg, settings, model, tokenizer, dataset, work, rewards=rewards, weights=weights,
+                                 rollout=rollout, num_processes=state.num_processes,
+                                 callbacks=[metrics_cb, *callbacks])
+    t0 = time.perf_counter()
+    trainer.train(resume_from_checkpoint=str(ckpt) if ckpt is not None else None)
+    seconds = time.perf_counter() - t0
+    rows = _read_metrics(work / METRICS_FILE)
+    totals = stats.as_dict()
+    if state.num_processes > 1:  # each process counted its own completions
+        from accelerate.utils import gather_object
+
+        every = gather_object([totals])
+        totals = {k: sum(t[k] for t in every) for k in totals}
+    if totals["truncated_total"]:
+        say(f"{totals['truncated_total']} of {totals['completions_total']} completions never finished "
+            f"(hit --max-completion-length {cfg.max_completion_length}) in this session")
+    if totals["reward_failures_total"]:
+        say(f"{totals['reward_failures_total']} completions scored 0 because a reward failed or timed out "
+            f"({totals['reward_timeouts_total']} timeouts); first: {stats.examples[0]}")
+    section = {"settings": settings, "task": {"spec": cfg.task, "problems": len(problems)},
+               "steps": trainer.state.global_step, "seconds": round(seconds, 1), "processes": state.num_processes,
+               "rollout": rollout, "rewards": [r.__name__ for r in rewards], "reward_weights": weights,
+               "session_counts": totals,
+               "last_log": next((r for r in reversed(rows) if "reward" in r), None)}
+    record = lineage_record(base, "grpo", section)
+    finalize(trainer, out, tokenizer=tokenizer, record=record, force=force, save_dtype=_base_dtype(base),
+             extra_files={GRPO_CONFIG_FILE: work / GRPO_CONFIG_FILE, "grpo_metrics.jsonl": work / METRICS_FILE},
+             log=say)
+    if main and not keep_checkpoints:
+        import shutil
+
+        shutil.rmtree(work, ignore_errors=True)
+    return GRPOResult(out=out, steps=trainer.state.global_step, seconds=seconds, stats=totals, metrics=rows)
