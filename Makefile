@@ -24,7 +24,7 @@ test: $(VENV)/.installed
 	$(PY) -m pytest -q -p no:cacheprovider
 
 demo: $(VENV)/.installed
-	$(VENV)/bin/m1 convert --teacher smollm2-135m --out $(DEMO_OUT)/hybrid --force
+	$(VENV)/bin/m1 demo --budget $(DEMO_BUDGET) --out $(DEMO_OUT)
 
 clean:
 	rm -rf $(VENV) runs

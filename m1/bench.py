@@ -193,7 +193,9 @@ def parse_ints(text, what: str) -> list[int]:
 
 def run_bench(shape: str | None = None, model: str | None = None, baseline: str | None = None,
               layout: str = "m1", batches=(1, 16), prompt_len: int = 256, gen_lens=(1024,),
-              dtype: str = "float32", device: str = "cpu", json_path=None, plot_path=None, log=print) -> list[BenchRow]:
+              dtype: str = "float32", device: str = "cpu", json_path=None, plot_path=None, log=print,
+              labels: tuple[str, str] | None = None) -> list[BenchRow]:
+    """Benchmark a --shape pair or a --model [--baseline] pair; ``labels`` names the two in the output."""
     import torch
 
     from .engine import Engine
@@ -221,9 +223,10 @@ def run_bench(shape: str | None = None, model: str | None = None, baseline: str 
     else:
         from .checkpoint import load_model
 
-        models = {model: (lambda: load_model(model, dtype=tdtype, device=device)[0])}
+        names = labels or (model, baseline)
+        models = {names[0]: (lambda: load_model(model, dtype=tdtype, device=device)[0])}
         if baseline:
-            models[baseline] = lambda: load_model(baseline, dtype=tdtype, device=device)[0]
+            models[names[1]] = lambda: load_model(baseline, dtype=tdtype, device=device)[0]
         context = None
     bandwidth = measure_bandwidth(device)
     rows: list[BenchRow] = []

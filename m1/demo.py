@@ -1,0 +1,218 @@
+"""``m1 demo``: the whole M1 pipeline on one teacher, teacher and hybrid trained alike, with a report.
+
+    convert (teacher -> exact all-attention copy, and -> hybrid)
+      -> distill (hybrid only) -> sft (both) -> grpo (both)
+      -> eval after every stage (both) -> bench (both) -> report.md + plots
+
+Every stage writes its own directory under ``--out`` and is skipped when that directory is
+complete, so an interrupted demo picks up where it stopped (training stages also resume from their
+last checkpoint). The teacher is converted with every layer kept as attention (bit-exact), so both
+models go through the same code and get the same SFT and GRPO budget on the same data.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from .errors import M1Error
+
+
+@dataclass(frozen=True)
+class Budget:
+    teacher: str  # "tiny" (random, built here) or a teacher spec
+    task: str  # the arith level the models are trained and judged on
+    distill_steps: int
+    distill_seq_len: int
+    sft_steps: int
+    sft_examples: int
+    grpo_steps: int
+    grpo_prompts: int
+    grpo_generations: int
+    eval_problems: int
+    eval_n: int
+    eval_ks: tuple
+    max_new_tokens: int
+    gsm8k_problems: int
+    bench_batches: tuple
+    bench_prompt_len: int
+    bench_gen_lens: tuple
+    batch_size: int = 8
+
+
+BUDGETS = {
+    # CI: a tiny random teacher; checks that every stage runs and the report is complete
+    "smoke": Budget(teacher="tiny", task="arith:steps=1,digits=1", distill_steps=3, distill_seq_len=64,
+                    sft_steps=4, sft_examples=32, grpo_steps=2, grpo_prompts=2, grpo_generations=2,
+                    eval_problems=4, eval_n=2, eval_ks=(1, 2), max_new_tokens=12, gsm8k_problems=2,
+                    bench_batches=(1, 4), bench_prompt_len=8, bench_gen_lens=(16,), batch_size=4),
+    # the README's main job: SmolLM2-135M on 2 CPU cores, about an hour
+    "small": Budget(teacher="smollm2-135m", task="arith:steps=2,digits=1", distill_steps=40, distill_seq_len=256,
+                    sft_steps=80, sft_examples=2000, grpo_steps=12, grpo_prompts=4, grpo_generations=4,
+                    eval_problems=30, eval_n=4, eval_ks=(1, 2, 4), max_new_tokens=96, gsm8k_problems=10,
+                    bench_batches=(1, 16), bench_prompt_len=128, bench_gen_lens=(256,)),
+    # a GPU: longer training, more samples
+    "full": Budget(teacher="smollm2-135m", task="arith:steps=3,digits=2", distill_steps=2000, distill_seq_len=1024,
+                   sft_steps=2000, sft_examples=20000, grpo_steps=300, grpo_prompts=16, grpo_generations=8,
+                   eval_problems=500, eval_n=16, eval_ks=(1, 4, 16), max_new_tokens=512, gsm8k_problems=200,
+                   bench_batches=(1, 16, 64, 256), bench_prompt_len=256, bench_gen_lens=(1024, 4096), batch_size=16),
+}
+
+
+class Demo:
+    def __init__(self, budget: str, out: str | Path, log=print, progress: bool = True):
+        if budget not in BUDGETS:
+            raise M1Error(f"--budget must be one of {', '.join(BUDGETS)}, got '{budget}'")
+        self.name, self.b = budget, BUDGETS[budget]
+        self.out = Path(out)
+        self.log, self.progress = log, progress
+        self.commands: list[str] = []
+        self.timings: dict[str, float] = {}
+
+    # ------------------------------------------------------------------------------- plumbing
+    def _stage(self, name: str, path: Path, command: str, fn) -> Path:
+        self.commands.append(command)
+        if (path / "config.json").exists() or (path / "summary.json").exists() or (path / "bench.json").exists():
+            self.log(f"[demo] {name}: done already ({path})")
+            return path
+        self.log(f"[demo] {name} ...")
+        t0 = time.time()
+        fn()
+        self.timings[name] = round(time.time() - t0, 1)
+        self.log(f"[demo] {name}: {self.timings[name]:.0f}s")
+        return path
+
+    def _train(self, fn, *args, **kw):
+        """Resume a stage's own checkpoint when one exists, else start over (discarding partial work)."""
+        try:
+            return fn(*args, resume=True, **kw)
+        except M1Error as e:
+            if "nothing to resume" not in str(e):
+                raise
+        return fn(*args, force=True, **kw)
+
+    # ---------------------------------------------------------------------------------- stages
+    def run(self) -> Path:
+        t_start = time.time()
+        self.out.mkdir(parents=True, exist_ok=True)
+        b, o = self.b, self.out
+        teacher = self._teacher_spec()
+        from .convert import convert
+
+        models = {"teacher": o / "teacher", "hybrid": o / "hybrid"}
+        self._stage("convert teacher (all attention, exact)", models["teacher"] / "base",
+                    f"m1 convert --teacher {teacher} --out {models['teacher']}/base --attn-layers all",
+                    lambda: convert(teacher, models["teacher"] / "base", attn_layers="all", log=self.log))
+        self._stage("convert hybrid", models["hybrid"] / "base",
+                    f"m1 convert --teacher {teacher} --out {models['hybrid']}/base",
+                    lambda: convert(teacher, models["hybrid"] / "base", log=self.log))
+        stages = {"teacher": ["base"], "hybrid": ["base"]}
+        self._distill(teacher, models["hybrid"])
+        stages["hybrid"].append("distill")
+        for who in ("teacher", "hybrid"):
+            prev = stages[who][-1]
+            self._sft(models[who] / prev, models[who] / "sft")
+            self._grpo(models[who] / "sft", models[who] / "grpo")
+            stages[who] += ["sft", "grpo"]
+        evals = {who: {st: self._eval(models[who] / st, o / "eval" / f"{who}-{st}", b.task, b.eval_problems,
+                                      b.eval_n, b.eval_ks) for st in stages[who]} for who in models}
+        gsm = {who: self._eval(models[who] / "grpo", o / "eval" / f"{who}-grpo-gsm8k", "gsm8k", b.gsm8k_problems,
+                               1, (1,), max_new=max(b.max_new_tokens, 192)) for who in models}
+        bench = self._bench(models["hybrid"] / "grpo", models["teacher"] / "grpo")
+        self.timings["total (this invocation)"] = round(time.time() - t_start, 1)
+        from .demo_report import write_report
+
+        report = write_report(self, stages, evals, gsm, bench)
+        self.log(f"[demo] report: {report}")
+        return report
+
+    def _teacher_spec(self) -> str:
+        if self.b.teacher != "tiny":
+            return self.b.teacher
+        from .tiny import make_tiny_teacher
+
+        path = self.out / "tiny-teacher"
+        if not (path / "config.json").exists():
+            make_tiny_teacher(path, arch="llama", layers=5, hidden=64, heads=4, kv_heads=2)
+        return str(path)
+
+    def _distill(self, teacher: str, root: Path) -> None:
+        from .distill import DistillConfig, distill
+
+        b = self.b
+        cfg = DistillConfig(student=str(root / "base"), out=str(root / "distill"), teacher=teacher,
+                            data="gsm8k-train", stage="both", steps=b.distill_steps, seq_len=b.distill_seq_len,
+                            batch_size=b.batch_size, heldout=16 if self.name != "smoke" else 4,
+                            checkpoint_every=max(10, b.distill_steps // 4))
+        cmd = (f"m1 distill --student {root}/base --teacher {teacher} --data gsm8k-train --out {root}/distill "
+               f"--stage both --steps {b.distill_steps} --seq-len {b.distill_seq_len} --batch-size {b.batch_size}")
+        self._stage("distill hybrid", root / "distill", cmd,
+                    lambda: self._train(lambda **kw: distill(cfg, log=self.log, progress=self.progress, **kw)))
+
+    def _sft(self, model: Path, out: Path) -> None:
+        from .sft import sft
+
+        b = self.b
+        opts = dict(max_steps=b.sft_steps, limit=b.sft_examples, batch_size=b.batch_size, learning_rate=5e-5,
+                    save_steps=max(10, b.sft_steps // 4), max_length=256)
+        cmd = (f"m1 sft --model {model} --data {b.task} --out {out} --max-steps {b.sft_steps} --limit {b.sft_examples} "
+               f"--batch-size {b.batch_size} --lr 5e-5")
+        self._stage(f"sft {out.parent.name}", out, cmd,
+                    lambda: self._train(sft, str(model), b.task, out, log=self.log, **opts))
+
+    def _grpo(self, model: Path, out: Path) -> None:
+        from .grpo import grpo
+
+        b = self.b
+        opts = dict(max_steps=b.grpo_steps, prompts_per_step=b.grpo_prompts, num_generations=b.grpo_generations,
+                    max_completion_length=b.max_new_tokens, learning_rate=1e-6 if self.name == "full" else 5e-6,
+                    save_steps=max(5, b.grpo_steps // 2))
+        cmd = (f"m1 grpo --model {model} --task {b.task} --out {out} --max-steps {b.grpo_steps} "
+               f"--prompts-per-step {b.grpo_prompts} --num-generations {b.grpo_generations} "
+               f"--max-completion-length {b.max_new_tokens} --lr {opts['learning_rate']}")
+        self._stage(f"grpo {out.parent.name}", out, cmd,
+                    lambda: self._train(grpo, str(model), b.task, out, log=self.log, **opts))
+
+    def _eval(self, model: Path, out: Path, task: str, problems: int, n: int, ks, max_new: int | None = None) -> dict:
+        from .eval_run import EvalConfig, run_eval
+
+        max_new = max_new or self.b.max_new_tokens
+        temperature = 0.0 if n == 1 else 0.7
+        cfg = EvalConfig(model=str(model), task=task, n=n, ks=tuple(ks), limit=problems, temperature=temperature,
+                         max_new_tokens=max_new, seed=0)
+        cmd = (f"m1 eval --model {model} --task {task} -n {n} --k {','.join(map(str, ks))} --limit {problems} "
+               f"--temperature {temperature} --max-new-tokens {max_new} --out {out}")
+        self._stage(f"eval {out.name}", out, cmd,
+                    lambda: run_eval(cfg, out, progress=self.progress, log=self.log))
+        return json.loads((out / "summary.json").read_text())
+
+    def _bench(self, hybrid: Path, teacher: Path) -> dict:
+        from .bench import run_bench
+
+        b = self.b
+        path = self.out / "bench"
+        cmd = (f"m1 bench --model {hybrid} --baseline {teacher} --batch {','.join(map(str, b.bench_batches))} "
+               f"--prompt-len {b.bench_prompt_len} --gen-len {','.join(map(str, b.bench_gen_lens))} "
+               f"--json {path}/bench.json")
+        self._stage("bench", path, cmd, lambda: run_bench(
+            model=str(hybrid), baseline=str(teacher), batches=b.bench_batches, prompt_len=b.bench_prompt_len,
+            gen_lens=b.bench_gen_lens, json_path=path / "bench.json", plot_path=path / "bench.png", log=self.log,
+            labels=("hybrid", "teacher")))
+        return json.loads((path / "bench.json").read_text())
+
+
+def run_demo(budget: str = "small", out: str | Path | None = None, log=None, progress: bool = True) -> Path:
+    log = log or (lambda m: print(m, file=sys.stderr))
+    return Demo(budget, out or f"runs/demo-{budget}", log=log, progress=progress).run()
+
+
+def shell_join(args) -> str:
+    return " ".join(shlex.quote(str(a)) for a in args)
+
+
+def budget_dict(name: str) -> dict:
+    return asdict(BUDGETS[name])

@@ -1,0 +1,107 @@
+"""The demo's ``report.md``: teacher vs hybrid after each stage, pass@k / maj@k, accuracy vs seconds,
+throughput and memory, and the commands that reproduce every number."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def _per_problem_accuracy(results: Path) -> list[float]:
+    by: dict[str, list[bool]] = {}
+    for line in results.read_text().splitlines():
+        if line.strip():
+            r = json.loads(line)
+            by.setdefault(r["problem_id"], []).append(bool(r["correct"]))
+    return [sum(v) / len(v) for v in by.values()]
+
+
+def _acc_cell(summary: dict) -> str:
+    from .metrics import bootstrap_interval
+
+    values = _per_problem_accuracy(Path(summary["file"]))
+    lo, hi = bootstrap_interval(values)
+    return f"{summary['pass@1']:.1f} [{100 * lo:.0f}, {100 * hi:.0f}]"
+
+
+def _plot_lines(series: dict[str, list], path: Path, xlabel: str, title: str, logx: bool = False) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.0, 4.0))
+    for label, pts in series.items():
+        if pts:
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=label)
+    if logx:
+        ax.set_xscale("log", base=2)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("accuracy (%)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def write_report(demo, stages: dict, evals: dict, gsm: dict, bench: dict) -> Path:
+    from .bench import BenchRow, markdown_table
+
+    out, b = demo.out, demo.b
+    task = b.task
+    lines = [f"# m1 demo ({demo.name})", "",
+             f"Teacher: `{b.teacher}`; task: `{task}` ({b.eval_problems} held-out problems, {b.eval_n} samples "
+             f"each at temperature 0.7, {b.max_new_tokens} new tokens at most). Both models get the same SFT and "
+             "GRPO budget on the same data; the hybrid is also distilled first.", ""]
+    # accuracy after each stage
+    lines += ["## Accuracy after each stage", "",
+              "pass@1 (%) = mean correctness over all samples, with a 95% bootstrap interval over problems.", "",
+              "| stage | teacher | hybrid |", "| --- | ---: | ---: |"]
+    for st in ("base", "distill", "sft", "grpo"):
+        cells = [(_acc_cell(evals[w][st]) if st in evals[w] else "—") for w in ("teacher", "hybrid")]
+        lines.append(f"| {st} | {cells[0]} | {cells[1]} |")
+    lines.append("")
+    # pass@k / maj@k of the final models
+    ks = list(b.eval_ks)
+    lines += ["## pass@k and maj@k after GRPO", "", "| model | " + " | ".join(
+        [f"pass@{k}" for k in ks] + [f"maj@{k}" for k in ks]) + " |", "| --- |" + " ---: |" * (2 * len(ks))]
+    for w in ("teacher", "hybrid"):
+        s = evals[w]["grpo"]
+        lines.append(f"| {w} | " + " | ".join([f"{s.get(f'pass@{k}', 0):.1f}" for k in ks] +
+                                              [f"{s.get(f'maj@{k}', 0):.1f}" for k in ks]) + " |")
+    vs_k = _plot_lines({f"{w} {m}@k": [(k, evals[w]["grpo"].get(f"{m}@{k}", 0)) for k in ks]
+                        for w in ("teacher", "hybrid") for m in ("pass", "maj")},
+                       out / "accuracy_vs_k.png", "k (samples per problem)", "pass@k and maj@k after GRPO", logx=True)
+    vs_s = _plot_lines({w: [(p[0], p[1]) for p in evals[w]["grpo"].get("accuracy_vs_seconds", [])]
+                        for w in ("teacher", "hybrid")},
+                       out / "accuracy_vs_seconds.png", "generation seconds per problem", "maj@k vs time (after GRPO)")
+    lines += ["", f"![accuracy vs k]({vs_k.name})", "",
+              "## Accuracy at equal wall-clock", "",
+              "Each point is maj@k against the measured decode seconds it takes to draw k samples per problem "
+              "(mean seconds per sample x k). A faster model reaches more samples, and so more votes, in the same "
+              "time.", "", f"![accuracy vs seconds]({vs_s.name})", "",
+              "| model | seconds per sample | " + " | ".join(f"maj@{k}" for k in ks) + " |",
+              "| --- | ---: |" + " ---: |" * len(ks)]
+    for w in ("teacher", "hybrid"):
+        s = evals[w]["grpo"]
+        lines.append(f"| {w} | {s.get('mean_seconds', float('nan')):.2f} | " +
+                     " | ".join(f"{s.get(f'maj@{k}', 0):.1f}" for k in ks) + " |")
+    lines += ["", "## GSM8K (greedy, after GRPO)", "", "| model | problems | accuracy (%) |", "| --- | ---: | ---: |"]
+    for w in ("teacher", "hybrid"):
+        lines.append(f"| {w} | {gsm[w]['n_problems']} | {_acc_cell(gsm[w])} |")
+    rows = [BenchRow(**r) for r in bench["rows"]]
+    lines += ["", "## Throughput and memory", "",
+              "Decode through the same engine, EOS ignored; `ratio` = hybrid tokens/s over teacher tokens/s at the "
+              "same batch and length; `byte-limit ratio` = the speed-up that bytes read per step allow.", "",
+              markdown_table(rows), "", "![throughput](bench/bench.png)", "",
+              "## Wall time", "", "| stage | seconds |", "| --- | ---: |"]
+    lines += [f"| {k} | {v:.0f} |" for k, v in demo.timings.items()]
+    lines += ["", "(stages done by an earlier invocation are not timed again)", "",
+              "## Reproduce", "", "```"] + demo.commands + ["```", ""]
+    report = out / "report.md"
+    report.write_text("\n".join(lines))
+    (out / "timings.json").write_text(json.dumps(demo.timings, indent=2))
+    return report

@@ -1,0 +1,30 @@
+"""`m1 demo --budget smoke`: every stage runs, the report has every stage's numbers, reruns skip work."""
+
+from __future__ import annotations
+
+import re
+
+from m1.cli import main
+
+
+def test_smoke_demo_end_to_end_and_resume(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert main(["demo", "--budget", "smoke", "--out", str(out), "--no-progress"]) == 0
+    report = (out / "report.md").read_text()
+    for png in ("accuracy_vs_k.png", "accuracy_vs_seconds.png", "bench/bench.png"):
+        assert (out / png).stat().st_size > 1000, png
+    number = r"\d+\.\d \[\d+, \d+\]"
+    for stage in ("base", "sft", "grpo"):
+        assert re.search(rf"^\| {stage} \| {number} \| {number} \|$", report, re.M), stage
+    assert re.search(rf"^\| distill \| — \| {number} \|$", report, re.M)
+    assert re.search(r"^\| hybrid \| [\d.]+ \| [\d.]+ \| [\d.]+ \| [\d.]+ \|$", report, re.M)  # pass@k/maj@k
+    assert re.search(r"^\| hybrid \| 4 \| 16 \| [\d.]+ \| [\d.]+ \| [\d.]+ \| [\d.]+ \|", report, re.M)
+    assert "m1 distill --student" in report and "m1 grpo --model" in report and "m1 bench --model" in report
+    for d in ("teacher/base", "hybrid/base", "hybrid/distill", "teacher/sft", "hybrid/sft", "teacher/grpo",
+              "hybrid/grpo"):
+        assert (out / d / "config.json").exists() and (out / d / "m1.json").exists(), d
+    capsys.readouterr()
+    # a rerun finds every stage done and only rewrites the report
+    assert main(["demo", "--budget", "smoke", "--out", str(out), "--no-progress"]) == 0
+    err = capsys.readouterr().err
+    assert err.count("done already") == 17 and "distill hybrid ..." not in err
