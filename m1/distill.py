@@ -427,6 +427,9 @@ def _distill(cfg, resume, force, log, progress, on_step) -> DistillResult:
         p.requires_grad_(False)
     student, tokenizer = _load_student(ckpt if resume else student_dir, torch.float32)
     student.to(acc.device)
+    from .sft import set_mamba_chunk_size
+
+    set_mamba_chunk_size(student, None)  # CPU: chunk 64, far less memory and time in the torch scan
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     layers = mamba_layers(student) if hasattr(student, "model") and hasattr(student.model, "layers") else []
