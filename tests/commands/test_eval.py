@@ -44,3 +44,42 @@ def test_unknown_task_is_a_clear_error(tiny_hybrid, tmp_path, capsys):
     assert main(["eval", "--model", str(tiny_hybrid), "--task", "nosuch", "--out", str(tmp_path / "e")]) == 1
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "gsm8k" in err
+
+
+def _rows(path):
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def test_model_eval_writes_results_and_resumes(tiny_hybrid, tmp_path, capsys):
+    out = tmp_path / "e"
+    argv = ["eval", "--model", str(tiny_hybrid), "--task", "arith:steps=1,digits=1", "--limit", "3", "-n", "2",
+            "--k", "1,2", "--max-new-tokens", "8", "--out", str(out), "--no-progress"]
+    assert main(argv) == 0
+    printed = json.loads(capsys.readouterr().out)
+    rows = _rows(out / "results.jsonl")
+    assert len(rows) == 6 and {(r["problem_id"], r["sample_idx"]) for r in rows} == {
+        (pid, j) for pid in {r["problem_id"] for r in rows} for j in (0, 1)}
+    assert all({"completion", "pred", "correct", "tokens", "seconds", "gold"} <= set(r) for r in rows)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["n_samples"] == 6 and printed["pass@2"] == summary["pass@2"]
+    assert (out / "report.md").exists() and (out / "accuracy_vs_k.png").stat().st_size > 1000
+    # kill simulation: drop the last problem's rows and leave half a line behind
+    keep = [r for r in rows if r["problem_id"] != rows[-1]["problem_id"]]
+    (out / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in keep) + '{"problem_id": "x", "sam')
+    assert main(argv) == 0
+    err = capsys.readouterr().err
+    assert "resuming: 2 of 3 problems already done" in err
+    again = _rows(out / "results.jsonl")
+    assert len(again) == 6
+    # the redone problem's samples equal the first run's (per-problem seeds)
+    assert {(r["problem_id"], r["sample_idx"], r["completion"]) for r in again} == {
+        (r["problem_id"], r["sample_idx"], r["completion"]) for r in rows}
+    # other settings in the same directory are refused, nothing changed
+    assert main([*argv[:-3], "--temperature", "0.9", "--out", str(out), "--no-progress"]) == 1
+    assert "other settings" in capsys.readouterr().err and len(_rows(out / "results.jsonl")) == 6
+
+
+def test_k_larger_than_n_is_refused(tiny_hybrid, tmp_path, capsys):
+    assert main(["eval", "--model", str(tiny_hybrid), "--task", "arith", "-n", "2", "--k", "4",
+                 "--out", str(tmp_path / "e")]) == 1
+    assert "larger than -n" in capsys.readouterr().err
