@@ -52,8 +52,8 @@ BUDGETS = {
                     bench_batches=(1, 4), bench_prompt_len=8, bench_gen_lens=(16,), batch_size=4),
     # the README's main job: SmolLM2-135M on 2 CPU cores, about an hour
     "small": Budget(teacher="smollm2-135m", task="arith:steps=2,digits=1", distill_steps=40, distill_seq_len=256,
-                    sft_steps=80, sft_examples=2000, grpo_steps=12, grpo_prompts=4, grpo_generations=4,
-                    eval_problems=30, eval_n=4, eval_ks=(1, 2, 4), max_new_tokens=96, gsm8k_problems=10,
+                    sft_steps=40, sft_examples=2000, grpo_steps=6, grpo_prompts=4, grpo_generations=4,
+                    eval_problems=20, eval_n=4, eval_ks=(1, 2, 4), max_new_tokens=96, gsm8k_problems=10,
                     bench_batches=(1, 16), bench_prompt_len=128, bench_gen_lens=(256,)),
     # a GPU: longer training, more samples
     "full": Budget(teacher="smollm2-135m", task="arith:steps=3,digits=2", distill_steps=2000, distill_seq_len=1024,
