@@ -181,7 +181,10 @@ def _rng_state() -> dict:
     import numpy as np
     import torch
 
-    return {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    # plain tensors and numbers only, so the checkpoint loads with torch.load(weights_only=True)
+    return {"torch": torch.get_rng_state(), "python": random.getstate(),
+            "numpy": (name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached)}
 
 
 def _set_rng_state(s: dict) -> None:
@@ -190,7 +193,8 @@ def _set_rng_state(s: dict) -> None:
 
     torch.set_rng_state(s["torch"])
     random.setstate(s["python"])
-    np.random.set_state(s["numpy"])
+    name, keys, pos, has_gauss, cached = s["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
 
 
 def _find_checkpoint(work: Path) -> Path | None:
@@ -465,7 +469,7 @@ def _distill(cfg, resume, force, log, progress, on_step) -> DistillResult:
     if resume:
         state = json.loads((ckpt / "state.json").read_text())
         step, tokens_done, elapsed0 = state["step"], state["tokens"], state["elapsed"]
-        _set_rng_state(torch.load(ckpt / "rng.pt", weights_only=False))
+        _set_rng_state(torch.load(ckpt / "rng.pt", weights_only=True))
         say(f"resuming at step {step} of {total_steps} from {ckpt}")
         before = json.loads((work / "report_before.json").read_text())
         if main:  # drop metrics logged after the checkpoint by the killed run
@@ -516,8 +520,8 @@ def _distill(cfg, resume, force, log, progress, on_step) -> DistillResult:
         optimizer = torch.optim.AdamW(params, lr=stage.lr, betas=(0.9, 0.95), eps=1e-8, weight_decay=cfg.weight_decay)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(stage.steps, cfg.warmup, cfg.min_lr_ratio))
         if resume and step > stage.start and state.get("optimizer_stage") == stage.name:
-            optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=False))
-            scheduler.load_state_dict(torch.load(ckpt / "scheduler.pt", weights_only=False))
+            optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True))
+            scheduler.load_state_dict(torch.load(ckpt / "scheduler.pt", weights_only=True))
         student.train()
         bar = None
         if progress and main:
