@@ -71,28 +71,36 @@ def gsm8k_train_rows() -> list[Row]:
                 where=f"gsm8k-train:{i + 1}") for i, (q, s) in enumerate(_gsm8k_problems())]
 
 
-def read_jsonl_rows(path: str | Path) -> list[Row]:
-    """Rows of a ``text`` / ``messages`` JSONL file; errors name the file and the line."""
-    path = Path(path).expanduser()
+def jsonl_objects(path: Path, kind: str, hint: str):
+    """Yield ``(line_number, "FILE:LINE", parsed object)`` for the non-blank lines of a JSONL file.
+
+    The one reader behind distill data, SFT data and RL task files, so that a missing file, a
+    directory, an unreadable file and a bad JSON line give the same kind of error everywhere.
+    ``kind`` names the file in messages ("data", "task"); ``hint`` says what to give instead.
+    """
     if not path.exists():
-        known = ", ".join(BUILTIN_DATA)
-        raise M1Error(f"data '{path}' not found: give a .jsonl file with 'text' or 'messages' rows, or one of: {known}")
+        raise M1Error(f"{kind} file {path} not found: {hint}")
     if path.is_dir():
-        raise M1Error(f"data '{path}' is a directory: give a .jsonl file (or several, comma-separated)")
+        raise M1Error(f"{kind} {path} is a directory: give a .jsonl file")
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError) as e:
-        raise M1Error(f"cannot read data file {path}: {e}") from None
-    rows = []
+        raise M1Error(f"cannot read {kind} file {path}: {e}") from None
     for n, line in enumerate(lines, start=1):
         if not line.strip():
             continue
         where = f"{path}:{n}"
         try:
-            obj = json.loads(line)
+            yield n, where, json.loads(line)
         except ValueError as e:
             raise M1Error(f"{where}: not valid JSON ({e})") from None
-        rows.append(parse_row(obj, where))
+
+
+def read_jsonl_rows(path: str | Path) -> list[Row]:
+    """Rows of a ``text`` / ``messages`` JSONL file; errors name the file and the line."""
+    path = Path(path).expanduser()
+    hint = f"give a .jsonl file with 'text' or 'messages' rows, or one of: {', '.join(BUILTIN_DATA)}"
+    rows = [parse_row(obj, where) for _, where, obj in jsonl_objects(path, "data", hint)]
     if not rows:
         raise M1Error(f"data file {path} has no rows: each line must be a JSON object with 'text' or 'messages'")
     return rows

@@ -322,25 +322,10 @@ def _gold_from_row(row: dict, where: str) -> str:
 
 
 def read_rl_jsonl(path: Path) -> list[RLProblem]:
-    import json
+    from .data import jsonl_objects
 
-    if not path.exists():
-        raise M1Error(f"task file {path} not found: give arith[:options], gsm8k, a task name or a .jsonl file")
-    if path.is_dir():
-        raise M1Error(f"task {path} is a directory: give a .jsonl file")
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as e:
-        raise M1Error(f"cannot read task file {path}: {e}") from None
     out = []
-    for n, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        where = f"{path}:{n}"
-        try:
-            row = json.loads(line)
-        except ValueError as e:
-            raise M1Error(f"{where}: not valid JSON ({e})") from None
+    for n, where, row in jsonl_objects(path, "task", "give arith[:options], gsm8k, a task name or a .jsonl file"):
         if not isinstance(row, dict):
             raise M1Error(f"{where}: expected a JSON object, got {type(row).__name__}")
         q = next((row[k] for k in ("question", "problem", "prompt") if isinstance(row.get(k), str) and row[k].strip()),

@@ -498,26 +498,13 @@ def _question_of(row: dict, where: str) -> str:
 
 def read_sft_jsonl(path: Path) -> list[SFTExample]:
     """Rows of an SFT JSONL file (see the module docstring); errors name ``FILE:LINE``."""
+    from .data import jsonl_objects
     from .tasks.base import Problem
     from .tasks.prompts import build_messages
 
-    if not path.exists():
-        raise M1Error(f"data file {path} not found: give gsm8k-train, arith[:options], a task name or a .jsonl file")
-    if path.is_dir():
-        raise M1Error(f"data {path} is a directory: give a .jsonl file")
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as e:
-        raise M1Error(f"cannot read data file {path}: {e}") from None
     out = []
-    for n, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        where = f"{path}:{n}"
-        try:
-            row = json.loads(line)
-        except ValueError as e:
-            raise M1Error(f"{where}: not valid JSON ({e})") from None
+    for n, where, row in jsonl_objects(path, "data",
+                                       "give gsm8k-train, arith[:options], a task name or a .jsonl file"):
         if not isinstance(row, dict):
             raise M1Error(f"{where}: expected a JSON object, got {type(row).__name__}")
         if "messages" in row:
