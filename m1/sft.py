@@ -383,8 +383,23 @@ def set_mamba_chunk_size(model, chunk: int | None) -> int | None:
     return int(chunk)
 
 
+def cpu_bf16_supported() -> bool:
+    """True when this CPU has native bfloat16 matmuls (AVX512-BF16 / AMX) that oneDNN uses.
+
+    Measured on a 2-core Xeon with AMX (1 thread): a 2048x576x1536 matmul runs at 1.6 TFLOP/s in bf16 vs
+    0.18 in float32, and a SmolLM2-135M training step (8 x 256 tokens) takes 5.6 s instead of 12.3 s.
+    """
+    import torch
+
+    try:
+        return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # private op: absent in some builds
+        return False
+
+
 def resolve_precision(bf16: str | bool | None) -> bool:
-    """``auto``: bf16 mixed precision on a CUDA GPU that supports it, float32 elsewhere (CPU)."""
+    """``auto``: bf16 mixed precision on a CUDA GPU that supports it, float32 elsewhere (CPU: exact and
+    reproducible; ask for ``on`` to train in bf16 autocast on a CPU with bf16 instructions, ~2x faster)."""
     import torch
 
     if bf16 in (None, "auto"):
@@ -396,8 +411,11 @@ def resolve_precision(bf16: str | bool | None) -> bool:
             bf16 = False
         else:
             raise M1Error(f"--bf16 must be auto, on or off, got '{bf16}'")
-    if bf16 and not (torch.cuda.is_available() and torch.cuda.is_bf16_supported()):
-        raise M1Error("--bf16 on needs a CUDA GPU with bfloat16 support; use --bf16 off (float32) here")
+    if bf16:
+        ok = torch.cuda.is_bf16_supported() if torch.cuda.is_available() else cpu_bf16_supported()
+        if not ok:
+            raise M1Error("--bf16 on needs a CUDA GPU with bfloat16 support or a CPU with bf16 instructions "
+                          "(AVX512-BF16 or AMX); use --bf16 off (float32) here")
     return bool(bf16)
 
 

@@ -124,6 +124,49 @@ def test_kd_lowers_heldout_kl(tiny_hybrid, data_file, tmp_path):
     assert model_info(res.out).record["stage"] == "distill"
 
 
+def test_float32_head_inside_bf16_autocast(tiny_hybrid):
+    from m1.checkpoint import load_model
+    from m1.distill import float32_head
+
+    model = load_model(tiny_hybrid)[0]
+    ids = torch.tensor([[1, 5, 9, 13, 7]])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        plain = model(input_ids=ids).logits
+        with float32_head(model):
+            hidden = model.model(input_ids=ids).last_hidden_state
+            logits = model(input_ids=ids).logits
+        after = model(input_ids=ids).logits
+    assert plain.dtype == torch.bfloat16 and after.dtype == torch.bfloat16  # restored on exit
+    assert logits.dtype == torch.float32
+    ref = hidden.double() @ model.lm_head.weight.double().T  # the bf16 body's output, head in float64
+    assert (logits.double() - ref).abs().max() < 1e-4
+    assert "forward" not in vars(model.lm_head)
+
+
+@pytest.mark.skipif(not __import__("m1.sft", fromlist=["x"]).cpu_bf16_supported(),
+                    reason="this CPU has no bf16 instructions")
+def test_kd_in_bf16_autocast_tracks_float32(tiny_hybrid, data_file, tmp_path):
+    runs = {b: _run(_cfg(tiny_hybrid, data_file, tmp_path / b, stage="kd", steps=6, bf16=b)) for b in ("off", "on")}
+    m32, m16 = _metrics(runs["off"].out), _metrics(runs["on"].out)
+    assert abs(m16[0]["loss"] - m32[0]["loss"]) < 0.02 * m32[0]["loss"]  # same step 1, up to bf16 rounding
+    assert runs["on"].after["kl"] < 0.7 * runs["on"].before["kl"]  # and it learns
+    assert runs["on"].after["kl"] < 1.2 * runs["off"].after["kl"]
+    rec = json.loads((runs["on"].out / "m1.json").read_text())
+    assert rec["distill"]["precision"] == "bf16 autocast" and rec["dtype"] == "float32"
+
+
+def test_bf16_on_without_bf16_hardware_is_refused(monkeypatch):
+    import m1.sft as sft
+
+    monkeypatch.setattr(sft, "cpu_bf16_supported", lambda: False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(M1Error, match="AVX512-BF16 or AMX"):
+        sft.resolve_precision("on")
+    assert sft.resolve_precision("auto") is False and sft.resolve_precision("off") is False
+    with pytest.raises(M1Error, match="--bf16"):
+        sft.resolve_precision("maybe")
+
+
 def test_kd_jsd_mamba_only_with_ce(tiny_hybrid, data_file, tmp_path):
     res = _run(_cfg(tiny_hybrid, data_file, tmp_path / "j", stage="kd", steps=3, loss="jsd", beta=0.3,
                     temperature=2.0, ce_weight=0.5, trainable="mamba", max_tokens=10_000))
