@@ -209,6 +209,10 @@ def run_bench(shape: str | None = None, model: str | None = None, baseline: str 
     if any(b <= 0 for b in batches) or any(g <= 0 for g in gen_lens):
         raise M1Error("--batch and --gen-len values must be positive")
     tdtype = getattr(torch, dtype)
+    from .kernels import enable as enable_fast_scan
+    from .kernels import scan_backend
+
+    enable_fast_scan()
     if (shape is None) == (model is None):
         raise M1Error("give either --shape NAME or --model DIR")
     if shape is not None:
@@ -229,6 +233,8 @@ def run_bench(shape: str | None = None, model: str | None = None, baseline: str 
             models[names[1]] = lambda: load_model(baseline, dtype=tdtype, device=device)[0]
         context = None
     bandwidth = measure_bandwidth(device)
+    if device.startswith("cuda"):
+        log(f"mamba2 prefill scan on {device}: {scan_backend(device)}")
     rows: list[BenchRow] = []
     for name, make in models.items():
         m = make()
@@ -247,6 +253,7 @@ def run_bench(shape: str | None = None, model: str | None = None, baseline: str 
     if json_path:
         Path(json_path).parent.mkdir(parents=True, exist_ok=True)
         Path(json_path).write_text(json.dumps({"device": device, "dtype": dtype, "bandwidth_bytes_per_s": bandwidth,
+                                               "mamba_scan": scan_backend(device),
                                                "rows": [asdict(r) for r in rows]}, indent=2))
     if plot_path:
         plot(rows, plot_path)

@@ -84,6 +84,9 @@ def load_model(directory: str | os.PathLike, dtype=None, device: str | None = No
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     d = check_model_dir(directory)
+    from .kernels import enable as enable_fast_scan
+
+    enable_fast_scan()  # CUDA + fla-core: Triton Mamba2 scan; a no-op elsewhere
     try:
         model = AutoModelForCausalLM.from_pretrained(d, dtype=dtype or "auto")
     except Exception as e:

@@ -220,6 +220,9 @@ def _config_diff(saved: dict, now: dict) -> list[str]:
 def _load_student(directory, dtype):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from .kernels import enable as enable_fast_scan
+
+    enable_fast_scan()  # CUDA + fla-core: Triton Mamba2 scan; a no-op elsewhere
     try:
         model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype)
     except Exception as e:

@@ -308,6 +308,9 @@ def load_policy(directory: Path, log):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from .kernels import enable as enable_fast_scan
+
+    enable_fast_scan()  # CUDA + fla-core: Triton Mamba2 scan; a no-op elsewhere
     try:
         model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
     except Exception as e:

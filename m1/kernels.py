@@ -1,0 +1,160 @@
+"""The Mamba2 scan on a GPU: transformers' chunked torch scan swapped for fla's Triton simple-GLA kernel.
+
+Mamba2's SSD recurrence, per sequence and head h (A < 0 a scalar per head, dt_t > 0 per step and head):
+
+    S_t = exp(A dt_t) S_{t-1} + (dt_t x_t) B_t^T        S: (p, n)   x_t: (p,)   B_t, C_t: (n,)
+    y_t = S_t C_t + D x_t                               y_t: (p,)
+
+is exactly *simple GLA* (a linear attention with one scalar forget gate per head and step) with
+q = C, k = B, v = dt x, log-gate g = A dt and scale 1. fla-core's ``chunk_simple_gla`` computes that
+with chunked Triton kernels, forward and backward, so it serves prefill and training; its state in
+``state_v_first`` layout (N, H, V, K) is transformers' Mamba2 state layout (b, h, p, n) as is.
+
+transformers (5.x) runs ``GraniteMoeHybridMambaLayer`` through module-level functions with fixed
+signatures (``mamba2_chunk_scan`` among them), which call mamba_ssm when it is installed and fall back
+to a torch implementation that materialises (b, chunk, l, l, h) tensors. ``enable()`` replaces that one
+function with a dispatcher: CUDA tensors with fla installed (and no mamba_ssm) go to the kernel,
+everything else to the original, so it is safe to enable everywhere. The conv1d and the gated RMSNorm
+stay in torch (a depthwise conv and an elementwise norm; not where the time goes).
+
+Why not only mamba_ssm: it needs a CUDA toolchain to build and pins torch versions; fla-core is pure
+Python + Triton. When mamba_ssm is installed transformers already uses it, and we step aside.
+
+``ssd_sequential`` is the obviously-correct reference (a loop over t, any dtype, float64 in tests);
+``ssd_via_simple_gla`` is the argument mapping, tested on CPU against the reference with a torch
+``simple_gla_sequential`` standing in for the kernel, and on CUDA with the kernel itself.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+_PATCHED = {}  # module -> original mamba2_chunk_scan
+
+
+def fla_available() -> bool:
+    return importlib.util.find_spec("fla") is not None and importlib.util.find_spec("triton") is not None
+
+
+def mamba_ssm_available() -> bool:
+    return importlib.util.find_spec("mamba_ssm") is not None
+
+
+def scan_backend(device) -> str:
+    """Which implementation runs the Mamba2 prefill/training scan on ``device`` after ``enable()``."""
+    dev = str(device)
+    if not dev.startswith("cuda"):
+        return "torch (transformers' chunked scan)"
+    if mamba_ssm_available():
+        return "mamba_ssm"
+    if fla_available() and _PATCHED:
+        return "fla chunk_simple_gla (Triton)"
+    return "torch (transformers' chunked scan; install fla-core for the Triton kernel)"
+
+
+# ------------------------------------------------------------------------------ references
+def ssd_sequential(x, dt, A, B, C, D=None, initial_states=None):
+    """Mamba2 SSD one step at a time. Shapes (paper notation):
+    x: (b, l, h, p)   dt: (b, l, h) (already softplus'ed and clamped)   A: (h,)
+    B, C: (b, l, g, n) with h % g == 0   D: (h,) or None   initial_states: (b, h, p, n) or None
+    -> y: (b, l, h, p), final state (b, h, p, n); computed in x's dtype.
+    """
+    import torch
+
+    b, l, h, p = x.shape
+    g, n = B.shape[2], B.shape[3]
+    rep = h // g
+    Bh = B.repeat_interleave(rep, dim=2)  # (b, l, h, n)
+    Ch = C.repeat_interleave(rep, dim=2)
+    S = x.new_zeros(b, h, p, n) if initial_states is None else initial_states.to(x.dtype).clone()
+    ys = []
+    for t in range(l):
+        decay = torch.exp(A.to(x.dtype) * dt[:, t].to(x.dtype))  # (b, h)
+        S = decay[..., None, None] * S + (dt[:, t, :, None].to(x.dtype) * x[:, t])[..., None] * Bh[:, t, :, None, :]
+        y = torch.einsum("bhpn,bhn->bhp", S, Ch[:, t].to(x.dtype))
+        if D is not None:
+            y = y + D.to(x.dtype)[:, None] * x[:, t]
+        ys.append(y)
+    return torch.stack(ys, dim=1), S
+
+
+def simple_gla_sequential(q, k, v, g, scale=None, initial_state=None, output_final_state=False,
+                          state_v_first=False):
+    """fla's ``chunk_simple_gla`` contract, one step at a time (the stand-in for the kernel on CPU).
+    q, k: (B, T, H, K)   v: (B, T, H, V)   g: (B, T, H) log forget gate   state (B, H, K, V) or (B, H, V, K)
+    S_t = exp(g_t) S_{t-1} + k_t v_t^T;  o_t = scale * q_t^T S_t.
+    """
+    import torch
+
+    b, t_len, h, kd = q.shape
+    vd = v.shape[-1]
+    scale = kd ** -0.5 if scale is None else scale
+    S = q.new_zeros(b, h, kd, vd) if initial_state is None else (
+        initial_state.transpose(-1, -2) if state_v_first else initial_state).to(q.dtype).clone()
+    out = []
+    for t in range(t_len):
+        S = torch.exp(g[:, t])[..., None, None].to(q.dtype) * S + k[:, t, :, :, None] * v[:, t, :, None, :]
+        out.append(scale * torch.einsum("bhk,bhkv->bhv", q[:, t], S))
+    final = (S.transpose(-1, -2) if state_v_first else S) if output_final_state else None
+    return torch.stack(out, dim=1), final
+
+
+# ------------------------------------------------------------------------------ the mapping
+def ssd_via_simple_gla(hidden_states, dt, A, B, C, chunk_size=None, D=None, dt_bias=None, initial_states=None,
+                       dt_softplus=False, dt_limit=(0.0, float("inf")), return_final_states=False, gla=None,
+                       **kwargs):
+    """transformers' ``mamba2_chunk_scan`` signature and semantics, computed by a simple-GLA ``gla``
+    (default: fla's ``chunk_simple_gla``). Returns float32 like the torch scan it replaces."""
+    import torch
+    import torch.nn.functional as F
+
+    if gla is None:
+        from fla.ops.simple_gla import chunk_simple_gla as gla
+    b, l, h, p = hidden_states.shape
+    g = B.shape[2]
+    if dt_bias is not None:
+        dt = dt + dt_bias.to(dt.dtype)
+    if dt_softplus:
+        dt = F.softplus(dt)
+    dt = torch.clamp(dt.float(), min=dt_limit[0], max=dt_limit[1])  # (b, l, h)
+    x = hidden_states.float()
+    q = C.float().repeat_interleave(h // g, dim=2)  # (b, l, h, n)
+    k = B.float().repeat_interleave(h // g, dim=2)
+    v = x * dt[..., None]  # (b, l, h, p)
+    log_gate = A.float()[None, None, :] * dt  # (b, l, h), <= 0
+    y, final = gla(q, k, v, g=log_gate, scale=1.0,
+                   initial_state=None if initial_states is None else initial_states.float(),
+                   output_final_state=return_final_states, state_v_first=True)
+    y = y.float()
+    if D is not None:
+        y = y + D.float()[:, None] * x
+    return (y, final.float()) if return_final_states else y
+
+
+def _dispatcher(original):
+    def mamba2_chunk_scan(hidden_states, dt, A, B, C, chunk_size, *args, **kwargs):
+        if hidden_states.is_cuda and not mamba_ssm_available():
+            return ssd_via_simple_gla(hidden_states, dt, A, B, C, chunk_size, *args, **kwargs)
+        return original(hidden_states, dt, A, B, C, chunk_size, *args, **kwargs)
+
+    mamba2_chunk_scan.__wrapped__ = original
+    return mamba2_chunk_scan
+
+
+def enable() -> bool:
+    """Route transformers' Mamba2 chunk scan on CUDA tensors to fla's kernel. Idempotent; returns
+    whether the dispatcher is installed (False when fla-core / triton are not installed)."""
+    if not fla_available():
+        return False
+    from transformers.models.granitemoehybrid import modeling_granitemoehybrid as mod
+
+    if mod not in _PATCHED:
+        _PATCHED[mod] = mod.mamba2_chunk_scan
+        mod.mamba2_chunk_scan = _dispatcher(mod.mamba2_chunk_scan)
+    return True
+
+
+def disable() -> None:
+    for mod, original in list(_PATCHED.items()):
+        mod.mamba2_chunk_scan = original
+        del _PATCHED[mod]

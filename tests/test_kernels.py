@@ -1,0 +1,157 @@
+"""m1.kernels: the Mamba2 scan = simple GLA mapping, against a sequential float64 reference.
+
+On CPU the kernel is stood in for by a sequential torch simple-GLA with fla's documented contract; on
+CUDA with fla-core installed the real Triton kernel is checked against the same reference.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+
+from m1 import kernels
+from m1.kernels import simple_gla_sequential, ssd_sequential, ssd_via_simple_gla
+
+
+def _inputs(b=2, l=37, h=4, p=3, g=2, n=5, seed=0, device="cpu", dtype=torch.float32):
+    gen = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=gen, dtype=torch.float64)  # noqa: E731
+    x, dt_raw, B, C = r(b, l, h, p), r(b, l, h), r(b, l, g, n), r(b, l, g, n)
+    A = -torch.rand(h, generator=gen, dtype=torch.float64) * 2 - 0.1
+    D, dt_bias, h0 = r(h), r(h) * 0.5, r(b, h, p, n)
+    return {k: v.to(device=device, dtype=dtype) for k, v in dict(x=x, dt_raw=dt_raw, A=A, B=B, C=C, D=D,
+                                                                    dt_bias=dt_bias, h0=h0).items()}
+
+
+def _reference(t, limit=(0.0, float("inf"))):
+    import torch.nn.functional as F
+
+    dt = torch.clamp(F.softplus(t["dt_raw"].double() + t["dt_bias"].double()), *limit)
+    return ssd_sequential(t["x"].double(), dt, t["A"].double(), t["B"].double(), t["C"].double(), t["D"].double(),
+                          t["h0"].double())
+
+
+def _scan(fn, t, chunk=8, limit=(0.0, float("inf")), **kw):
+    return fn(t["x"], t["dt_raw"], t["A"], t["B"], t["C"], chunk_size=chunk, D=t["D"], dt_bias=t["dt_bias"],
+              initial_states=t["h0"], dt_softplus=True, dt_limit=limit, return_final_states=True, **kw)
+
+
+def test_sequential_reference_equals_transformers_chunk_scan():
+    # the reference and HF's torch scan agree: groups < heads, a length no chunk size divides, an
+    # initial state, D, dt bias, softplus and a dt clamp that bites
+    from transformers.models.granitemoehybrid.modeling_granitemoehybrid import mamba2_chunk_scan
+
+    t = _inputs()
+    for limit in [(0.0, float("inf")), (0.3, 1.2)]:
+        y_ref, s_ref = _reference(t, limit)
+        for chunk in (4, 16, 64):
+            y, s = _scan(mamba2_chunk_scan, t, chunk, limit)
+            assert (y.double() - y_ref).abs().max() < 1e-4, chunk
+            assert (s.double() - s_ref).abs().max() < 1e-4, chunk
+
+
+def test_simple_gla_mapping_equals_reference():
+    t = _inputs(seed=1)
+    y_ref, s_ref = _reference(t)
+    y, s = _scan(ssd_via_simple_gla, {k: v.double() for k, v in t.items()}, gla=simple_gla_sequential)
+    assert y.shape == y_ref.shape and s.shape == s_ref.shape == (2, 4, 3, 5)
+    assert (y.double() - y_ref).abs().max() < 1e-5 and (s.double() - s_ref).abs().max() < 1e-5
+    # without an initial state and without asking for the final state
+    y2 = ssd_via_simple_gla(t["x"], t["dt_raw"], t["A"], t["B"], t["C"], 8, D=None, dt_bias=t["dt_bias"],
+                            dt_softplus=True, gla=simple_gla_sequential)
+    y2_ref, _ = ssd_sequential(t["x"].double(), torch.nn.functional.softplus(t["dt_raw"] + t["dt_bias"]).double(),
+                               t["A"].double(), t["B"].double(), t["C"].double())
+    assert (y2.double() - y2_ref).abs().max() < 1e-4
+
+
+def test_simple_gla_reference_state_layouts_agree():
+    gen = torch.Generator().manual_seed(2)
+    q, k = torch.randn(1, 6, 2, 3, generator=gen), torch.randn(1, 6, 2, 3, generator=gen)
+    v, g = torch.randn(1, 6, 2, 4, generator=gen), -torch.rand(1, 6, 2, generator=gen)
+    h0 = torch.randn(1, 2, 3, 4, generator=gen)
+    o1, s1 = simple_gla_sequential(q, k, v, g, scale=1.0, initial_state=h0, output_final_state=True)
+    o2, s2 = simple_gla_sequential(q, k, v, g, scale=1.0, initial_state=h0.transpose(-1, -2).contiguous(),
+                                   output_final_state=True, state_v_first=True)
+    assert torch.allclose(o1, o2) and torch.allclose(s1, s2.transpose(-1, -2))
+
+
+def test_dispatcher_leaves_cpu_untouched(monkeypatch, tiny_hybrid):
+    from transformers.models.granitemoehybrid import modeling_granitemoehybrid as mod
+
+    from m1.checkpoint import load_model
+
+    model = load_model(tiny_hybrid)[0]
+    ids = torch.tensor([[3, 8, 1, 9, 4, 4, 7]])
+    before = model(input_ids=ids).logits
+    original = mod.mamba2_chunk_scan
+    monkeypatch.setattr(kernels, "fla_available", lambda: True)
+    calls = []
+    monkeypatch.setattr(kernels, "ssd_via_simple_gla", lambda *a, **k: calls.append(1))
+    try:
+        assert kernels.enable() and kernels.enable()  # idempotent
+        assert mod.mamba2_chunk_scan is not original and mod.mamba2_chunk_scan.__wrapped__ is original
+        after = model(input_ids=ids).logits
+    finally:
+        kernels.disable()
+    assert mod.mamba2_chunk_scan is original
+    assert torch.equal(before, after) and not calls  # CPU tensors went to the original
+    assert kernels.scan_backend("cpu").startswith("torch")
+
+
+needs_fla_cuda = pytest.mark.skipif(
+    not (torch.cuda.is_available() and importlib.util.find_spec("fla") is not None),
+    reason="needs CUDA and fla-core (pip install fla-core)")
+
+
+@pytest.mark.gpu
+@needs_fla_cuda
+def test_fla_kernel_equals_reference_on_cuda():
+    for b, l, h, p, g, n in [(2, 37, 4, 16, 2, 16), (1, 300, 8, 64, 1, 64)]:
+        t = _inputs(b, l, h, p, g, n, seed=3, device="cuda")
+        y_ref, s_ref = _reference({k: v.cpu() for k, v in t.items()})
+        y, s = _scan(ssd_via_simple_gla, t)
+        scale = y_ref.abs().max().item()
+        assert (y.double().cpu() - y_ref).abs().max() < 5e-3 * scale
+        assert (s.double().cpu() - s_ref).abs().max() < 5e-3 * s_ref.abs().max().item()
+
+
+@pytest.mark.gpu
+@needs_fla_cuda
+def test_fla_kernel_gradients_match_torch_scan_on_cuda():
+    from transformers.models.granitemoehybrid.modeling_granitemoehybrid import mamba2_chunk_scan
+
+    t = _inputs(2, 64, 4, 16, 2, 16, seed=4, device="cuda")
+    grads = []
+    for fn in (ssd_via_simple_gla, getattr(mamba2_chunk_scan, "__wrapped__", mamba2_chunk_scan)):
+        leaves = {k: v.clone().requires_grad_(True) for k, v in t.items()}
+        y, s = _scan(fn, leaves, chunk=16)
+        (y.square().sum() + s.sum()).backward()
+        grads.append({k: v.grad for k, v in leaves.items()})
+    for k in ("x", "dt_raw", "B", "C", "A", "h0"):
+        a, b = grads[0][k], grads[1][k]
+        assert (a - b).abs().max() < 1e-2 * b.abs().max(), k
+
+
+@pytest.mark.gpu
+@needs_fla_cuda
+def test_hybrid_on_cuda_with_kernel_matches_torch_scan(tiny_hybrid):
+    from m1.checkpoint import load_model
+    from m1.engine import Engine, SamplingParams
+
+    model = load_model(tiny_hybrid, device="cuda")[0]
+    ids = torch.randint(0, model.config.vocab_size, (3, 50), device="cuda")
+    plain = model(input_ids=ids).logits
+    try:
+        assert kernels.enable()
+        fast = model(input_ids=ids).logits
+        assert kernels.scan_backend("cuda").startswith("fla")
+        eng = Engine.from_pretrained(tiny_hybrid, device="cuda")
+        greedy = SamplingParams(n=1, max_new_tokens=12, temperature=0.0, ignore_eos=True)
+        greedy_fast = eng.generate([[5, 9, 2, 7]], greedy)
+    finally:
+        kernels.disable()
+    assert (fast - plain).abs().max() < 2e-3 * plain.abs().max()
+    greedy_plain = Engine.from_pretrained(tiny_hybrid, device="cuda").generate([[5, 9, 2, 7]], greedy)
+    assert greedy_fast[0].completions[0].token_ids == greedy_plain[0].completions[0].token_ids
