@@ -30,12 +30,15 @@ class EvalConfig:
     seed: int = 0
     few_shot: int = 0
     batch_problems: int = 8
+    dtype: str = "auto"  # weights/KV dtype for sampling: auto (as saved) | float32 | bfloat16 | float16
 
     def identity(self) -> dict:
         """Settings that change what is sampled: a resume must match them."""
         d = asdict(self)
         for k in ("ks", "batch_problems"):
             d.pop(k)
+        if d["dtype"] == "auto":
+            d.pop("dtype")  # evals written before --dtype existed stay resumable
         return d
 
 
@@ -50,6 +53,8 @@ def run_eval(cfg: EvalConfig, out: str | Path, budget_seconds: float | None = No
 
     if cfg.n < 1:
         raise M1Error(f"-n must be at least 1, got {cfg.n}")
+    if cfg.dtype not in ("auto", "float32", "bfloat16", "float16"):
+        raise M1Error(f"--dtype must be auto, float32, bfloat16 or float16, got '{cfg.dtype}'")
     if max(cfg.ks) > cfg.n:
         raise M1Error(f"--k {max(cfg.ks)} is larger than -n {cfg.n}: sample at least as many completions as the largest k")
     if cfg.n > 1 and cfg.temperature == 0:
@@ -80,7 +85,7 @@ def run_eval(cfg: EvalConfig, out: str | Path, budget_seconds: float | None = No
     if todo:
         if engine is None:
             from .engine import Engine
-            engine = Engine.from_pretrained(cfg.model)
+            engine = Engine.from_pretrained(cfg.model, dtype=None if cfg.dtype == "auto" else cfg.dtype)
         _sample_and_grade(cfg, engine, todo, finished, results, budget_seconds, progress, log,
                           ResultsWriter, result_row, Checker, tqdm)
     summary = summarize_results(results, cfg.ks, seed=cfg.seed)

@@ -77,6 +77,14 @@ def test_model_eval_writes_results_and_resumes(tiny_hybrid, tmp_path, capsys):
     # other settings in the same directory are refused, nothing changed
     assert main([*argv[:-3], "--temperature", "0.9", "--out", str(out), "--no-progress"]) == 1
     assert "other settings" in capsys.readouterr().err and len(_rows(out / "results.jsonl")) == 6
+    # so is another --dtype; the bf16 run in its own directory samples from bf16 weights
+    assert main([*argv[:-3], "--dtype", "bfloat16", "--out", str(out), "--no-progress"]) == 1
+    assert "other settings" in capsys.readouterr().err
+    bf = tmp_path / "bf16"
+    assert main([*argv[:-3], "--dtype", "bfloat16", "--out", str(bf), "--no-progress"]) == 0
+    cfg = json.loads((bf / "eval_config.json").read_text())["identity"]
+    assert cfg["dtype"] == "bfloat16" and "dtype" not in json.loads((out / "eval_config.json").read_text())["identity"]
+    assert len(_rows(bf / "results.jsonl")) == 6
 
 
 def test_k_larger_than_n_is_refused(tiny_hybrid, tmp_path, capsys):
