@@ -44,6 +44,7 @@ def main(argv=None) -> int:
     ap.add_argument("--reference", action="store_true", help="also time the engine's hf backend (model.forward + HF cache)")
     ap.add_argument("--sampled", action="store_true", help="also time the engine sampling at temperature 1")
     ap.add_argument("--device", default=None)
+    ap.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 for both (default: as saved)")
     ap.add_argument("--json", default=None, help="also write the results here")
     ap.add_argument("--prompt", default="Natalia sold clips to 48 of her friends in April, and then she sold half as "
                                         "many clips in May. How many clips did Natalia sell altogether?")
@@ -66,7 +67,7 @@ def main(argv=None) -> int:
     N = a.new_tokens
     results = []
     for name, d in models:
-        model, tok = load_model(d, device=a.device)
+        model, tok = load_model(d, device=a.device, dtype=getattr(torch, a.dtype) if a.dtype else None)
         eng = Engine(model, tok, backend="fast")
         ref = Engine(model, tok, backend="hf")
         enc = tok(a.prompt, return_tensors="pt").to(model.device)
@@ -112,6 +113,7 @@ def main(argv=None) -> int:
         print(f"| {r['model']} | {r['batch']} | {r['new_tokens']} | " + " | ".join(f"{r[c]:.1f}" for c in cols)
               + f" | {r['speedup']:.2f}x |")
     print(f"\ntorch {torch.__version__}, threads {torch.get_num_threads()}, device {a.device or 'cpu'}, "
+          f"dtype {a.dtype or 'as saved'}, "
           f"prompt {results[0]['prompt_tokens']} tokens, best of {a.repeats}")
     if a.json:
         Path(a.json).write_text(json.dumps(results, indent=2) + "\n")

@@ -74,7 +74,7 @@ class Demo:
         self.timings: dict[str, float] = {}
         # training forwards in bf16 autocast where the hardware has bf16 matmuls (CUDA, or a CPU with
         # AVX512-BF16/AMX: ~2x faster steps there); float32 weights and optimizer either way
-        from .sft import cpu_bf16_supported, resolve_precision
+        from .training import cpu_bf16_supported, resolve_precision
 
         self.bf16 = resolve_precision("auto") or cpu_bf16_supported()
         self.bf16_flag = " --bf16 on" if self.bf16 else " --bf16 off"

@@ -442,7 +442,7 @@ def _distill(cfg, resume, force, log, progress, on_step) -> DistillResult:
     # `accelerate launch --multi_gpu` / torchrun on a machine without CUDA: DDP over CPU processes (gloo)
     cpu_ddp = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
     acc = Accelerator(cpu=cpu_ddp)
-    from .sft import resolve_precision
+    from .training import resolve_precision
 
     # float32 weights, optimizer and losses; only the forwards' matmuls run in bf16 (reports stay float32)
     bf16 = resolve_precision(cfg.bf16)
@@ -467,7 +467,7 @@ def _distill(cfg, resume, force, log, progress, on_step) -> DistillResult:
         p.requires_grad_(False)
     student, tokenizer = _load_student(ckpt if resume else student_dir, torch.float32)
     student.to(acc.device)
-    from .sft import set_mamba_chunk_size
+    from .training import set_mamba_chunk_size
 
     set_mamba_chunk_size(student, None)  # CPU: chunk 64, far less memory and time in the torch scan
     if tokenizer.pad_token_id is None:

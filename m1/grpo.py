@@ -60,10 +60,10 @@ from typing import Callable
 
 from .checkpoint import check_model_dir, write_json_atomic
 from .errors import M1Error
-from .sft import (CHECKPOINTS, METRICS_FILE, _barrier, _base_dtype, _cuda, _read_metrics, _step_of, find_checkpoints,
-                  finalize, lineage_record, load_policy, make_metrics_callback, model_fingerprint, prepare_run,
-                  quiet_trainer, quiet_transformers, resolve_precision, run_state, set_mamba_chunk_size, truncate_metrics,
-                  unknown_options, with_checkpoint_marker, work_dir)
+from .training import (CHECKPOINTS, METRICS_FILE, barrier, base_dtype, find_checkpoints, finalize, lineage_record,
+                       load_policy, make_metrics_callback, model_fingerprint, on_cuda, prepare_run, quiet_trainer,
+                       quiet_transformers, read_metrics, resolve_precision, run_state, set_mamba_chunk_size, step_of,
+                       truncate_metrics, unknown_options, with_checkpoint_marker, work_dir)
 
 logger = logging.getLogger("m1.grpo")
 
@@ -518,12 +518,12 @@ def resolve_rollout(rollout: str) -> str:
 
     has_vllm = importlib.util.find_spec("vllm") is not None
     if rollout == "auto":
-        return "vllm" if (has_vllm and _cuda()) else "hf"
+        return "vllm" if (has_vllm and on_cuda()) else "hf"
     if rollout == "vllm":
         if not has_vllm:
             raise M1Error("--rollout vllm: vllm is not installed (pip install vllm, on a CUDA machine); "
                           "use --rollout hf or engine")
-        if not _cuda():
+        if not on_cuda():
             raise M1Error("--rollout vllm needs a CUDA GPU; use --rollout hf or engine here")
     return rollout
 
@@ -599,7 +599,7 @@ def grpo(model: str | Path, task: str, out: str | Path, *, resume: bool = False,
     settings = {**asdict(cfg), "reward_weights": reward_weights, "model_fingerprint": model_fingerprint(base)}
     ckpt = prepare_run(out, settings, stage="grpo", marker=GRPO_CONFIG_FILE, neutral=GRPO_RESUME_NEUTRAL,
                        resume=resume, force=force)
-    _barrier()  # every process has checked the directories before the main one writes anything
+    barrier()  # every process has checked the directories before the main one writes anything
     rollout = resolve_rollout(cfg.rollout)
     undo = quiet_transformers()
     try:
@@ -672,8 +672,8 @@ def build_grpo_trainer(cfg: GRPOSettings, settings: dict, model, tokenizer, data
         report_to="none",
         disable_tqdm=True,
         dataloader_num_workers=0,
-        dataloader_pin_memory=_cuda(),
-        use_cpu=not _cuda(),
+        dataloader_pin_memory=on_cuda(),
+        use_cpu=not on_cuda(),
         router_aux_loss_coef=0.0,  # GraniteMoeHybrid has the attribute but no experts
         log_completions=False,
         **kw,
@@ -730,7 +730,7 @@ def _grpo(cfg, settings, base, out, ckpt, force, keep_checkpoints, reward_funcs,
             for p in incomplete:
                 shutil.rmtree(p, ignore_errors=True)
                 say(f"removed incomplete checkpoint {p.name}")
-            truncate_metrics(work / METRICS_FILE, _step_of(ckpt))
+            truncate_metrics(work / METRICS_FILE, step_of(ckpt))
             say(f"resuming from {ckpt}")
         write_json_atomic(work / GRPO_CONFIG_FILE, {"stage": "grpo", "settings": settings})
     state.wait_for_everyone()
@@ -743,7 +743,7 @@ def _grpo(cfg, settings, base, out, ckpt, force, keep_checkpoints, reward_funcs,
     t0 = time.perf_counter()
     trainer.train(resume_from_checkpoint=str(ckpt) if ckpt is not None else None)
     seconds = time.perf_counter() - t0
-    rows = _read_metrics(work / METRICS_FILE)
+    rows = read_metrics(work / METRICS_FILE)
     totals = stats.as_dict()
     if state.num_processes > 1:  # each process counted its own completions
         from accelerate.utils import gather_object
@@ -762,7 +762,7 @@ def _grpo(cfg, settings, base, out, ckpt, force, keep_checkpoints, reward_funcs,
                "session_counts": totals,
                "last_log": next((r for r in reversed(rows) if "reward" in r), None)}
     record = lineage_record(base, "grpo", section)
-    finalize(trainer, out, tokenizer=tokenizer, record=record, force=force, save_dtype=_base_dtype(base),
+    finalize(trainer, out, tokenizer=tokenizer, record=record, force=force, save_dtype=base_dtype(base),
              extra_files={GRPO_CONFIG_FILE: work / GRPO_CONFIG_FILE, "grpo_metrics.jsonl": work / METRICS_FILE},
              log=say)
     if main and not keep_checkpoints:

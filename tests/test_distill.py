@@ -143,7 +143,7 @@ def test_float32_head_inside_bf16_autocast(tiny_hybrid):
     assert "forward" not in vars(model.lm_head)
 
 
-@pytest.mark.skipif(not __import__("m1.sft", fromlist=["x"]).cpu_bf16_supported(),
+@pytest.mark.skipif(not __import__("m1.training", fromlist=["x"]).cpu_bf16_supported(),
                     reason="this CPU has no bf16 instructions")
 def test_kd_in_bf16_autocast_tracks_float32(tiny_hybrid, data_file, tmp_path):
     runs = {b: _run(_cfg(tiny_hybrid, data_file, tmp_path / b, stage="kd", steps=6, bf16=b)) for b in ("off", "on")}
@@ -156,7 +156,7 @@ def test_kd_in_bf16_autocast_tracks_float32(tiny_hybrid, data_file, tmp_path):
 
 
 def test_bf16_on_without_bf16_hardware_is_refused(monkeypatch):
-    import m1.sft as sft
+    import m1.training as sft
 
     monkeypatch.setattr(sft, "cpu_bf16_supported", lambda: False)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)

@@ -1,0 +1,431 @@
+"""Run machinery shared by ``m1 sft`` and ``m1 grpo`` (and the precision/chunk helpers ``m1 distill`` uses).
+
+A run writes into ``<out>.work/``: ``checkpoints/checkpoint-N/`` (TRL/transformers checkpoints) and
+``metrics.jsonl``. A checkpoint counts only once the run's settings file (the *marker*) has been
+written into it as its last file; ``--resume`` refuses settings that differ from the saved ones
+(``config_diff``, except the *neutral* ones); at the end ``<out>`` is written atomically as a normal
+m1 checkpoint (``finalize``) with an ``m1.json`` lineage record.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from dataclasses import fields
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable
+
+from .checkpoint import M1_RECORD, atomic_dir, read_record, write_json_atomic
+from .errors import M1Error
+
+CHECKPOINTS = "checkpoints"
+METRICS_FILE = "metrics.jsonl"
+
+
+def work_dir(out: str | Path) -> Path:
+    """``<out>.work``: where checkpoints and metrics of an unfinished run live (beside ``out``)."""
+    out = Path(out)
+    return out.parent / f"{out.name}.work"
+
+
+def model_fingerprint(directory: str | Path) -> dict:
+    """A cheap identity of a checkpoint directory: its config, weight file sizes and m1.json date.
+
+    Stored with a run's settings so that ``--resume`` notices when ``--model`` now points at a
+    different checkpoint than the one the run started from.
+    """
+    import hashlib
+
+    d = Path(directory)
+    h = hashlib.sha256()
+    cfg = d / "config.json"
+    if cfg.is_file():
+        h.update(cfg.read_bytes())
+    for p in sorted(d.glob("*.safetensors")) + sorted(d.glob("*.bin")):
+        h.update(f"{p.name}:{p.stat().st_size}".encode())
+    rec = read_record(d)
+    h.update(str(rec.get("created", "")).encode())
+    return {"path": str(d.resolve()), "sha256": h.hexdigest()[:16]}
+
+
+def config_diff(saved: dict, now: dict, neutral: tuple[str, ...] = ()) -> list[str]:
+    """Human-readable differences between two settings dicts, ignoring ``neutral`` keys."""
+    keys = sorted((set(saved) | set(now)) - set(neutral))
+    return [f"{k}: {saved.get(k)!r} (saved) != {now.get(k)!r} (now)" for k in keys if saved.get(k) != now.get(k)]
+
+
+def step_of(path: Path) -> int:
+    try:
+        return int(path.name.rsplit("-", 1)[1])
+    except (IndexError, ValueError):
+        return -1
+
+
+def find_checkpoints(work: Path, marker: str) -> tuple[Path | None, list[Path]]:
+    """(latest complete checkpoint, incomplete checkpoint dirs) under ``work/checkpoints``."""
+    root = work / CHECKPOINTS
+    if not root.is_dir():
+        return None, []
+    dirs = sorted((p for p in root.glob("checkpoint-*") if p.is_dir() and step_of(p) >= 0), key=step_of)
+    complete = [p for p in dirs if (p / marker).is_file()]
+    incomplete = [p for p in dirs if not (p / marker).is_file()]
+    return (complete[-1] if complete else None), incomplete
+
+
+def prepare_run(out: Path, settings: dict, *, stage: str, marker: str, neutral: tuple[str, ...],
+                resume: bool, force: bool) -> Path | None:
+    """Check the output and work directories before anything is loaded or written.
+
+    Returns the checkpoint to resume from (None: start fresh). Raises :class:`M1Error` -- having
+    changed nothing -- when ``out`` exists without ``force``, when an unfinished run is in the way,
+    or when ``resume`` finds nothing to resume or a run made with different settings.
+    """
+    work = work_dir(out)
+    if resume and force:
+        raise M1Error("--resume and --force contradict each other: --resume continues the run in "
+                      f"{work}, --force discards it")
+    if out.exists() and not force:
+        raise M1Error(f"output directory {out} already exists: pass --force to replace it, or choose another --out")
+    ckpt, _ = find_checkpoints(work, marker) if work.exists() else (None, [])
+    if resume:
+        if ckpt is None:
+            raise M1Error(f"nothing to resume: no complete checkpoint in {work / CHECKPOINTS} "
+                          "(start without --resume)")
+        try:
+            saved = json.loads((ckpt / marker).read_text())
+        except ValueError as e:
+            raise M1Error(f"{ckpt / marker} is not valid JSON ({e}); the checkpoint is damaged") from None
+        if saved.get("stage") != stage:
+            raise M1Error(f"--resume: {ckpt} is a checkpoint of an `m1 {saved.get('stage')}` run, not `m1 {stage}`")
+        diff = config_diff(saved.get("settings", {}), settings, neutral)
+        if diff:
+            raise M1Error(f"--resume: the run in {work} was started with different settings ({'; '.join(diff)}); "
+                          "rerun with the original settings, or drop --resume and pass --force to start over "
+                          "(nothing was changed)")
+        return ckpt
+    if work.exists() and not force:
+        if ckpt is not None:
+            raise M1Error(f"{work} holds a checkpoint of an unfinished run ({ckpt.name}): pass --resume to continue "
+                          "it, or --force to start over")
+        raise M1Error(f"{work} exists (left by an unfinished run): pass --force to start over")
+    return None
+
+
+def truncate_metrics(path: Path, step: int) -> None:
+    """Drop metric rows logged after ``step`` (by a killed run that is being resumed)."""
+    if not path.exists():
+        return
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue  # a row cut short by the kill
+        if row.get("step", 0) <= step:
+            keep.append(line)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(ln + "\n" for ln in keep))
+    os.replace(tmp, path)
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        if v != 0 and (abs(v) < 1e-3 or abs(v) >= 1e5):
+            return f"{v:.2e}"
+        return f"{v:.4g}"
+    return str(v)
+
+
+def make_metrics_callback(path: Path, progress: Callable[[str], None] | None, columns: list[tuple[str, str]],
+                          stats: Callable[[], dict] | None = None):
+    """A ``TrainerCallback`` appending every log row to ``path`` (JSONL) and printing a progress line.
+
+    ``columns``: (log key, label) pairs shown in the progress line when present. ``stats``: a
+    function whose dict is merged into every row (e.g. running counts of failed rewards).
+    """
+    from transformers import TrainerCallback
+
+    class MetricsJSONL(TrainerCallback):
+        def __init__(self):
+            self.t0 = time.time()
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if not state.is_world_process_zero or not logs:
+                return
+            row = {"step": state.global_step, "epoch": state.epoch, "elapsed": round(time.time() - self.t0, 2)}
+            row.update({k: v for k, v in logs.items() if isinstance(v, (int, float, str, bool)) or v is None})
+            if stats is not None:
+                row.update(stats())
+            with open(path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+                f.flush()
+            if progress is not None and "train_runtime" not in logs:
+                parts = [f"step {state.global_step}/{state.max_steps}"]
+                parts += [f"{label} {_fmt(logs[k])}" for k, label in columns if logs.get(k) is not None]
+                progress("  ".join(parts))
+
+    return MetricsJSONL()
+
+
+def with_checkpoint_marker(trainer_cls, marker: str, payload: Callable[[Any], dict]):
+    """Subclass ``trainer_cls`` so each checkpoint gets ``marker`` (JSON) written as its last file.
+
+    transformers writes ``checkpoint-N`` in place, file by file; the marker -- the run's stage and
+    settings -- is what makes a checkpoint count. Written by the main process after every process
+    finished saving.
+    """
+
+    class Marked(trainer_cls):
+        def _save_checkpoint(self, model, trial):
+            super()._save_checkpoint(model, trial)
+            self.accelerator.wait_for_everyone()
+            if self.args.should_save:
+                from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+                ckpt = Path(self._get_output_dir(trial=trial)) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+                write_json_atomic(ckpt / marker, {**payload(self), "step": self.state.global_step})
+
+    Marked.__name__ = f"M1{trainer_cls.__name__}"
+    return Marked
+
+
+def lineage_record(base_dir: Path, stage: str, section: dict) -> dict:
+    """The m1.json of a trained checkpoint: the parent's record (layout, teacher) updated for ``stage``."""
+    from .convert import versions
+
+    parent = read_record(base_dir)
+    rec = dict(parent)
+    for k in ("sft", "grpo", "distill"):  # settings of earlier stages stay in history, not at top level
+        rec.pop(k, None)
+    rec.update(stage=stage, versions=versions(), created=datetime.now(timezone.utc).isoformat(timespec="seconds"))
+    rec.setdefault("teacher", parent.get("teacher", "?"))
+    rec["base_model"] = str(base_dir)
+    rec[stage] = section
+    rec["history"] = list(parent.get("history", [])) + [
+        {"stage": parent.get("stage", "hf"), "created": parent.get("created"), "path": str(base_dir)}]
+    return rec
+
+
+def finalize(trainer, out: Path, *, tokenizer, record: dict, extra_files: dict[str, Path], force: bool,
+             save_dtype: str | None, log) -> None:
+    """Write ``out`` atomically as a normal m1 checkpoint from the trained model (all processes call this)."""
+    import torch
+
+    acc = trainer.accelerator
+    model = trainer.model
+    if save_dtype and acc.num_processes == 1 and save_dtype != "float32":
+        model = model.to(getattr(torch, save_dtype))
+    tmp_model = work_dir(out) / "final-model"
+    if acc.is_main_process and tmp_model.exists():
+        shutil.rmtree(tmp_model)
+    acc.wait_for_everyone()
+    trainer.save_model(str(tmp_model))  # gathers FSDP / DeepSpeed shards; writes on the main process
+    acc.wait_for_everyone()
+    if acc.is_main_process:
+        with atomic_dir(out, force=force) as tmp:
+            for p in tmp_model.iterdir():
+                if p.name == "training_args.bin":
+                    continue
+                shutil.move(str(p), tmp / p.name)
+            tokenizer.save_pretrained(tmp)
+            gen = getattr(trainer.accelerator.unwrap_model(trainer.model), "generation_config", None)
+            if gen is not None and not (tmp / "generation_config.json").exists():
+                gen.save_pretrained(tmp)
+            _clean_config(tmp / "config.json")
+            for name, src in extra_files.items():
+                if Path(src).exists():
+                    shutil.copyfile(src, tmp / name)
+            write_json_atomic(tmp / M1_RECORD, record)
+        log(f"wrote {out}")
+    acc.wait_for_everyone()
+
+
+def _clean_config(path: Path) -> None:
+    """Training flips ``use_cache`` off (gradient checkpointing); a saved model should decode with a cache."""
+    if not path.exists():
+        return
+    cfg = json.loads(path.read_text())
+    changed = False
+    if cfg.get("use_cache") is False:
+        cfg["use_cache"] = True
+        changed = True
+    if cfg.pop("quantization_config", None) is not None:
+        changed = True
+    if changed:
+        write_json_atomic(path, cfg)
+
+
+def load_policy(directory: Path, log):
+    """(model, tokenizer) for training: float32 master weights, a pad token, right-size chat template check."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .kernels import enable as enable_fast_scan
+
+    enable_fast_scan()  # CUDA + fla-core: Triton Mamba2 scan; a no-op elsewhere
+    try:
+        model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
+    except Exception as e:
+        raise M1Error(f"cannot load the model in {directory}: {type(e).__name__}: "
+                      f"{str(e).splitlines()[0][:300] if str(e) else ''}") from None
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(directory)
+    except Exception as e:
+        raise M1Error(f"cannot load the tokenizer in {directory}: {type(e).__name__}") from None
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if not getattr(tokenizer, "chat_template", None):
+        raise M1Error(f"the tokenizer in {directory} has no chat template: m1 sft/grpo train on chat-formatted "
+                      "problems (convert from an instruct teacher, or add a chat template)")
+    aux = getattr(model.config, "router_aux_loss_coef", None)
+    if aux not in (None, 0, 0.0) and getattr(model.config, "num_local_experts", 0) == 0:
+        # TRL turns the MoE auxiliary loss on from this value, and it crashes with no experts
+        model.config.router_aux_loss_coef = 0.0
+        log("note: set router_aux_loss_coef=0.0 (the model has no experts)")
+    return model, tokenizer
+
+
+def run_state():
+    """accelerate's process state. On a machine without CUDA it is created with ``cpu=True``, so that
+    ``accelerate launch --multi_gpu --num_processes N`` (torchrun) gives DDP over CPU processes (gloo)
+    instead of N independent single-process runs (``--cpu`` alone starts one process: multi-CPU needs mpirun).
+    """
+    from accelerate import PartialState
+
+    return PartialState(cpu=not on_cuda())
+
+
+def barrier() -> None:
+    run_state().wait_for_everyone()
+
+
+def on_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def quiet_trainer(trainer):
+    """Drop transformers' own print-every-log callback: m1's metrics callback prints one line per log."""
+    import warnings
+
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*deprecated.*", category=FutureWarning)
+    trainer.remove_callback(PrinterCallback)
+    if trainer.args.disable_tqdm:
+        trainer.remove_callback(ProgressCallback)
+    return trainer
+
+
+def set_mamba_chunk_size(model, chunk: int | None) -> int | None:
+    """Use ``chunk`` as the Mamba2 scan chunk size while training (the saved config is not changed).
+
+    ``None``: 64 on CPU when the checkpoint says more (the reference torch scan pads every sequence
+    to a multiple of the chunk and costs ~chunk x length per layer: 2-3x faster training for
+    sequences of a few hundred tokens, measured), the checkpoint's own value on a GPU. The result
+    is the same up to float rounding. Returns the chunk size in use (None: no Mamba layers).
+    """
+    mixers = [m for m in model.modules() if hasattr(m, "chunk_size") and "mamba" in type(m).__name__.lower()]
+    if not mixers:
+        return None
+    if chunk is None:
+        chunk = mixers[0].chunk_size if on_cuda() else min(64, mixers[0].chunk_size)
+    if chunk < 1:
+        raise M1Error(f"--mamba-chunk-size must be >= 1, got {chunk}")
+    for m in mixers:
+        m.chunk_size = int(chunk)
+    return int(chunk)
+
+
+def cpu_bf16_supported() -> bool:
+    """True when this CPU has native bfloat16 matmuls (AVX512-BF16 / AMX) that oneDNN uses.
+
+    Measured on a 2-core Xeon with AMX (1 thread): a 2048x576x1536 matmul runs at 1.6 TFLOP/s in bf16 vs
+    0.18 in float32, and a SmolLM2-135M training step (8 x 256 tokens) takes 5.6 s instead of 12.3 s.
+    """
+    import torch
+
+    try:
+        return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # private op: absent in some builds
+        return False
+
+
+def resolve_precision(bf16: str | bool | None) -> bool:
+    """``auto``: bf16 mixed precision on a CUDA GPU that supports it, float32 elsewhere (CPU: exact and
+    reproducible; ask for ``on`` to train in bf16 autocast on a CPU with bf16 instructions, ~2x faster)."""
+    import torch
+
+    if bf16 in (None, "auto"):
+        return bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+    if isinstance(bf16, str):
+        if bf16.lower() in ("1", "true", "yes", "on"):
+            bf16 = True
+        elif bf16.lower() in ("0", "false", "no", "off"):
+            bf16 = False
+        else:
+            raise M1Error(f"--bf16 must be auto, on or off, got '{bf16}'")
+    if bf16:
+        ok = torch.cuda.is_bf16_supported() if torch.cuda.is_available() else cpu_bf16_supported()
+        if not ok:
+            raise M1Error("--bf16 on needs a CUDA GPU with bfloat16 support or a CPU with bf16 instructions "
+                          "(AVX512-BF16 or AMX); use --bf16 off (float32) here")
+    return bool(bf16)
+
+
+def quiet_transformers() -> Callable[[], None]:
+    """Silence per-checkpoint 'Writing model shards' bars and library chatter; returns the undo function."""
+    import warnings
+
+    from transformers.utils import logging as hf_logging
+
+    bars, verbosity = hf_logging.is_progress_bar_enabled(), hf_logging.get_verbosity()
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    warnings.filterwarnings("ignore", message=".*falling back to its reference PyTorch implementation.*")
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*deprecated.*", category=FutureWarning)
+    try:
+        from datasets.utils.logging import disable_progress_bar
+
+        disable_progress_bar()
+    except ImportError:  # pragma: no cover
+        pass
+
+    def undo() -> None:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+    return undo
+
+
+def unknown_options(cls, options: dict) -> None:
+    names = {f.name for f in fields(cls)}
+    bad = sorted(set(options) - names)
+    if bad:
+        raise M1Error(f"unknown option(s) {', '.join(bad)}; known: {', '.join(sorted(names))}")
+
+
+def read_metrics(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except ValueError:
+            pass
+    return rows
+
+
+def base_dtype(base: Path) -> str | None:
+    try:
+        cfg = json.loads((base / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    d = cfg.get("dtype") or cfg.get("torch_dtype")
+    return d if d in ("float32", "bfloat16", "float16") else None
