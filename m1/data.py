@@ -96,6 +96,44 @@ def jsonl_objects(path: Path, kind: str, hint: str):
             raise M1Error(f"{where}: not valid JSON ({e})") from None
 
 
+def is_file_spec(spec: str) -> bool:
+    """True when a --data / --task value names a JSONL file rather than a task."""
+    import os
+
+    return spec.endswith((".jsonl", ".json")) or os.sep in spec or Path(spec).exists()
+
+
+def task_train_problems(spec: str, flag: str, limit: int | None, seed: int, default_generated: int,
+                        needs: str = "training"):
+    """``m1.tasks`` problems for a training --data/--task value (``gsm8k-train``, ``arith:steps=2``,
+    ``gsm8k:split=test``...): the train split unless a split is named; a generated task (arith) gets
+    ``default_generated`` problems when neither --limit nor n= is given."""
+    from .tasks import TASKS, load_task, parse_task_spec
+
+    spec_ = "gsm8k:split=train" if spec == "gsm8k-train" else spec
+    try:
+        name, opts = parse_task_spec(spec_)
+    except ValueError as e:
+        raise M1Error(f"{flag} {spec}: {e}") from None
+    if name not in TASKS:
+        raise M1Error(f"{flag} {spec}: unknown task; give gsm8k-train, arith[:options], one of "
+                      f"{', '.join(sorted(TASKS))}, or a .jsonl file")
+    info = TASKS[name]
+    split = opts.pop("split", "train" if "train" in info.splits else None)
+    if split is None:
+        raise M1Error(f"{flag} {spec}: {name} has no train split (only {', '.join(info.splits)}); {needs} on a "
+                      f"test set is allowed only when asked for explicitly: {flag} {name}:split={info.splits[0]}")
+    if split not in info.splits:
+        raise M1Error(f"{flag} {spec}: {name} has no '{split}' split (it has {', '.join(info.splits)})")
+    if info.generated and limit is None and "n" not in opts:
+        limit = default_generated
+    try:
+        problems = load_task(name, split=split, limit=limit, seed=seed if info.generated else None, **opts)
+    except (ValueError, TypeError) as e:
+        raise M1Error(f"{flag} {spec}: {e}") from None
+    return name, problems
+
+
 def read_jsonl_rows(path: str | Path) -> list[Row]:
     """Rows of a ``text`` / ``messages`` JSONL file; errors name the file and the line."""
     path = Path(path).expanduser()

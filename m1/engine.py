@@ -848,22 +848,7 @@ class Engine:
             st.bias[:nb, c] = 0
             if st.padded:
                 bias = st.bias[:nb, None, None, :c + 1]
-        rm = a.res_mult
-        for kind, slot, layer in a.layers:
-            res = h
-            x = layer.input_layernorm.forward(h)
-            if kind == "attn":
-                x = self._attn_step(layer.self_attn, x, st, slot, nb, c, cos, sin, bias)
-            else:
-                x = self._mamba_step(layer.mamba, x, st, slot, nb)
-            h = res + x * rm if rm != 1.0 else res + x
-            res = h
-            x = getattr(layer, a.mlp_name).forward(layer.post_attention_layernorm.forward(h))
-            h = res + x * rm if rm != 1.0 else res + x
-        h = a.norm.forward(h)
-        logits = F.linear(h, a.lm_head.weight, a.lm_head.bias)
-        if a.logit_scale != 1.0:
-            logits = logits / a.logit_scale
+        logits = self._blocks(h, st, nb, c, cos, sin, bias)
         st.pos[:nb] += 1
         st.col = c + 1
         return logits
@@ -889,6 +874,17 @@ class Engine:
         if st.bias is not None:
             st.bias[:nb].index_fill_(1, col, 0)
             bias = st.bias[:nb, None, None, :]
+        logits = self._blocks(h, st, nb, col, cos, sin, bias)
+        st.pos[:nb] += 1
+        st.col_t += 1
+        return logits
+
+    def _blocks(self, h, st: _FastState, nb: int, col, cos, sin, bias):
+        """Embedded tokens (nb, 1, hidden) -> logits through every layer, writing at column ``col``
+        (an int, or a one-element tensor in the static step)."""
+        import torch.nn.functional as F
+
+        a = self.arch
         rm = a.res_mult
         for kind, slot, layer in a.layers:
             res = h
@@ -905,8 +901,6 @@ class Engine:
         logits = F.linear(h, a.lm_head.weight, a.lm_head.bias)
         if a.logit_scale != 1.0:
             logits = logits / a.logit_scale
-        st.pos[:nb] += 1
-        st.col_t += 1
         return logits
 
     def _attn_step(self, attn, x, st, slot, nb, c, cos, sin, bias):

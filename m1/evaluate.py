@@ -381,16 +381,7 @@ def plot_accuracy_vs_k(summary: dict, path: str | os.PathLike, *, title: str | N
         if pts:
             ax.plot([k for k, _ in pts], [v for _, v in pts], style, label=f"{metric}@k")
     ax.set_xscale("log", base=2)
-    ax.set_xlabel("k (samples per problem)")
-    ax.set_ylabel("accuracy (%)")
-    ax.grid(True, alpha=0.3)
-    ax.legend()
-    ax.set_title(title or "accuracy vs k")
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    return path
+    return _finish(fig, ax, path, "k (samples per problem)", title or "accuracy vs k")
 
 
 def plot_accuracy_vs_seconds(series: dict[str, Sequence[tuple]], path: str | os.PathLike, *,
@@ -409,11 +400,15 @@ def plot_accuracy_vs_seconds(series: dict[str, Sequence[tuple]], path: str | os.
             if len(p) > 2:
                 ax.annotate(f"k={p[2]}", (p[0], p[1]), textcoords="offset points",
                             xytext=(4, 4), fontsize=7)
-    ax.set_xlabel("generation time (s)")
+    return _finish(fig, ax, path, "generation time (s)", title or "accuracy at a fixed time budget")
+
+
+def _finish(fig, ax, path, xlabel: str, title: str) -> Path:
+    ax.set_xlabel(xlabel)
     ax.set_ylabel("accuracy (%)")
     ax.grid(True, alpha=0.3)
     ax.legend()
-    ax.set_title(title or "accuracy at a fixed time budget")
+    ax.set_title(title)
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

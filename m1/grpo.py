@@ -341,38 +341,16 @@ def read_rl_jsonl(path: Path) -> list[RLProblem]:
 
 def load_rl_problems(task: str, limit: int | None = None, seed: int = 0) -> list[RLProblem]:
     """Problems with gold answers for ``--task`` (arith[:opts], gsm8k / gsm8k-train, a task, FILE.jsonl)."""
-    import os
-
-    from .tasks import TASKS, load_task, parse_task_spec
+    from .data import is_file_spec, task_train_problems
 
     if not task or not str(task).strip():
         raise M1Error("--task is empty: give arith[:options], gsm8k, a task name or a .jsonl file")
     task = str(task).strip()
-    if task.endswith((".jsonl", ".json")) or os.sep in task or Path(task).exists():
+    if is_file_spec(task):
         problems = read_rl_jsonl(Path(task).expanduser())
         _check_golds(problems)
         return problems if limit is None else problems[:limit]
-    spec = "gsm8k:split=train" if task == "gsm8k-train" else task
-    try:
-        name, opts = parse_task_spec(spec)
-    except ValueError as e:
-        raise M1Error(f"--task {task}: {e}") from None
-    if name not in TASKS:
-        raise M1Error(f"--task {task}: unknown task; give arith[:options], one of {', '.join(sorted(TASKS))}, "
-                      "or a .jsonl file")
-    info = TASKS[name]
-    split = opts.pop("split", "train" if "train" in info.splits else None)
-    if split is None:
-        raise M1Error(f"--task {task}: {name} has no train split (only {', '.join(info.splits)}); training on a "
-                      f"test set is allowed only when asked for explicitly: --task {name}:split={info.splits[0]}")
-    if split not in info.splits:
-        raise M1Error(f"--task {task}: {name} has no '{split}' split (it has {', '.join(info.splits)})")
-    if info.generated and limit is None and "n" not in opts:
-        limit = DEFAULT_ARITH_PROBLEMS
-    try:
-        loaded = load_task(name, split=split, limit=limit, seed=seed if info.generated else None, **opts)
-    except (ValueError, TypeError) as e:
-        raise M1Error(f"--task {task}: {e}") from None
+    name, loaded = task_train_problems(task, "--task", limit, seed, DEFAULT_ARITH_PROBLEMS, needs="RL")
     out = []
     for p in loaded:
         if p.answer is None or not str(p.answer).strip():

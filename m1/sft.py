@@ -48,7 +48,6 @@ metrics callback, final save, precision) is :mod:`m1.training`.
 from __future__ import annotations
 
 import math
-import os
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
@@ -162,34 +161,16 @@ def read_sft_jsonl(path: Path) -> list[SFTExample]:
 
 def load_sft_examples(data: str, limit: int | None = None, seed: int = 0) -> list[SFTExample]:
     """Training pairs for ``--data`` (see the module docstring)."""
-    from .tasks import TASKS, load_task, parse_task_spec
+    from .data import is_file_spec, task_train_problems
     from .tasks.prompts import build_messages
 
     if not data or not str(data).strip():
         raise M1Error("--data is empty: give gsm8k-train, arith[:options], a task name or a .jsonl file")
     data = str(data).strip()
-    if data.endswith((".jsonl", ".json")) or os.sep in data or Path(data).exists():
+    if is_file_spec(data):
         examples = read_sft_jsonl(Path(data).expanduser())
         return examples if limit is None else examples[:limit]
-    spec = "gsm8k:split=train" if data == GSM8K_TRAIN else data
-    try:
-        name, opts = parse_task_spec(spec)
-    except ValueError as e:
-        raise M1Error(f"--data {data}: {e}") from None
-    if name not in TASKS:
-        raise M1Error(f"--data {data}: unknown data; give {GSM8K_TRAIN}, a task ({', '.join(sorted(TASKS))}) "
-                      "or a .jsonl file")
-    info = TASKS[name]
-    split = opts.pop("split", "train")
-    if split not in info.splits:
-        raise M1Error(f"--data {data}: task {name} has no '{split}' split (it has {', '.join(info.splits)}); "
-                      "SFT trains on a train split")
-    if info.generated and limit is None and "n" not in opts:
-        limit = DEFAULT_ARITH_EXAMPLES
-    try:
-        problems = load_task(name, split=split, limit=limit, seed=seed if info.generated else None, **opts)
-    except (ValueError, TypeError) as e:
-        raise M1Error(f"--data {data}: {e}") from None
+    name, problems = task_train_problems(data, "--data", limit, seed, DEFAULT_ARITH_EXAMPLES, needs="SFT")
     out = []
     for p in problems:
         where = f"{name}:{p.id}"

@@ -7,26 +7,16 @@ Quirks handled here: answers are zero-padded strings in 7 rows (``"025"`` ->
 
 from __future__ import annotations
 
-import re
-
-from .base import Problem, integer_answer, read_jsonl
+from .base import Problem, aops_problems
 
 NAME = "aime24"
 SPLITS = ("test",)
 DESCRIPTION = "AIME 2024 I+II (integer answers 0-999)"
 
-_URL_RE = re.compile(r"(\d{4})_AIME_(I+)_Problems/Problem_(\d+)")
+_URL = r"(\d{4})_AIME_(I+)_Problems/Problem_(\d+)"
 
 
 def load(split: str = "test") -> list[Problem]:
     if split not in SPLITS:
         raise ValueError(f"aime24 has splits {SPLITS}, not {split!r}")
-    problems = []
-    for row in read_jsonl(NAME, "test.jsonl"):
-        m = _URL_RE.search(row.get("url", ""))
-        pid = f"{m.group(1)}-{m.group(2)}-{m.group(3)}" if m else str(row["id"])
-        problems.append(Problem(id=pid, question=row["problem"],
-                                answer=integer_answer(row["answer"]),
-                                solution=row.get("solution") or None,
-                                meta={"source_id": row["id"], "url": row.get("url")}))
-    return problems
+    return aops_problems(NAME, _URL)

@@ -67,3 +67,20 @@ def integer_answer(value: Any) -> str:
 def boxed(answer: str) -> str:
     return "\\boxed{" + answer + "}"
 
+
+
+def aops_problems(task: str, url_pattern: str) -> list[Problem]:
+    """AIME/AMC rows (``id``, ``problem``, integer ``answer``, AoPS ``url``, optional ``solution``) with
+    the readable id ``YEAR-CONTEST-N`` recovered from the AoPS URL (the numeric ids follow URL string
+    order, not problem order). ``url_pattern`` captures (year, contest, number)."""
+    import re
+
+    url_re = re.compile(url_pattern)
+    problems = []
+    for row in read_jsonl(task, "test.jsonl"):
+        m = url_re.search(row.get("url", ""))
+        pid = f"{m.group(1)}-{m.group(2)}-{m.group(3)}" if m else str(row["id"])
+        problems.append(Problem(id=pid, question=row["problem"], answer=integer_answer(row["answer"]),
+                                solution=row.get("solution") or None,
+                                meta={"source_id": row["id"], "url": row.get("url")}))
+    return problems
