@@ -26,7 +26,7 @@ from .errors import M1Error
 class Budget:
     teacher: str  # "tiny" (random, built here) or a teacher spec
     task: str  # the arith level the models are trained and judged on
-    distill_steps: int
+    distill_steps: int  # kd steps (and align steps unless distill_align_steps is set)
     distill_seq_len: int
     sft_steps: int
     sft_examples: int
@@ -42,6 +42,7 @@ class Budget:
     bench_prompt_len: int
     bench_gen_lens: tuple
     batch_size: int = 8
+    distill_align_steps: int | None = None
 
 
 BUDGETS = {
@@ -51,8 +52,9 @@ BUDGETS = {
                     eval_problems=4, eval_n=2, eval_ks=(1, 2), max_new_tokens=12, gsm8k_problems=2,
                     bench_batches=(1, 4), bench_prompt_len=8, bench_gen_lens=(16,), batch_size=4),
     # the README's main job: SmolLM2-135M on 2 CPU cores, about an hour
-    "small": Budget(teacher="smollm2-135m", task="arith:steps=2,digits=1", distill_steps=40, distill_seq_len=256,
-                    sft_steps=40, sft_examples=2000, grpo_steps=6, grpo_prompts=4, grpo_generations=4,
+    "small": Budget(teacher="smollm2-135m", task="arith:steps=2,digits=1", distill_steps=120, distill_seq_len=256,
+                    distill_align_steps=40,
+                    sft_steps=40, sft_examples=2000, grpo_steps=12, grpo_prompts=4, grpo_generations=4,
                     eval_problems=20, eval_n=4, eval_ks=(1, 2, 4), max_new_tokens=96, gsm8k_problems=10,
                     bench_batches=(1, 16), bench_prompt_len=128, bench_gen_lens=(256,)),
     # a GPU: longer training, more samples
@@ -152,10 +154,12 @@ class Demo:
         b = self.b
         cfg = DistillConfig(student=str(root / "base"), out=str(root / "distill"), teacher=teacher,
                             data="gsm8k-train", stage="both", steps=b.distill_steps, seq_len=b.distill_seq_len,
+                            align_steps=b.distill_align_steps,
                             batch_size=b.batch_size, heldout=16 if self.name != "smoke" else 4,
                             checkpoint_every=max(10, b.distill_steps // 4), bf16="on" if self.bf16 else "off")
         cmd = (f"m1 distill --student {root}/base --teacher {teacher} --data gsm8k-train --out {root}/distill "
                f"--stage both --steps {b.distill_steps} --seq-len {b.distill_seq_len} --batch-size {b.batch_size}"
+               + (f" --align-steps {b.distill_align_steps}" if b.distill_align_steps else "")
                + self.bf16_flag)
         self._stage("distill hybrid", root / "distill", cmd,
                     lambda: self._train(lambda **kw: distill(cfg, log=self.log, progress=self.progress, **kw)))

@@ -441,7 +441,13 @@ def _distill(cfg, resume, force, log, progress, on_step) -> DistillResult:
 
     # `accelerate launch --multi_gpu` / torchrun on a machine without CUDA: DDP over CPU processes (gloo)
     cpu_ddp = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
-    acc = Accelerator(cpu=cpu_ddp)
+    from accelerate.state import AcceleratorState
+
+    # a TRL trainer run earlier in this process (m1 demo's sft with --bf16 on, a notebook) leaves its
+    # mixed-precision setting in accelerate's process-wide state, which would silently autocast our
+    # forwards; precision here is ours alone (--bf16), so start from a clean state
+    AcceleratorState._reset_state()
+    acc = Accelerator(cpu=cpu_ddp, mixed_precision="no")
     from .training import resolve_precision
 
     # float32 weights, optimizer and losses; only the forwards' matmuls run in bf16 (reports stay float32)

@@ -155,6 +155,19 @@ def test_kd_in_bf16_autocast_tracks_float32(tiny_hybrid, data_file, tmp_path):
     assert rec["distill"]["precision"] == "bf16 autocast" and rec["dtype"] == "float32"
 
 
+def test_precision_left_in_accelerate_state_does_not_leak_in(tiny_hybrid, data_file, tmp_path):
+    # a TRL trainer (e.g. the demo's sft with --bf16 on) earlier in the same process leaves bf16 in
+    # accelerate's shared state; a float32 distill run afterwards must still be float32
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    clean = _run(_cfg(tiny_hybrid, data_file, tmp_path / "a", stage="kd", steps=2))
+    AcceleratorState._reset_state()
+    Accelerator(cpu=True, mixed_precision="bf16")
+    after = _run(_cfg(tiny_hybrid, data_file, tmp_path / "b", stage="kd", steps=2))
+    assert [r["loss"] for r in _metrics(clean.out)] == [r["loss"] for r in _metrics(after.out)]
+
+
 def test_bf16_on_without_bf16_hardware_is_refused(monkeypatch):
     import m1.training as sft
 
