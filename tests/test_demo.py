@@ -28,3 +28,22 @@ def test_smoke_demo_end_to_end_and_resume(tmp_path, capsys):
     assert main(["demo", "--budget", "smoke", "--out", str(out), "--no-progress"]) == 0
     err = capsys.readouterr().err
     assert err.count("done already") == 17 and "distill hybrid ..." not in err
+
+
+def test_small_budget_follows_the_hardware(monkeypatch, tmp_path):
+    import torch
+
+    import m1.training as training
+    from m1.demo import BUDGETS, Demo
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(training, "cpu_bf16_supported", lambda: True)
+    fast = Demo("small", tmp_path, log=lambda m: None)
+    assert fast.bf16 and fast.b == BUDGETS["small"] and fast.b.distill_steps == 120
+    monkeypatch.setattr(training, "cpu_bf16_supported", lambda: False)
+    said = []
+    slow = Demo("small", tmp_path, log=said.append)
+    assert not slow.bf16 and slow.bf16_flag == " --bf16 off"
+    assert (slow.b.distill_steps, slow.b.grpo_steps, slow.b.distill_align_steps) == (40, 6, 40)
+    assert any("float32" in m for m in said)
+    assert Demo("smoke", tmp_path, log=lambda m: None).b == BUDGETS["smoke"]  # smoke is never cut
