@@ -330,3 +330,32 @@ def test_cuda_engine_matches_cpu_reference(tiny_hybrid, compile):
     for _ in range(2):  # the second run replays what the first compiled
         got = eng.generate(PROMPTS[:2], params)
         assert [[c.token_ids for c in o.completions] for o in got] == [[c.token_ids for c in o.completions] for o in ref]
+
+
+def test_bf16_cpu_decode_uses_bucketed_key_lengths(tiny_hybrid, monkeypatch):
+    """bf16 on CPU: the attention reads key lengths in multiples of KEY_BUCKET (masked beyond the
+    sequence), so oneDNN sees few shapes; the tokens equal those of exact-length attention."""
+    import m1.engine as engine_mod
+    from m1.checkpoint import load_model
+
+    model, tok = load_model(tiny_hybrid, dtype=torch.bfloat16)
+    eng = Engine(model, tok)
+    params = [SamplingParams(n=2, max_new_tokens=40, temperature=0.8, seed=7 * i, ignore_eos=True) for i in range(4)]
+    monkeypatch.setattr(engine_mod, "KEY_BUCKET", 16)
+    lengths, real = set(), torch.matmul
+
+    def spy(a, b):
+        if a.dim() == 4 and b.dim() == 4 and a.shape[-2] * a.shape[1] == model.config.num_attention_heads \
+                and b.shape[-1] != a.shape[-1]:
+            lengths.add(b.shape[-1])  # q (nb, KV, H/KV, hd) @ K^T (nb, KV, hd, keys)
+        return real(a, b)
+
+    monkeypatch.setattr(torch, "matmul", spy)
+    bucketed = eng.generate(PROMPTS, params)
+    monkeypatch.setattr(torch, "matmul", real)
+    # multiples of the bucket, the last one capped at the state's capacity
+    assert len(lengths) >= 2 and all(n % 16 == 0 for n in sorted(lengths)[:-1]) and len(lengths) <= 5
+    monkeypatch.setattr(engine_mod, "KEY_BUCKET", 0)
+    exact = eng.generate(PROMPTS, params)
+    assert [[c.token_ids for c in r.completions] for r in bucketed] == [[c.token_ids for c in r.completions]
+                                                                        for r in exact]
