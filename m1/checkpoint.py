@@ -78,23 +78,32 @@ def check_model_dir(directory: str | os.PathLike) -> Path:
     return d
 
 
+def read_pretrained(directory, dtype, what: str = "model"):
+    """(model, tokenizer) straight from ``from_pretrained``, failures as one-line M1Errors. The Mamba2
+    scan is routed to the Triton kernel first (CUDA + fla-core; a no-op elsewhere)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .kernels import enable as enable_fast_scan
+
+    enable_fast_scan()
+    try:
+        model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype)
+    except Exception as e:
+        raise M1Error(f"cannot load the {what} in {directory}: {type(e).__name__}: "
+                      f"{str(e).splitlines()[0][:300] if str(e) else ''}") from None
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(directory)
+    except Exception as e:
+        raise M1Error(f"cannot load the tokenizer in {directory}: {type(e).__name__}") from None
+    return model, tokenizer
+
+
 def load_model(directory: str | os.PathLike, dtype=None, device: str | None = None):
     """Load (model, tokenizer) from an m1 or plain HF checkpoint directory, with clear errors."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     d = check_model_dir(directory)
-    from .kernels import enable as enable_fast_scan
-
-    enable_fast_scan()  # CUDA + fla-core: Triton Mamba2 scan; a no-op elsewhere
-    try:
-        model = AutoModelForCausalLM.from_pretrained(d, dtype=dtype or "auto")
-    except Exception as e:
-        raise M1Error(f"cannot load the model in {d}: {type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}") from None
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(d)
-    except Exception as e:
-        raise M1Error(f"cannot load the tokenizer in {d}: {type(e).__name__}") from None
+    model, tokenizer = read_pretrained(d, dtype or "auto")
     if device:
         model.to(torch.device(device))
     model.eval()

@@ -218,20 +218,9 @@ def _config_diff(saved: dict, now: dict) -> list[str]:
 
 
 def _load_student(directory, dtype):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from .checkpoint import read_pretrained
 
-    from .kernels import enable as enable_fast_scan
-
-    enable_fast_scan()  # CUDA + fla-core: Triton Mamba2 scan; a no-op elsewhere
-    try:
-        model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype)
-    except Exception as e:
-        raise M1Error(f"cannot load the student in {directory}: {type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}") from None
-    try:
-        tok = AutoTokenizer.from_pretrained(directory)
-    except Exception as e:
-        raise M1Error(f"cannot load the tokenizer in {directory}: {type(e).__name__}") from None
-    return model, tok
+    return read_pretrained(directory, dtype, what="student")
 
 
 def check_compatible(student, teacher, s_tok, t_tok, need_layers: bool) -> None:

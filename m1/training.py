@@ -261,20 +261,10 @@ def _clean_config(path: Path) -> None:
 def load_policy(directory: Path, log):
     """(model, tokenizer) for training: float32 master weights, a pad token, right-size chat template check."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .kernels import enable as enable_fast_scan
+    from .checkpoint import read_pretrained
 
-    enable_fast_scan()  # CUDA + fla-core: Triton Mamba2 scan; a no-op elsewhere
-    try:
-        model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
-    except Exception as e:
-        raise M1Error(f"cannot load the model in {directory}: {type(e).__name__}: "
-                      f"{str(e).splitlines()[0][:300] if str(e) else ''}") from None
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(directory)
-    except Exception as e:
-        raise M1Error(f"cannot load the tokenizer in {directory}: {type(e).__name__}") from None
+    model, tokenizer = read_pretrained(directory, torch.float32)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     if not getattr(tokenizer, "chat_template", None):
