@@ -13,6 +13,7 @@ same engine (``m1.engine``) with EOS ignored.
 
 from __future__ import annotations
 
+import gc
 import json
 import time
 from dataclasses import asdict, dataclass
@@ -47,6 +48,7 @@ class BenchRow:
     peak_memory_bytes: int | None
     bytes_per_step: float  # weights + mean per-step state read, averaged over the generation
     roofline_fraction: float | None = None  # CUDA only
+    at_max_batch: bool = False  # --batch max: the largest batch that fits this model (ratios pair these)
     ratio: float | None = None  # hybrid tokens/s / baseline tokens/s (hybrid rows)
     byte_limit_ratio: float | None = None
     fraction_of_limit: float | None = None
@@ -101,11 +103,66 @@ class _NullTokenizer:
         return [""] * len(ids) if isinstance(ids, list) else ""
 
 
-def state_bytes_per_row(cfg, length: int, esize: int) -> int:
-    from .info import state_sizes
+SSM_ESIZE = 4  # the engine keeps the Mamba SSM state in float32 (as transformers' scan returns it)
 
-    kv, mamba = state_sizes(cfg.to_dict())
-    return kv * length * esize + mamba * esize
+
+def state_bytes_per_row(cfg, length: int, esize: int) -> int:
+    """Decode state of one sequence of ``length`` tokens as the engine holds it: K/V and the Mamba
+    conv window in the model dtype (``esize`` bytes), the SSM state in float32."""
+    from .info import mamba_state_sizes, state_sizes
+
+    kv, _ = state_sizes(cfg.to_dict())
+    conv, ssm = mamba_state_sizes(cfg.to_dict())
+    return kv * length * esize + conv * esize + ssm * SSM_ESIZE
+
+
+def step_bytes_per_row(cfg, context: int, esize: int) -> int:
+    """Bytes one decode step moves for one sequence at ``context`` tokens: its K/V are read, its Mamba
+    state read and written back (conv window and SSM state)."""
+    from .info import mamba_state_sizes
+
+    conv, ssm = mamba_state_sizes(cfg.to_dict())
+    return state_bytes_per_row(cfg, context, esize) + conv * esize + ssm * SSM_ESIZE
+
+
+def largest_batch(engine, prompt_len: int, gen_len: int) -> int:
+    """Most sequences of ``prompt_len + gen_len`` tokens whose decode state fits the free memory.
+
+    Counts what the engine allocates per row (K/V at full capacity, Mamba state) plus the step's
+    per-row temporaries (logits in the model dtype and float32, float32 attention scores), and keeps
+    8% of the device (at least 2 GiB) for the allocator, prefill and libraries."""
+    import torch
+
+    model = engine.model
+    cfg = model.config
+    dev = engine.device
+    cap = -(-(prompt_len + gen_len) // 256) * 256
+    esize = next(model.parameters()).element_size()
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
+        free, total = torch.cuda.mem_get_info(dev)
+    else:
+        free = total = _available_ram()
+    heads = cfg.num_attention_heads
+    per_row = (engine._row_bytes(cap) + cfg.vocab_size * (esize + 8) + heads * cap * (4 + 2 * esize)
+               + 4 * cfg.intermediate_size * esize)
+    room = free - max(2 << 30, int(0.08 * total))
+    if room < per_row:
+        raise M1Error(f"not even one sequence of {prompt_len + gen_len} tokens fits the free memory "
+                      f"({free / 2**30:.1f} GiB) beside the model")
+    return int(room // per_row)
+
+
+def _available_ram() -> int:
+    try:
+        for line in open("/proc/meminfo"):
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import os
+
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
 
 
 def weight_bytes(model) -> int:
@@ -137,7 +194,9 @@ def measure(engine, name: str, batch: int, prompt_len: int, gen_len: int, bandwi
             torch.cuda.synchronize()
         return time.perf_counter() - t0
 
-    run(2)  # warm-up (allocations, lazy init, compile)
+    # warm-up (allocations, lazy init, CUDA graph capture): a short generation in full, so the timed run
+    # replays graphs; a long one pays its ~cap/256 captures inside the timed run (under 2% of it)
+    run(gen_len if gen_len <= 1024 else 2)
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
     ttft = run(1)
@@ -145,7 +204,7 @@ def measure(engine, name: str, batch: int, prompt_len: int, gen_len: int, bandwi
     decode = max(total - ttft, 1e-9)
     esize = next(model.parameters()).element_size()
     mean_ctx = prompt_len + gen_len / 2
-    per_step = weight_bytes(model) + batch * state_bytes_per_row(model.config, int(mean_ctx), esize)
+    per_step = weight_bytes(model) + batch * step_bytes_per_row(model.config, int(mean_ctx), esize)
     step_s = decode / max(gen_len - 1, 1)
     peak = None
     if dev.type == "cuda":
@@ -181,21 +240,27 @@ def measure_bandwidth(device) -> float | None:
     return 2 * x.numel() * reps / (time.perf_counter() - t0)
 
 
-def parse_ints(text, what: str) -> list[int]:
+def parse_ints(text, what: str, allow_max: bool = False) -> list:
+    """Comma-separated positive integers (and, where ``allow_max``, the word ``max``)."""
     try:
-        values = [int(v) for v in str(text).split(",") if v.strip()]
+        values = [v.strip() if allow_max and v.strip() == "max" else int(v) for v in str(text).split(",")
+                  if v.strip()]
     except ValueError:
         raise M1Error(f"{what} must be comma-separated positive integers, got '{text}'") from None
-    if not values or any(v <= 0 for v in values):
-        raise M1Error(f"{what} must be positive integers, got '{text}'")
+    if not values or any(v != "max" and v <= 0 for v in values):
+        raise M1Error(f"{what} must be positive integers{' or max' if allow_max else ''}, got '{text}'")
     return values
 
 
 def run_bench(shape: str | None = None, model: str | None = None, baseline: str | None = None,
               layout: str = "m1", batches=(1, 16), prompt_len: int = 256, gen_lens=(1024,),
               dtype: str = "float32", device: str = "cpu", json_path=None, plot_path=None, log=print,
-              labels: tuple[str, str] | None = None) -> list[BenchRow]:
-    """Benchmark a --shape pair or a --model [--baseline] pair; ``labels`` names the two in the output."""
+              labels: tuple[str, str] | None = None, cuda_graphs: bool = True) -> list[BenchRow]:
+    """Benchmark a --shape pair or a --model [--baseline] pair; ``labels`` names the two in the output.
+
+    ``batches`` may hold ``"max"``: each model at the largest batch whose state fits (see
+    :func:`largest_batch`), the ratio then compares the two maxima. Rows are written to ``json_path``
+    as they are measured."""
     import torch
 
     from .engine import Engine
@@ -206,7 +271,7 @@ def run_bench(shape: str | None = None, model: str | None = None, baseline: str 
         raise M1Error(f"--dtype must be float32, bfloat16 or float16, got '{dtype}'")
     if prompt_len <= 0:
         raise M1Error(f"--prompt-len must be positive, got {prompt_len}")
-    if any(b <= 0 for b in batches) or any(g <= 0 for g in gen_lens):
+    if any(b != "max" and b <= 0 for b in batches) or any(g <= 0 for g in gen_lens):
         raise M1Error("--batch and --gen-len values must be positive")
     tdtype = getattr(torch, dtype)
     from .kernels import enable as enable_fast_scan
@@ -241,36 +306,64 @@ def run_bench(shape: str | None = None, model: str | None = None, baseline: str 
         ctx = context or getattr(m.config, "max_position_embeddings", None)
         if ctx and prompt_len + max(gen_lens) > ctx:
             raise M1Error(f"--prompt-len {prompt_len} + --gen-len {max(gen_lens)} exceeds the model context of {ctx} tokens")
-        engine = Engine(m, _NullTokenizer())
+        # one group per run: the engine's own limits (256 rows, half the free memory) would split it
+        engine = Engine(m, _NullTokenizer(), max_cache_bytes=1 << 62,
+                        cuda_graphs=cuda_graphs and device.startswith("cuda"),
+                        max_batch_size=max([b for b in batches if b != "max"], default=1))
         for g in gen_lens:
             for b in batches:
+                at_max = b == "max"
+                if at_max:
+                    engine._state = None  # free the last run's buffers before measuring what fits
+                    b = largest_batch(engine, prompt_len, g)
+                    engine.max_batch_size = max(engine.max_batch_size, b)
+                    log(f"{name}: largest batch that fits at {prompt_len}+{g} tokens: {b}")
                 row = measure(engine, name, b, prompt_len, g, bandwidth)
+                row.at_max_batch = at_max
                 log(f"{name:32s} batch {b:4d} gen {g:6d}: {row.decode_tokens_per_s:10.1f} tok/s, "
-                    f"TTFT {row.ttft_s:.3f}s, state {row.state_bytes / 2**20:.1f} MiB")
+                    f"TTFT {row.ttft_s:.3f}s, state {row.state_bytes / 2**20:.1f} MiB"
+                    + (f", roofline {row.roofline_fraction:.0%}" if row.roofline_fraction else ""))
                 rows.append(row)
+                _add_ratios(rows, list(models))
+                if json_path:
+                    _write_json(json_path, device, dtype, bandwidth, scan_backend(device), engine, rows)
         del m, engine
-    _add_ratios(rows, list(models))
-    if json_path:
-        Path(json_path).parent.mkdir(parents=True, exist_ok=True)
-        Path(json_path).write_text(json.dumps({"device": device, "dtype": dtype, "bandwidth_bytes_per_s": bandwidth,
-                                               "mamba_scan": scan_backend(device),
-                                               "rows": [asdict(r) for r in rows]}, indent=2))
+        gc.collect()  # the engine holds bound methods of itself (a cycle): free its buffers and graphs now
+        if device.startswith("cuda"):
+            torch.cuda.empty_cache()
     if plot_path:
         plot(rows, plot_path)
     return rows
 
 
+def _write_json(path, device, dtype, bandwidth, scan, engine, rows) -> None:
+    import torch
+
+    meta = {"device": device, "dtype": dtype, "bandwidth_bytes_per_s": bandwidth, "mamba_scan": scan,
+            "decode": "cuda graphs" if engine.graphs else ("torch.compile" if engine.compiled else "eager"),
+            "torch": torch.__version__}
+    if device.startswith("cuda"):
+        meta["gpu"] = torch.cuda.get_device_name(device)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps({**meta, "rows": [asdict(r) for r in rows]}, indent=2))
+    tmp.replace(path)
+
+
 def _add_ratios(rows: list[BenchRow], names: list[str]) -> None:
-    """Hybrid (first model) vs baseline (second) at equal batch and length."""
+    """Hybrid (first model) vs baseline (second) at equal batch and length (or both at their max batch)."""
     if len(names) < 2:
         return
-    base = {(r.batch, r.gen_len): r for r in rows if r.model == names[1]}
+    key = lambda r: ("max" if r.at_max_batch else r.batch, r.gen_len)  # noqa: E731
+    base = {key(r): r for r in rows if r.model == names[1]}
     for r in rows:
-        b = base.get((r.batch, r.gen_len))
+        b = base.get(key(r))
         if r.model != names[0] or b is None:
             continue
         r.ratio = round(r.decode_tokens_per_s / b.decode_tokens_per_s, 3)
-        r.byte_limit_ratio = round(b.bytes_per_step / r.bytes_per_step, 3)
+        # tokens per byte moved, hybrid over baseline (= bytes ratio at equal batch)
+        r.byte_limit_ratio = round((r.batch / r.bytes_per_step) / (b.batch / b.bytes_per_step), 3)
         r.fraction_of_limit = round(r.ratio / r.byte_limit_ratio, 3)
 
 
@@ -279,7 +372,7 @@ def markdown_table(rows: list[BenchRow]) -> str:
             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     fmt = lambda v, f: "" if v is None else format(v, f)  # noqa: E731
     lines = [head] + [
-        f"| {r.model} | {r.batch} | {r.gen_len} | {r.decode_tokens_per_s:.1f} | {r.ttft_s:.3f} | "
+        f"| {r.model} | {r.batch}{' (max)' if r.at_max_batch else ''} | {r.gen_len} | {r.decode_tokens_per_s:.1f} | {r.ttft_s:.3f} | "
         f"{r.state_bytes / 2**20:.1f} | {fmt(r.ratio, '.2f')} | {fmt(r.byte_limit_ratio, '.2f')} | "
         f"{fmt(r.fraction_of_limit, '.0%')} | {fmt(r.roofline_fraction, '.0%')} |" for r in rows]
     return "\n".join(lines)

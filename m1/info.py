@@ -45,6 +45,20 @@ def layer_types(cfg: dict) -> list[str]:
     return ["attention"] * n
 
 
+def mamba_state_sizes(cfg: dict) -> tuple[int, int]:
+    """(conv-state values, SSM-state values) per sequence over all Mamba layers (0, 0 without Mamba)."""
+    types = layer_types(cfg)
+    if "mamba" not in types:
+        return 0, 0
+    inner = int(cfg.get("mamba_expand", 2) * cfg["hidden_size"])
+    n_groups, d_state = cfg.get("mamba_n_groups", 1), cfg.get("mamba_d_state", 256)
+    m_heads = cfg.get("mamba_n_heads", 128)
+    d_head = cfg.get("mamba_d_head") or inner // m_heads
+    conv_dim = inner + 2 * n_groups * d_state
+    n = types.count("mamba")
+    return n * conv_dim * cfg.get("mamba_d_conv", 4), n * m_heads * d_head * d_state
+
+
 def state_sizes(cfg: dict) -> tuple[int, int]:
     """(KV values per token over all attention layers, Mamba state values per sequence)."""
     types = layer_types(cfg)
@@ -52,16 +66,7 @@ def state_sizes(cfg: dict) -> tuple[int, int]:
     head_dim = cfg.get("head_dim") or cfg["hidden_size"] // heads
     kv_heads = cfg.get("num_key_value_heads") or heads
     kv = types.count("attention") * 2 * kv_heads * head_dim
-    mamba = 0
-    if "mamba" in types:
-        inner = int(cfg.get("mamba_expand", 2) * cfg["hidden_size"])
-        n_groups, d_state = cfg.get("mamba_n_groups", 1), cfg.get("mamba_d_state", 256)
-        m_heads = cfg.get("mamba_n_heads", 128)
-        d_head = cfg.get("mamba_d_head") or inner // m_heads
-        conv_dim = inner + 2 * n_groups * d_state
-        per_layer = conv_dim * cfg.get("mamba_d_conv", 4) + m_heads * d_head * d_state
-        mamba = types.count("mamba") * per_layer
-    return kv, mamba
+    return kv, sum(mamba_state_sizes(cfg))
 
 
 def model_info(directory) -> ModelInfo:

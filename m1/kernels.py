@@ -48,6 +48,8 @@ def scan_backend(device) -> str:
     if mamba_ssm_available():
         return "mamba_ssm"
     if fla_available() and _PATCHED:
+        if not fla_backward_ok(dev):
+            return "fla chunk_simple_gla (Triton) for inference; torch scan for training (fla backward off on this GPU/Triton)"
         return "fla chunk_simple_gla (Triton)"
     return "torch (transformers' chunked scan; install fla-core for the Triton kernel)"
 
@@ -131,10 +133,42 @@ def ssd_via_simple_gla(hidden_states, dt, A, B, C, chunk_size=None, D=None, dt_b
     return (y, final.float()) if return_final_states else y
 
 
+def fla_backward_ok(device) -> bool:
+    """Whether fla's simple-GLA *backward* gives correct gradients on ``device``.
+
+    fla-core refuses its gated backward on Hopper (sm_90) with Triton >= 3.4.0 and < 3.7.1 (a Triton
+    miscompile, fla issue #640) unless tilelang is installed; seen on an H100 with torch 2.11 /
+    Triton 3.6. Training there falls back to transformers' torch scan (forward-only use, i.e. prefill
+    and generation, keeps the kernel)."""
+    import torch
+
+    dev = torch.device(device)
+    if dev.type != "cuda":
+        return False
+    if torch.cuda.get_device_capability(dev)[0] != 9 or importlib.util.find_spec("tilelang") is not None:
+        return True
+    try:
+        import triton
+        from packaging.version import Version
+
+        v = Version(triton.__version__.split("+")[0])
+    except Exception:  # unknown version: trust fla's own check to raise if needed
+        return True
+    return not (Version("3.4.0") <= v < Version("3.7.1"))
+
+
+def _needs_grad(*tensors) -> bool:
+    import torch
+
+    return torch.is_grad_enabled() and any(torch.is_tensor(t) and t.requires_grad for t in tensors)
+
+
 def _dispatcher(original):
     def mamba2_chunk_scan(hidden_states, dt, A, B, C, chunk_size, *args, **kwargs):
         if hidden_states.is_cuda and not mamba_ssm_available():
-            return ssd_via_simple_gla(hidden_states, dt, A, B, C, chunk_size, *args, **kwargs)
+            if not (_needs_grad(hidden_states, dt, A, B, C, *args, *kwargs.values())
+                    and not fla_backward_ok(hidden_states.device)):
+                return ssd_via_simple_gla(hidden_states, dt, A, B, C, chunk_size, *args, **kwargs)
         return original(hidden_states, dt, A, B, C, chunk_size, *args, **kwargs)
 
     mamba2_chunk_scan.__wrapped__ = original

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from m1.bench import BenchRow, _add_ratios, layout_layers, markdown_table, parse_ints, state_bytes_per_row
+from m1.bench import (BenchRow, _add_ratios, layout_layers, markdown_table, parse_ints, state_bytes_per_row,
+                      step_bytes_per_row)
 from m1.cli import main
 from m1.errors import M1Error
 
@@ -31,8 +32,37 @@ def test_state_bytes_grow_only_for_attention_layers(tiny_hybrid):
     cfg = AutoConfig.from_pretrained(tiny_hybrid)
     kv_per_token = 2 * 2 * 2 * 16  # 2 attention layers x K,V x 2 KV heads x head_dim 16
     assert state_bytes_per_row(cfg, 100, 4) - state_bytes_per_row(cfg, 10, 4) == 90 * kv_per_token * 4
-    mamba = 2 * ((64 + 2 * 4 * 16) * 4 + 4 * 16 * 16)
-    assert state_bytes_per_row(cfg, 0, 2) == mamba * 2
+    conv, ssm = 2 * (64 + 2 * 4 * 16) * 4, 2 * 4 * 16 * 16  # 2 Mamba layers: conv window, SSM state
+    assert state_bytes_per_row(cfg, 0, 2) == conv * 2 + ssm * 4  # the SSM state is kept in float32
+    assert step_bytes_per_row(cfg, 0, 2) == 2 * (conv * 2 + ssm * 4)  # read and written back each step
+
+
+def test_max_batch_pairs_the_two_maxima():
+    rows = [_row("h", 300, 900.0, 100.0), _row("b", 70, 300.0, 400.0), _row("h", 16, 50.0, 10.0),
+            _row("b", 16, 40.0, 12.0)]
+    rows[0].at_max_batch = rows[1].at_max_batch = True
+    _add_ratios(rows, ["h", "b"])
+    # tokens per byte: hybrid 300 rows / 100 bytes, baseline 70 / 400 -> limit 17.14x
+    assert rows[0].ratio == 3.0 and rows[0].byte_limit_ratio == 17.143 and rows[2].ratio == 1.25
+    assert "| h | 300 (max) |" in markdown_table(rows)
+    assert parse_ints("1,max", "--batch", allow_max=True) == [1, "max"]
+    with pytest.raises(M1Error, match="positive"):
+        parse_ints("max", "--batch")
+
+
+def test_largest_batch_counts_the_state_at_full_length(tiny_hybrid, monkeypatch):
+    import m1.bench as bench
+    from m1.checkpoint import load_model
+    from m1.engine import Engine
+
+    model, _ = load_model(tiny_hybrid)
+    eng = Engine(model, bench._NullTokenizer())
+    monkeypatch.setattr(bench, "_available_ram", lambda: 40 << 30)
+    short, long = bench.largest_batch(eng, 256, 256), bench.largest_batch(eng, 256, 4096)
+    assert short > long > 0  # longer generations hold more K/V per row
+    monkeypatch.setattr(bench, "_available_ram", lambda: 1 << 30)
+    with pytest.raises(M1Error, match="not even one sequence"):
+        bench.largest_batch(eng, 256, 4096)
 
 
 def test_layouts():

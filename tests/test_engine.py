@@ -311,25 +311,59 @@ def test_engine_first_token_distribution(models):
     assert chi2 < _chi2_limit(int(live.sum()) - 1), (chi2, counts[live], expected[live])
 
 
+def test_static_step_with_key_buckets_equals_fast_step(tiny_hybrid, monkeypatch):
+    """The static-shape step that CUDA graphs capture (rows padded to a power of two after rows
+    finish, keys read in buckets, buffers reset and reused by the next group), run eagerly here:
+    the same samples as the dynamic fast step."""
+    import m1.engine as engine_mod
+    from m1.checkpoint import load_model
+
+    model, tok = load_model(tiny_hybrid)
+    monkeypatch.setattr(engine_mod, "GRAPH_KEY_BUCKET", 8)
+    params = [SamplingParams(n=3, max_new_tokens=9 + 7 * i, temperature=0.9, seed=i, ignore_eos=True)
+              for i in range(3)]
+    params[1].max_new_tokens = 30  # rows end at different steps: compaction, nbb 9 -> 8 -> 4 ...
+    want = Engine(model, tok).generate(PROMPTS[:3], params)
+    eng = Engine(model, tok)
+    eng._static = "graphs"  # on CPU the graph step runs its static step eagerly
+    widths = []
+    real = eng._static_step
+    eng._static_step = lambda st, toks, kb=None: widths.append((len(toks), kb)) or real(st, toks, kb)
+    for _ in range(2):  # the second call resets and reuses the first call's buffers
+        got = eng.generate(PROMPTS[:3], params)
+        assert [[c.token_ids for c in o.completions] for o in got] == [[c.token_ids for c in o.completions]
+                                                                      for o in want]
+    assert eng._state is not None and eng._state.rows == 9
+    assert {w for w, _ in widths} >= {9, 8, 4} and {kb for _, kb in widths} >= {16, 24, 32}
+    assert all(kb % 8 == 0 or kb == eng._state.cap for _, kb in widths)
+
+
 # ------------------------------------------------------------------------------------ GPU only
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 
 @pytest.mark.gpu
 @needs_cuda
-@pytest.mark.parametrize("compile", [False, True])
-def test_cuda_engine_matches_cpu_reference(tiny_hybrid, compile):
-    """On CUDA (eager, and compiled with CUDA graphs) the samples equal the CPU reference backend."""
+@pytest.mark.parametrize("mode", ["eager", "graphs", "compile"])
+def test_cuda_engine_matches_cpu_reference(tiny_hybrid, mode):
+    """On CUDA (eager, CUDA graphs, torch.compile) greedy samples equal the CPU reference backend."""
     from m1.checkpoint import load_model
 
     params = [SamplingParams(n=3, max_new_tokens=16, temperature=0), SamplingParams(n=2, max_new_tokens=12, temperature=0)]
     model, tok = load_model(tiny_hybrid)
     ref = Engine(model, tok, backend="hf").generate(PROMPTS[:2], params)
     gpu_model, _ = load_model(tiny_hybrid, device="cuda")
-    eng = Engine(gpu_model, tok, compile=compile)
-    for _ in range(2):  # the second run replays what the first compiled
+    eng = Engine(gpu_model, tok, compile=mode == "compile", cuda_graphs=mode == "graphs")
+    assert eng._static == {"eager": None, "graphs": "graphs", "compile": "compile"}[mode]
+    for _ in range(2):  # the second run replays what the first compiled / captured
         got = eng.generate(PROMPTS[:2], params)
         assert [[c.token_ids for c in o.completions] for o in got] == [[c.token_ids for c in o.completions] for o in ref]
+    # a group of another shape frees the buffers and graphs, then captures anew (a later pool)
+    short = [SamplingParams(n=1, max_new_tokens=3, temperature=0)] * 2
+    assert [o.completions[0].token_ids for o in eng.generate(PROMPTS[:2], short)] == \
+        [o.completions[0].token_ids[:3] for o in ref]
+    got = eng.generate(PROMPTS[:2], params)
+    assert [[c.token_ids for c in o.completions] for o in got] == [[c.token_ids for c in o.completions] for o in ref]
 
 
 def test_bf16_cpu_decode_uses_bucketed_key_lengths(tiny_hybrid, monkeypatch):

@@ -21,11 +21,14 @@ def register(sub) -> None:
     src.add_argument("--model", help="checkpoint directory (the hybrid)")
     p.add_argument("--baseline", help="with --model: the checkpoint to compare against (e.g. the teacher)")
     p.add_argument("--layout", default="m1", help="with --shape: m1 (1 in 5 attention) | all-attention | FRACTION")
-    p.add_argument("--batch", default="1,16", help="comma-separated batch sizes (default 1,16)")
+    p.add_argument("--batch", default="1,16",
+                   help="comma-separated batch sizes; 'max' = the largest batch whose state fits, per model (default 1,16)")
     p.add_argument("--prompt-len", type=int, default=256)
     p.add_argument("--gen-len", default="1024", help="comma-separated generation lengths (default 1024)")
     p.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16")
     p.add_argument("--device", default="cpu", help="cpu | cuda")
+    p.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
+                   help="on CUDA, decode eagerly instead of replaying CUDA graphs (to see what they buy)")
     p.add_argument("--json", dest="json_path", help="write all rows as JSON here")
     p.add_argument("--plot", dest="plot_path", help="PNG of tokens/s vs batch (default: beside --json)")
     p.set_defaults(func=run)
@@ -36,7 +39,7 @@ def run(a) -> None:
 
     plot_path = a.plot_path or (a.json_path.rsplit(".", 1)[0] + ".png" if a.json_path else None)
     rows = run_bench(shape=a.shape, model=a.model, baseline=a.baseline, layout=a.layout,
-                     batches=parse_ints(a.batch, "--batch"), prompt_len=a.prompt_len,
+                     batches=parse_ints(a.batch, "--batch", allow_max=True), prompt_len=a.prompt_len,
                      gen_lens=parse_ints(a.gen_len, "--gen-len"), dtype=a.dtype, device=a.device,
-                     json_path=a.json_path, plot_path=plot_path, log=lambda m: print(m, file=sys.stderr))
+                     json_path=a.json_path, plot_path=plot_path, cuda_graphs=a.cuda_graphs, log=lambda m: print(m, file=sys.stderr))
     print(markdown_table(rows))
