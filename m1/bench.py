@@ -255,7 +255,8 @@ def parse_ints(text, what: str, allow_max: bool = False) -> list:
 def run_bench(shape: str | None = None, model: str | None = None, baseline: str | None = None,
               layout: str = "m1", batches=(1, 16), prompt_len: int = 256, gen_lens=(1024,),
               dtype: str = "float32", device: str = "cpu", json_path=None, plot_path=None, log=print,
-              labels: tuple[str, str] | None = None, cuda_graphs: bool = True) -> list[BenchRow]:
+              labels: tuple[str, str] | None = None, cuda_graphs: bool = True,
+              fused_decode: bool = False, compile: bool = False) -> list[BenchRow]:
     """Benchmark a --shape pair or a --model [--baseline] pair; ``labels`` names the two in the output.
 
     ``batches`` may hold ``"max"``: each model at the largest batch whose state fits (see
@@ -308,7 +309,8 @@ def run_bench(shape: str | None = None, model: str | None = None, baseline: str 
             raise M1Error(f"--prompt-len {prompt_len} + --gen-len {max(gen_lens)} exceeds the model context of {ctx} tokens")
         # one group per run: the engine's own limits (256 rows, half the free memory) would split it
         engine = Engine(m, _NullTokenizer(), max_cache_bytes=1 << 62,
-                        cuda_graphs=cuda_graphs and device.startswith("cuda"),
+                        cuda_graphs=cuda_graphs and device.startswith("cuda"), fused_decode=fused_decode,
+                        compile=compile,
                         max_batch_size=max([b for b in batches if b != "max"], default=1))
         for g in gen_lens:
             for b in batches:
@@ -341,6 +343,7 @@ def _write_json(path, device, dtype, bandwidth, scan, engine, rows) -> None:
 
     meta = {"device": device, "dtype": dtype, "bandwidth_bytes_per_s": bandwidth, "mamba_scan": scan,
             "decode": "cuda graphs" if engine.graphs else ("torch.compile" if engine.compiled else "eager"),
+            "mamba_state_step": engine._state_step.__name__,
             "torch": torch.__version__}
     if device.startswith("cuda"):
         meta["gpu"] = torch.cuda.get_device_name(device)

@@ -538,6 +538,7 @@ def engine_rollout(max_batch_size: int | None = None):
         try:
             outs = eng.generate([g[0] for g in groups], params)
         finally:
+            eng.release()  # the training step needs that memory back
             model.train(was_training)
         prompt_ids, completion_ids = [], []
         for (p_ids, _), o in zip(groups, outs):

@@ -192,3 +192,100 @@ def disable() -> None:
     for mod, original in list(_PATCHED.items()):
         mod.mamba2_chunk_scan = original
         del _PATCHED[mod]
+
+
+# ------------------------------------------------------------------------- decode: one token
+def mamba_state_step(state, x, dt, A, B, C):
+    """One Mamba2 token for every row, updating ``state`` in place (the reference, plain torch):
+
+        state <- exp(A dt) state + (dt x) B^T      y = state C          (per row and head)
+
+    state: (b, h, p, n) float32   x: (b, h, p)   dt: (b, h) (softplus'ed)   A: (h,)
+    B, C: (b, g, n) with h % g == 0   -> y: (b, h, p) float32 (D x and the gate are the caller's).
+    Four passes over the state (decay, rank-1 update, output product; see ``mamba_state_step_fused``)."""
+    import torch
+
+    b, h, p, n = state.shape
+    rep = h // B.shape[1]
+    Bh = B.float().repeat_interleave(rep, dim=1)  # (b, h, n)
+    Ch = C.float().repeat_interleave(rep, dim=1)
+    dtf = dt.float()
+    state.mul_(torch.exp(dtf * A.float())[:, :, None, None])
+    state.view(b * h, p, n).baddbmm_((x.float() * dtf[:, :, None]).reshape(b * h, p, 1), Bh.reshape(b * h, 1, n))
+    return torch.bmm(state.view(b * h, p, n), Ch.reshape(b * h, n, 1)).view(b, h, p)
+
+
+_DECODE_KERNELS = {}
+
+
+def _decode_kernel(interpret: bool):
+    """The Triton kernel of ``mamba_state_step_fused`` (built on first use; ``interpret`` = Triton's
+    CPU interpreter, for tests without a GPU)."""
+    if interpret in _DECODE_KERNELS:
+        return _DECODE_KERNELS[interpret]
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def kernel(S, X, DT, A, B, C, Y, H, REP, sS_b, sS_h, sS_p, sX_b, sX_h, sDT_b, sB_b, sB_g, sC_b, sC_g,
+               sY_b, sY_h, P: tl.constexpr, N: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr):
+        # one program: row b, head h, a block of BP of the head's p channels, all n state columns
+        pid = tl.program_id(0)
+        b = pid // H
+        h = pid % H
+        g = h // REP
+        offs_p = tl.program_id(1) * BP + tl.arange(0, BP)
+        offs_n = tl.arange(0, BN)
+        mp = offs_p < P
+        mn = offs_n < N
+        dt = tl.load(DT + b * sDT_b + h).to(tl.float32)
+        decay = tl.exp(dt * tl.load(A + h).to(tl.float32))
+        x = tl.load(X + b * sX_b + h * sX_h + offs_p, mask=mp, other=0.0).to(tl.float32)
+        bv = tl.load(B + b * sB_b + g * sB_g + offs_n, mask=mn, other=0.0).to(tl.float32)
+        cv = tl.load(C + b * sC_b + g * sC_g + offs_n, mask=mn, other=0.0).to(tl.float32)
+        ptr = S + b * sS_b + h * sS_h + offs_p[:, None] * sS_p + offs_n[None, :]
+        m2 = mp[:, None] & mn[None, :]
+        s = tl.load(ptr, mask=m2, other=0.0)
+        s = s * decay + (dt * x)[:, None] * bv[None, :]
+        tl.store(ptr, s, mask=m2)
+        tl.store(Y + b * sY_b + h * sY_h + offs_p, tl.sum(s * cv[None, :], axis=1), mask=mp)
+
+    _DECODE_KERNELS[interpret] = kernel
+    return kernel
+
+
+def fused_decode_unavailable(device) -> str | None:
+    """Why ``mamba_state_step_fused`` cannot run on ``device`` (None when it can)."""
+    import os
+
+    if importlib.util.find_spec("triton") is None:
+        return "needs Triton (pip install triton; it comes with CUDA builds of torch)"
+    if str(device).startswith("cuda") or os.environ.get("TRITON_INTERPRET") == "1":
+        return None
+    return "the fused Mamba decode kernel needs a CUDA device (or TRITON_INTERPRET=1 for tests)"
+
+
+def mamba_state_step_fused(state, x, dt, A, B, C):
+    """``mamba_state_step`` as one Triton kernel: the state is read once and written once (the
+    torch version moves it about 2.5 times as often; at large batch the Mamba state dominates the
+    bytes a hybrid's decode step moves). Written here rather than taken from a library because the
+    engine's CUDA graphs need the state updated in place in fixed buffers: fla's fused-recurrent
+    kernel returns a new state tensor, mamba_ssm's ``selective_state_update`` needs a CUDA build.
+    Same arguments and result as the reference; runs on CPU tensors under TRITON_INTERPRET=1."""
+    import os
+
+    import torch
+    import triton
+
+    b, h, p, n = state.shape
+    if state.dtype != torch.float32 or state.stride(-1) != 1 or x.stride(-1) != 1 or B.stride(-1) != 1 \
+            or C.stride(-1) != 1 or dt.stride(-1) != 1:
+        raise ValueError("mamba_state_step_fused needs a float32 state and unit-stride last dimensions")
+    y = torch.empty(b, h, p, dtype=torch.float32, device=state.device)
+    bp = min(32, triton.next_power_of_2(p))
+    kernel = _decode_kernel(os.environ.get("TRITON_INTERPRET") == "1")
+    kernel[(b * h, triton.cdiv(p, bp))](
+        state, x, dt, A, B, C, y, h, h // B.shape[1], state.stride(0), state.stride(1), state.stride(2),
+        x.stride(0), x.stride(1), dt.stride(0), B.stride(0), B.stride(1), C.stride(0), C.stride(1),
+        y.stride(0), y.stride(1), P=p, N=n, BP=bp, BN=triton.next_power_of_2(n))
+    return y

@@ -336,6 +336,22 @@ def test_static_step_with_key_buckets_equals_fast_step(tiny_hybrid, monkeypatch)
     assert eng._state is not None and eng._state.rows == 9
     assert {w for w, _ in widths} >= {9, 8, 4} and {kb for _, kb in widths} >= {16, 24, 32}
     assert all(kb % 8 == 0 or kb == eng._state.cap for _, kb in widths)
+    # the kept buffers die with the engine, without waiting for the cycle collector (GPU memory)
+    import gc
+    import weakref
+
+    eng2 = Engine(model, tok)
+    eng2._static = "graphs"
+    eng2.generate(PROMPTS[:1], SamplingParams(max_new_tokens=3, temperature=0))
+    ref = weakref.ref(eng2._state)
+    gc.disable()
+    try:
+        del eng2
+        assert ref() is None
+    finally:
+        gc.enable()
+    eng.release()
+    assert eng._state is None
 
 
 # ------------------------------------------------------------------------------------ GPU only

@@ -187,3 +187,113 @@ def test_hybrid_on_cuda_with_kernel_matches_torch_scan(tiny_hybrid):
     assert (fast - plain).abs().max() < 2e-3 * plain.abs().max()
     greedy_plain = Engine.from_pretrained(tiny_hybrid, device="cuda").generate([[5, 9, 2, 7]], greedy)
     assert greedy_fast[0].completions[0].token_ids == greedy_plain[0].completions[0].token_ids
+
+
+# ------------------------------------------------------------------------- decode: one token
+def _decode_inputs(b=3, h=6, p=20, n=12, g=3, seed=5, device="cpu"):
+    gen = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=gen)  # noqa: E731
+    return dict(state=r(b, h, p, n), x=r(b, h, p), dt=torch.rand(b, h, generator=gen) + 0.05,
+                A=-torch.rand(h, generator=gen) * 2, B=r(b, g, n), C=r(b, g, n))
+
+
+def test_state_step_equals_sequential_ssd_over_several_tokens():
+    """Three decode steps of the torch state update = the float64 sequential SSD from the same state."""
+    from m1.kernels import mamba_state_step
+
+    t = [_decode_inputs(seed=s) for s in (5, 6, 7)]
+    state = t[0]["state"].clone()
+    ys = [mamba_state_step(state, d["x"], d["dt"], t[0]["A"], d["B"], d["C"]) for d in t]
+    stack = lambda k: torch.stack([d[k] for d in t], dim=1).double()  # noqa: E731  (b, l, ...)
+    y_ref, s_ref = ssd_sequential(stack("x"), stack("dt"), t[0]["A"].double(), stack("B"), stack("C"),
+                                  initial_states=t[0]["state"].double())
+    assert torch.allclose(torch.stack(ys, dim=1).double(), y_ref, atol=1e-4, rtol=1e-4)
+    assert torch.allclose(state.double(), s_ref, atol=1e-5, rtol=1e-5)
+
+
+needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton")
+
+
+def _in_triton_interpreter(code: str) -> str:
+    """Run ``code`` in a fresh Python with TRITON_INTERPRET=1 set before triton is imported (Triton's
+    own library functions are compiled or interpreted depending on that flag at import time, and
+    torch/transformers import triton early in this process)."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return r.stdout
+
+
+@needs_triton
+def test_fused_state_step_equals_reference_in_triton_interpreter():
+    """The Triton decode kernel's arithmetic (masks for p, n not powers of two, groups < heads), run
+    by Triton's CPU interpreter; the GPU test below runs it compiled."""
+    out = _in_triton_interpreter("""
+import torch
+from m1.kernels import mamba_state_step, mamba_state_step_fused
+from tests.test_kernels import _decode_inputs
+for b, h, p, n, g in [(3, 6, 20, 12, 3), (2, 4, 64, 64, 1), (1, 2, 40, 16, 2)]:
+    d = _decode_inputs(b, h, p, n, g)
+    s1, s2 = d["state"].clone(), d["state"].clone()
+    y1 = mamba_state_step(s1, d["x"], d["dt"], d["A"], d["B"], d["C"])
+    y2 = mamba_state_step_fused(s2, d["x"], d["dt"], d["A"], d["B"], d["C"])
+    print((y1 - y2).abs().max().item(), (s1 - s2).abs().max().item(), (s1 - d["state"]).abs().max().item())
+try:
+    mamba_state_step_fused(d["state"].double(), d["x"], d["dt"], d["A"], d["B"], d["C"])
+except ValueError as e:
+    print("refused:", e)
+""")
+    lines = out.strip().splitlines()
+    errs = [[float(v) for v in line.split()] for line in lines[:3]]
+    assert all(ey < 1e-5 and es < 1e-6 and moved > 1e-2 for ey, es, moved in errs), errs
+    assert lines[3].startswith("refused:") and "float32" in lines[3]
+
+
+@needs_triton
+def test_engine_with_fused_decode_equals_plain_engine(tiny_hybrid):
+    from m1.checkpoint import load_model
+    from m1.engine import Engine
+    from m1.errors import M1Error
+
+    model, tok = load_model(tiny_hybrid)
+    with pytest.raises(M1Error, match="fused_decode: .*CUDA"):
+        Engine(model, tok, fused_decode=True)
+    out = _in_triton_interpreter(f"""
+from m1.checkpoint import load_model
+from m1.engine import Engine, SamplingParams
+model, tok = load_model({str(tiny_hybrid)!r})
+params = SamplingParams(n=2, max_new_tokens=10, temperature=0.7, seed=3, ignore_eos=True)
+prompts = ["Tom has 12 apples.", "Solve"]
+fused = Engine(model, tok, fused_decode=True).generate(prompts, params)
+plain = Engine(model, tok).generate(prompts, params)
+print([[c.token_ids for c in o.completions] for o in fused])
+print([[c.token_ids for c in o.completions] for o in plain])
+""")
+    fused, plain = out.strip().splitlines()[-2:]
+    assert fused == plain and len(fused) > 40
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or importlib.util.find_spec("triton") is None,
+                    reason="needs CUDA and triton")
+def test_fused_state_step_on_cuda(tiny_hybrid):
+    from m1.checkpoint import load_model
+    from m1.engine import Engine, SamplingParams
+    from m1.kernels import mamba_state_step, mamba_state_step_fused
+
+    for shape in [(3, 6, 20, 12, 3), (64, 24, 128, 128, 1)]:  # the second: the llama-3.2-3b hybrid's heads
+        d = {k: v.cuda() for k, v in _decode_inputs(*shape).items()}
+        s1, s2 = d["state"].clone(), d["state"].clone()
+        y1 = mamba_state_step(s1, d["x"], d["dt"], d["A"], d["B"], d["C"])
+        y2 = mamba_state_step_fused(s2, d["x"], d["dt"], d["A"], d["B"], d["C"])
+        assert torch.allclose(y1, y2, atol=1e-4, rtol=1e-4) and torch.allclose(s1, s2, atol=1e-5, rtol=1e-5)
+    model, tok = load_model(tiny_hybrid, device="cuda")
+    params = SamplingParams(n=3, max_new_tokens=16, temperature=0)
+    prompts = ["Tom has 12 apples.", "Solve"]
+    want = Engine(model, tok, cuda_graphs=False).generate(prompts, params)
+    got = Engine(model, tok, fused_decode=True).generate(prompts, params)  # with CUDA graphs
+    assert [[c.token_ids for c in o.completions] for o in got] == [[c.token_ids for c in o.completions] for o in want]

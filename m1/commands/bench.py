@@ -13,7 +13,7 @@ def register(sub) -> None:
                     "twin through the same engine (EOS ignored), with the byte-limit ratio that memory traffic allows "
                     "and, on CUDA, the fraction of the bandwidth roofline. --shape builds random-weight models.",
         epilog="examples:\n  m1 bench --shape smollm2-135m --batch 1,16 --gen-len 256,1024\n"
-               "  m1 bench --shape llama-3.2-3b --device cuda --dtype bfloat16 --batch 1,64,256 --gen-len 4096\n"
+               "  m1 bench --shape llama-3.2-3b --device cuda --dtype bfloat16 --batch 1,max --gen-len 8192\n"
                "  m1 bench --model runs/hybrid --baseline runs/teacher --batch 16",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     src = p.add_mutually_exclusive_group(required=True)
@@ -29,6 +29,10 @@ def register(sub) -> None:
     p.add_argument("--device", default="cpu", help="cpu | cuda")
     p.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
                    help="on CUDA, decode eagerly instead of replaying CUDA graphs (to see what they buy)")
+    p.add_argument("--fused-decode", action="store_true",
+                   help="on CUDA, update the Mamba state with the fused Triton kernel (m1.kernels.mamba_state_step_fused)")
+    p.add_argument("--compile", action="store_true",
+                   help="decode with the torch.compile'd static step (fuses the elementwise kernels; compiling takes minutes)")
     p.add_argument("--json", dest="json_path", help="write all rows as JSON here")
     p.add_argument("--plot", dest="plot_path", help="PNG of tokens/s vs batch (default: beside --json)")
     p.set_defaults(func=run)
@@ -41,5 +45,6 @@ def run(a) -> None:
     rows = run_bench(shape=a.shape, model=a.model, baseline=a.baseline, layout=a.layout,
                      batches=parse_ints(a.batch, "--batch", allow_max=True), prompt_len=a.prompt_len,
                      gen_lens=parse_ints(a.gen_len, "--gen-len"), dtype=a.dtype, device=a.device,
-                     json_path=a.json_path, plot_path=plot_path, cuda_graphs=a.cuda_graphs, log=lambda m: print(m, file=sys.stderr))
+                     json_path=a.json_path, plot_path=plot_path, cuda_graphs=a.cuda_graphs,
+                     fused_decode=a.fused_decode, compile=a.compile, log=lambda m: print(m, file=sys.stderr))
     print(markdown_table(rows))

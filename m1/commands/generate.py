@@ -66,6 +66,10 @@ def register(subparsers) -> None:
                    help="weights dtype (default: as saved)")
     g.add_argument("--max-batch-size", type=int, default=None, help="sample rows decoded together (default 64 CPU / 256 CUDA)")
     g.add_argument("--compile", action="store_true", help="torch.compile the decode step (CUDA; experimental)")
+    g.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
+                   help="on CUDA, decode eagerly instead of replaying CUDA graphs (the default there)")
+    g.add_argument("--fused-decode", action="store_true",
+                   help="on CUDA, update the Mamba state with one Triton kernel per layer (opt-in, see docs/benchmarks.md)")
     p.set_defaults(func=_run)
 
 
@@ -129,6 +133,10 @@ def _run(a) -> None:
     kw = {"max_batch_size": a.max_batch_size} if a.backend != "vllm" else {}
     if a.compile and a.backend != "vllm":
         kw["compile"] = True
+    if a.backend != "vllm" and str(device or "cpu").startswith("cuda"):
+        kw["cuda_graphs"] = a.cuda_graphs
+    if a.fused_decode and a.backend != "vllm":
+        kw["fused_decode"] = True
     engine = Engine.from_pretrained(a.model, device=device, dtype=dtype, backend=a.backend, **kw)
     tok = engine.tokenizer
     chat = a.chat if a.chat is not None else bool(getattr(tok, "chat_template", None))

@@ -78,6 +78,7 @@ def test_budget_mode_records_arrivals(tiny_hybrid, capsys):
     (["--prompt", "hi", "--top-p", "1.5"], "top_p"),
     (["--prompt", "hi", "--budget-seconds", "0"], "budget"),
     (["--prompt", "word " * 700], "longer than the model's context"),
+    (["--prompt", "hi", "--device", "cpu", "--fused-decode"], "fused_decode"),
 ])
 def test_bad_input_is_one_error_line(tiny_hybrid, capsys, args, needle):
     code = main(["generate", "--model", str(tiny_hybrid), "--no-chat", *args])
