@@ -29,6 +29,8 @@ for stage in "$@"; do
       m1 bench --shape llama-3.2-3b --device cuda --dtype bfloat16 --batch max --gen-len 8192 --fused-decode --json "$OUT/l3b_max_g8192_fused.json" ;;
     l3b-b1-compile)  # torch.compile'd step under CUDA graphs: fuses norms, RoPE, softmax (batch-1 roofline)
       m1 bench --shape llama-3.2-3b --device cuda --dtype bfloat16 --batch 1 --gen-len 512 --compile --json "$OUT/l3b_b1_g512_compile.json" ;;
+    l3b-max-fused-bf16state)  # + the SSM state kept in bf16 between steps (vLLM's default): the byte limit rises
+      m1 bench --shape llama-3.2-3b --device cuda --dtype bfloat16 --batch max --gen-len 8192 --fused-decode --ssm-dtype model --json "$OUT/l3b_max_g8192_fused_bf16state.json" ;;
     l3b-b1-fused)
       m1 bench --shape llama-3.2-3b --device cuda --dtype bfloat16 --batch 1 --gen-len 512 --fused-decode --json "$OUT/l3b_b1_g512_fused.json" ;;
     engine-vs-hf)  # issue #6: the engine vs transformers' generate, both shapes, batch 1 and 16

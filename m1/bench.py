@@ -103,26 +103,24 @@ class _NullTokenizer:
         return [""] * len(ids) if isinstance(ids, list) else ""
 
 
-SSM_ESIZE = 4  # the engine keeps the Mamba SSM state in float32 (as transformers' scan returns it)
-
-
-def state_bytes_per_row(cfg, length: int, esize: int) -> int:
+def state_bytes_per_row(cfg, length: int, esize: int, ssm_esize: int = 4) -> int:
     """Decode state of one sequence of ``length`` tokens as the engine holds it: K/V and the Mamba
-    conv window in the model dtype (``esize`` bytes), the SSM state in float32."""
+    conv window in the model dtype (``esize`` bytes), the SSM state in ``ssm_esize`` (float32 unless
+    the engine's ``ssm_dtype`` says otherwise)."""
     from .info import mamba_state_sizes, state_sizes
 
     kv, _ = state_sizes(cfg.to_dict())
     conv, ssm = mamba_state_sizes(cfg.to_dict())
-    return kv * length * esize + conv * esize + ssm * SSM_ESIZE
+    return kv * length * esize + conv * esize + ssm * ssm_esize
 
 
-def step_bytes_per_row(cfg, context: int, esize: int) -> int:
+def step_bytes_per_row(cfg, context: int, esize: int, ssm_esize: int = 4) -> int:
     """Bytes one decode step moves for one sequence at ``context`` tokens: its K/V are read, its Mamba
     state read and written back (conv window and SSM state)."""
     from .info import mamba_state_sizes
 
     conv, ssm = mamba_state_sizes(cfg.to_dict())
-    return state_bytes_per_row(cfg, context, esize) + conv * esize + ssm * SSM_ESIZE
+    return state_bytes_per_row(cfg, context, esize, ssm_esize) + conv * esize + ssm * ssm_esize
 
 
 def largest_batch(engine, prompt_len: int, gen_len: int) -> int:
@@ -203,8 +201,9 @@ def measure(engine, name: str, batch: int, prompt_len: int, gen_len: int, bandwi
     total = run(gen_len)
     decode = max(total - ttft, 1e-9)
     esize = next(model.parameters()).element_size()
+    ssm_esize = getattr(engine, "ssm_dtype", torch.float32).itemsize
     mean_ctx = prompt_len + gen_len / 2
-    per_step = weight_bytes(model) + batch * step_bytes_per_row(model.config, int(mean_ctx), esize)
+    per_step = weight_bytes(model) + batch * step_bytes_per_row(model.config, int(mean_ctx), esize, ssm_esize)
     step_s = decode / max(gen_len - 1, 1)
     peak = None
     if dev.type == "cuda":
@@ -216,7 +215,7 @@ def measure(engine, name: str, batch: int, prompt_len: int, gen_len: int, bandwi
     return BenchRow(
         model=name, batch=batch, prompt_len=prompt_len, gen_len=gen_len, ttft_s=round(ttft, 4),
         decode_tokens_per_s=round(batch * (gen_len - 1) / decode, 2), step_ms=round(step_s * 1000, 3),
-        state_bytes=batch * state_bytes_per_row(model.config, prompt_len + gen_len, esize),
+        state_bytes=batch * state_bytes_per_row(model.config, prompt_len + gen_len, esize, ssm_esize),
         peak_memory_bytes=peak, bytes_per_step=float(per_step),
         roofline_fraction=round(per_step / step_s / bandwidth, 4) if bandwidth else None)
 
@@ -256,7 +255,7 @@ def run_bench(shape: str | None = None, model: str | None = None, baseline: str 
               layout: str = "m1", batches=(1, 16), prompt_len: int = 256, gen_lens=(1024,),
               dtype: str = "float32", device: str = "cpu", json_path=None, plot_path=None, log=print,
               labels: tuple[str, str] | None = None, cuda_graphs: bool = True,
-              fused_decode: bool = False, compile: bool = False) -> list[BenchRow]:
+              fused_decode: bool = False, compile: bool = False, ssm_dtype: str = "float32") -> list[BenchRow]:
     """Benchmark a --shape pair or a --model [--baseline] pair; ``labels`` names the two in the output.
 
     ``batches`` may hold ``"max"``: each model at the largest batch whose state fits (see
@@ -310,7 +309,7 @@ def run_bench(shape: str | None = None, model: str | None = None, baseline: str 
         # one group per run: the engine's own limits (256 rows, half the free memory) would split it
         engine = Engine(m, _NullTokenizer(), max_cache_bytes=1 << 62,
                         cuda_graphs=cuda_graphs and device.startswith("cuda"), fused_decode=fused_decode,
-                        compile=compile,
+                        compile=compile, ssm_dtype=ssm_dtype,
                         max_batch_size=max([b for b in batches if b != "max"], default=1))
         for g in gen_lens:
             for b in batches:
@@ -343,7 +342,7 @@ def _write_json(path, device, dtype, bandwidth, scan, engine, rows) -> None:
 
     meta = {"device": device, "dtype": dtype, "bandwidth_bytes_per_s": bandwidth, "mamba_scan": scan,
             "decode": "cuda graphs" if engine.graphs else ("torch.compile" if engine.compiled else "eager"),
-            "mamba_state_step": engine._state_step.__name__,
+            "mamba_state_step": engine._state_step.__name__, "ssm_dtype": str(engine.ssm_dtype).replace("torch.", ""),
             "torch": torch.__version__}
     if device.startswith("cuda"):
         meta["gpu"] = torch.cuda.get_device_name(device)

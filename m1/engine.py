@@ -47,6 +47,10 @@ compiling takes minutes.
 passes for the torch version); opt-in until measured on a GPU (its math is tested on CPU under
 Triton's interpreter).
 
+``ssm_dtype``: the dtype the Mamba SSM state is kept in between steps (default float32, as
+transformers' scan returns it; ``"model"`` = the weights' dtype, as vLLM does by default, halves the
+state bytes per step in bf16). The update itself is computed in float32 either way.
+
 ``"hf"``: the reference path, ``model.forward`` with the HF ``DynamicCache`` for every step
 (replication and compaction done on the cache's own tensors). Used automatically for
 architectures the fast path does not know (MoE experts, dynamic RoPE, sliding windows, ...).
@@ -479,7 +483,7 @@ class Engine:
 
     def __init__(self, model, tokenizer, *, backend: str = "auto", max_batch_size: int | None = None,
                  max_cache_bytes: int | None = None, prefill_tokens: int = 8192, compile: bool = False,
-                 cuda_graphs: bool | None = None, fused_decode: bool = False):
+                 cuda_graphs: bool | None = None, fused_decode: bool = False, ssm_dtype=None):
         import torch
 
         if backend not in ("auto", "fast", "hf"):
@@ -525,6 +529,12 @@ class Engine:
         self.graphs = bool(cuda and self.backend == "fast" and not self.compiled and cuda_graphs is not False)
         self._static = "compile" if self.compiled else ("graphs" if self.graphs else None)
         self._state = None  # the last static _FastState, reused by a group of the same shape (graphs stay valid)
+        # The Mamba SSM state between decode steps: float32 by default (what transformers' scan returns);
+        # the model dtype halves the bytes a step moves for it (vLLM's default), updates still run in float32.
+        self.ssm_dtype = torch.float32 if ssm_dtype in (None, "float32") else (
+            self.dtype if ssm_dtype == "model" else getattr(torch, ssm_dtype) if isinstance(ssm_dtype, str) else ssm_dtype)
+        if self.ssm_dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            raise M1Error(f"ssm_dtype must be float32, bfloat16, float16 or 'model', got {ssm_dtype}")
         from . import kernels
 
         self._state_step = kernels.mamba_state_step
@@ -673,7 +683,7 @@ class Engine:
         if n_mamba:
             nh, dh, ds = cfg.mamba_n_heads, cfg.mamba_d_head, cfg.mamba_d_state
             conv_dim = int(cfg.mamba_expand * cfg.hidden_size) + 2 * cfg.mamba_n_groups * ds
-            b += n_mamba * (conv_dim * cfg.mamba_d_conv * esize + nh * dh * ds * 4)
+            b += n_mamba * (conv_dim * cfg.mamba_d_conv * esize + nh * dh * ds * torch_esize(self.ssm_dtype))
         return b + 8 * length
 
     def _plan(self, reqs, rows_by_req):
@@ -850,7 +860,7 @@ class Engine:
         lens = {i: len(reqs[i].ids) for i in req_ids}
         lp = max(lens.values())
         cap = lp + max(r.max_new for r in rows)
-        ssm_dtype = torch.float32  # HF keeps the recurrent state in float32 (its chunk scan output)
+        ssm_dtype = self.ssm_dtype
         st = self._state
         if st is not None and st.rows == len(rows) and st.cap == -(-cap // 256) * 256:
             st.reset(lp)

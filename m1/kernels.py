@@ -200,11 +200,17 @@ def mamba_state_step(state, x, dt, A, B, C):
 
         state <- exp(A dt) state + (dt x) B^T      y = state C          (per row and head)
 
-    state: (b, h, p, n) float32   x: (b, h, p)   dt: (b, h) (softplus'ed)   A: (h,)
-    B, C: (b, g, n) with h % g == 0   -> y: (b, h, p) float32 (D x and the gate are the caller's).
-    Four passes over the state (decay, rank-1 update, output product; see ``mamba_state_step_fused``)."""
+    state: (b, h, p, n), any float dtype (updated in float32)   x: (b, h, p)   dt: (b, h) (softplus'ed)
+    A: (h,)   B, C: (b, g, n) with h % g == 0   -> y: (b, h, p) float32, from the float32 new state
+    (D x and the gate are the caller's). Several passes over the state (decay, rank-1 update, output
+    product; see ``mamba_state_step_fused``)."""
     import torch
 
+    if state.dtype != torch.float32:
+        s = state.float()
+        y = mamba_state_step(s, x, dt, A, B, C)
+        state.copy_(s)
+        return y
     b, h, p, n = state.shape
     rep = h // B.shape[1]
     Bh = B.float().repeat_interleave(rep, dim=1)  # (b, h, n)
@@ -245,9 +251,9 @@ def _decode_kernel(interpret: bool):
         cv = tl.load(C + b * sC_b + g * sC_g + offs_n, mask=mn, other=0.0).to(tl.float32)
         ptr = S + b * sS_b + h * sS_h + offs_p[:, None] * sS_p + offs_n[None, :]
         m2 = mp[:, None] & mn[None, :]
-        s = tl.load(ptr, mask=m2, other=0.0)
+        s = tl.load(ptr, mask=m2, other=0.0).to(tl.float32)
         s = s * decay + (dt * x)[:, None] * bv[None, :]
-        tl.store(ptr, s, mask=m2)
+        tl.store(ptr, s.to(S.dtype.element_ty), mask=m2)
         tl.store(Y + b * sY_b + h * sY_h + offs_p, tl.sum(s * cv[None, :], axis=1), mask=mp)
 
     _DECODE_KERNELS[interpret] = kernel
@@ -278,9 +284,9 @@ def mamba_state_step_fused(state, x, dt, A, B, C):
     import triton
 
     b, h, p, n = state.shape
-    if state.dtype != torch.float32 or state.stride(-1) != 1 or x.stride(-1) != 1 or B.stride(-1) != 1 \
+    if state.dtype not in (torch.float32, torch.bfloat16, torch.float16) or state.stride(-1) != 1 or x.stride(-1) != 1 or B.stride(-1) != 1 \
             or C.stride(-1) != 1 or dt.stride(-1) != 1:
-        raise ValueError("mamba_state_step_fused needs a float32 state and unit-stride last dimensions")
+        raise ValueError("mamba_state_step_fused needs a float32/bfloat16/float16 state and unit-stride last dimensions")
     y = torch.empty(b, h, p, dtype=torch.float32, device=state.device)
     bp = min(32, triton.next_power_of_2(p))
     kernel = _decode_kernel(os.environ.get("TRITON_INTERPRET") == "1")

@@ -354,6 +354,26 @@ def test_static_step_with_key_buckets_equals_fast_step(tiny_hybrid, monkeypatch)
     assert eng._state is None
 
 
+def test_ssm_state_in_model_dtype(tiny_hybrid):
+    """ssm_dtype: the SSM state buffers in bf16 (half the bytes per step), updates in float32."""
+    from m1.checkpoint import load_model
+
+    model, tok = load_model(tiny_hybrid)
+    params = SamplingParams(n=2, max_new_tokens=6, temperature=0)
+    want = Engine(model, tok).generate(PROMPTS[:2], params)
+    eng = Engine(model, tok, ssm_dtype="bfloat16")
+    eng._static = "graphs"  # keeps the buffers for inspection (the static step, eagerly on CPU)
+    got = eng.generate(PROMPTS[:2], params)
+    assert all(t.dtype == torch.bfloat16 for t in eng._state.ssm)
+    full, half = Engine(model, tok)._row_bytes(100), eng._row_bytes(100)
+    cfg = model.config
+    n_mamba = sum(t == "linear_attention" for t in cfg.layer_types)
+    assert full - half == n_mamba * cfg.mamba_n_heads * cfg.mamba_d_head * cfg.mamba_d_state * 2
+    assert [[c.token_ids for c in o.completions] for o in got] == [[c.token_ids for c in o.completions] for o in want]
+    with pytest.raises(M1Error, match="ssm_dtype"):
+        Engine(model, tok, ssm_dtype="int8")
+
+
 # ------------------------------------------------------------------------------------ GPU only
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 

@@ -211,6 +211,18 @@ def test_state_step_equals_sequential_ssd_over_several_tokens():
     assert torch.allclose(state.double(), s_ref, atol=1e-5, rtol=1e-5)
 
 
+def test_state_step_keeps_a_low_precision_state_but_updates_in_float32():
+    from m1.kernels import mamba_state_step
+
+    d = _decode_inputs()
+    low = d["state"].bfloat16()
+    exact = low.float()  # the same starting values, kept in float32
+    y_low = mamba_state_step(low, d["x"], d["dt"], d["A"], d["B"], d["C"])
+    y = mamba_state_step(exact, d["x"], d["dt"], d["A"], d["B"], d["C"])
+    assert low.dtype == torch.bfloat16 and torch.equal(y_low, y)  # y from the float32 new state
+    assert torch.equal(low, exact.bfloat16())  # stored rounded once
+
+
 needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton")
 
 
@@ -242,6 +254,12 @@ for b, h, p, n, g in [(3, 6, 20, 12, 3), (2, 4, 64, 64, 1), (1, 2, 40, 16, 2)]:
     y1 = mamba_state_step(s1, d["x"], d["dt"], d["A"], d["B"], d["C"])
     y2 = mamba_state_step_fused(s2, d["x"], d["dt"], d["A"], d["B"], d["C"])
     print((y1 - y2).abs().max().item(), (s1 - s2).abs().max().item(), (s1 - d["state"]).abs().max().item())
+# a bfloat16 state: updated in float32, stored rounded, like the torch reference
+s1, s2 = d["state"].bfloat16(), d["state"].bfloat16()
+y1 = mamba_state_step(s1, d["x"], d["dt"], d["A"], d["B"], d["C"])
+y2 = mamba_state_step_fused(s2, d["x"], d["dt"], d["A"], d["B"], d["C"])
+rel = ((s1.float() - s2.float()).abs() / s1.float().abs().clamp_min(1e-3)).max().item()
+print("bf16", (y1 - y2).abs().max().item(), rel, s2.dtype)
 try:
     mamba_state_step_fused(d["state"].double(), d["x"], d["dt"], d["A"], d["B"], d["C"])
 except ValueError as e:
@@ -250,7 +268,9 @@ except ValueError as e:
     lines = out.strip().splitlines()
     errs = [[float(v) for v in line.split()] for line in lines[:3]]
     assert all(ey < 1e-5 and es < 1e-6 and moved > 1e-2 for ey, es, moved in errs), errs
-    assert lines[3].startswith("refused:") and "float32" in lines[3]
+    _, ey, es, dtype = lines[3].split()
+    assert float(ey) < 1e-4 and float(es) <= 2 ** -7 and dtype == "torch.bfloat16", lines[3]  # <= 1 bf16 ulp
+    assert lines[4].startswith("refused:") and "float32" in lines[4]
 
 
 @needs_triton
