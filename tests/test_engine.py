@@ -374,6 +374,24 @@ def test_ssm_state_in_model_dtype(tiny_hybrid):
         Engine(model, tok, ssm_dtype="int8")
 
 
+def test_cpu_prefill_uses_small_scan_chunks_and_restores_them(tiny_hybrid, monkeypatch):
+    import m1.engine as engine_mod
+    from m1.checkpoint import load_model
+
+    model, tok = load_model(tiny_hybrid)
+    mixers = [m for m in model.modules() if hasattr(m, "chunk_size") and "mamba" in type(m).__name__.lower()]
+    saved = mixers[0].chunk_size
+    seen = []
+    hook = mixers[0].register_forward_pre_hook(lambda mod, args: seen.append(mod.chunk_size))
+    monkeypatch.setattr(engine_mod, "CPU_SCAN_CHUNK", 4)
+    params = SamplingParams(n=2, max_new_tokens=8, temperature=0)
+    got = Engine(model, tok).generate(PROMPTS[:2], params)
+    hook.remove()
+    assert seen[0] == 4 and all(m.chunk_size == saved for m in mixers) and saved > 4
+    for prompt, o in zip(PROMPTS[:2], got):  # HF generate prefills with the checkpoint's chunk size
+        assert o.completions[0].token_ids == _hf_greedy(model, tok, prompt, 8)
+
+
 # ------------------------------------------------------------------------------------ GPU only
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
