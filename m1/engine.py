@@ -556,7 +556,7 @@ class Engine:
         # The Mamba SSM state between decode steps: float32 by default (what transformers' scan returns);
         # the model dtype halves the bytes a step moves for it (vLLM's default), updates still run in float32.
         self.ssm_dtype = torch.float32 if ssm_dtype in (None, "float32") else (
-            self.dtype if ssm_dtype == "model" else getattr(torch, ssm_dtype) if isinstance(ssm_dtype, str) else ssm_dtype)
+            self.dtype if ssm_dtype == "model" else getattr(torch, ssm_dtype, None) if isinstance(ssm_dtype, str) else ssm_dtype)
         if self.ssm_dtype not in (torch.float32, torch.bfloat16, torch.float16):
             raise M1Error(f"ssm_dtype must be float32, bfloat16, float16 or 'model', got {ssm_dtype}")
         from . import kernels

@@ -372,6 +372,8 @@ def test_ssm_state_in_model_dtype(tiny_hybrid):
     assert [[c.token_ids for c in o.completions] for o in got] == [[c.token_ids for c in o.completions] for o in want]
     with pytest.raises(M1Error, match="ssm_dtype"):
         Engine(model, tok, ssm_dtype="int8")
+    with pytest.raises(M1Error, match="ssm_dtype"):
+        Engine(model, tok, ssm_dtype="half-ish")
 
 
 def test_cpu_prefill_uses_small_scan_chunks_and_restores_them(tiny_hybrid, monkeypatch):

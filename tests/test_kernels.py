@@ -317,3 +317,15 @@ def test_fused_state_step_on_cuda(tiny_hybrid):
     want = Engine(model, tok, cuda_graphs=False).generate(prompts, params)
     got = Engine(model, tok, fused_decode=True).generate(prompts, params)  # with CUDA graphs
     assert [[c.token_ids for c in o.completions] for o in got] == [[c.token_ids for c in o.completions] for o in want]
+
+
+@needs_triton
+@pytest.mark.parametrize("capability,version,ok", [((9, 0), "3.6.0", False), ((9, 0), "3.7.1", True),
+                                                    ((9, 0), "3.3.1", True), ((8, 0), "3.6.0", True)])
+def test_fla_backward_refused_only_on_hopper_with_affected_triton(monkeypatch, capability, version, ok):
+    import triton
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda dev=None: capability)
+    monkeypatch.setattr(triton, "__version__", version)
+    assert kernels.fla_backward_ok("cuda") is ok
+    assert kernels.fla_backward_ok("cpu") is False
