@@ -478,8 +478,9 @@ class _cpu_scan_chunk:
     def __init__(self, model):
         self.saved = []
         if next(model.parameters()).device.type == "cpu":
-            self.saved = [(m, m.chunk_size) for m in model.modules()
-                          if hasattr(m, "chunk_size") and "mamba" in type(m).__name__.lower()]
+            from .kernels import mamba_mixers
+
+            self.saved = [(m, m.chunk_size) for m in mamba_mixers(model)]
 
     def __enter__(self):
         for m, c in self.saved:

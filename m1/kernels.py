@@ -32,6 +32,11 @@ import importlib.util
 _PATCHED = {}  # module -> original mamba2_chunk_scan
 
 
+def mamba_mixers(model) -> list:
+    """The Mamba2 mixer modules of ``model`` (those with a scan ``chunk_size``), in order."""
+    return [m for m in model.modules() if hasattr(m, "chunk_size") and "mamba" in type(m).__name__.lower()]
+
+
 def fla_available() -> bool:
     return importlib.util.find_spec("fla") is not None and importlib.util.find_spec("triton") is not None
 

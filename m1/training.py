@@ -319,7 +319,9 @@ def set_mamba_chunk_size(model, chunk: int | None) -> int | None:
     sequences of a few hundred tokens, measured), the checkpoint's own value on a GPU. The result
     is the same up to float rounding. Returns the chunk size in use (None: no Mamba layers).
     """
-    mixers = [m for m in model.modules() if hasattr(m, "chunk_size") and "mamba" in type(m).__name__.lower()]
+    from .kernels import mamba_mixers
+
+    mixers = mamba_mixers(model)
     if not mixers:
         return None
     if chunk is None:

@@ -381,7 +381,9 @@ def test_cpu_prefill_uses_small_scan_chunks_and_restores_them(tiny_hybrid, monke
     from m1.checkpoint import load_model
 
     model, tok = load_model(tiny_hybrid)
-    mixers = [m for m in model.modules() if hasattr(m, "chunk_size") and "mamba" in type(m).__name__.lower()]
+    from m1.kernels import mamba_mixers
+
+    mixers = mamba_mixers(model)
     saved = mixers[0].chunk_size
     seen = []
     hook = mixers[0].register_forward_pre_hook(lambda mod, args: seen.append(mod.chunk_size))
