@@ -51,7 +51,7 @@ STAGES = ("align", "kd", "both")
 TRAINABLE = ("all", "mamba")
 CONFIG_FILE = "distill_config.json"
 # settings that may change between a run and its --resume (they do not change the numbers)
-RESUME_NEUTRAL = ("checkpoint_every",)
+RESUME_NEUTRAL = ("checkpoint_every", "gradient_checkpointing")  # change how, not what, a run computes
 
 
 @dataclass
@@ -85,6 +85,7 @@ class DistillConfig:
     eval_batch_size: int = 8
     checkpoint_every: int = 50
     bf16: str = "auto"  # bf16 autocast for the training forwards: auto (CUDA with bf16) | on | off
+    gradient_checkpointing: bool = False  # recompute activations in backward: far less memory, ~1/3 more compute
 
     def validate(self) -> None:
         if self.stage not in STAGES:
@@ -240,17 +241,22 @@ def check_compatible(student, teacher, s_tok, t_tok, need_layers: bool) -> None:
 
 
 # ------------------------------------------------------------------------------ align pieces
-def _mixer_stack(mixers):
+def _mixer_stack(mixers, recompute: bool = False):
     import torch.nn as nn
+    from torch.utils.checkpoint import checkpoint
 
     class _MixerStack(nn.Module):
-        """The student's Mamba mixers as one module, so DDP can wrap exactly the trainable part."""
+        """The student's Mamba mixers as one module, so DDP can wrap exactly the trainable part.
+        ``recompute``: keep only each mixer's input for backward and run the mixer again there."""
 
         def __init__(self, mixers):
             super().__init__()
             self.mixers = nn.ModuleList(mixers)
 
         def forward(self, inputs, attention_mask=None):
+            if recompute and self.training:
+                return [checkpoint(m, x, attention_mask=attention_mask, use_reentrant=False)
+                        for m, x in zip(self.mixers, inputs)]
             return [m(hidden_states=x, attention_mask=attention_mask) for m, x in zip(self.mixers, inputs)]
 
     return _MixerStack(mixers)
@@ -539,7 +545,7 @@ def _distill(cfg, resume, force, log, progress, on_step) -> DistillResult:
         for p in student.parameters():
             p.requires_grad_(False)
         if stage.name == "align":
-            trainable = _mixer_stack([student.model.layers[i].mamba for i in layers])
+            trainable = _mixer_stack([student.model.layers[i].mamba for i in layers], cfg.gradient_checkpointing)
         elif cfg.trainable == "mamba":
             trainable = _mixer_stack([student.model.layers[i].mamba for i in layers])
         else:
@@ -553,6 +559,9 @@ def _distill(cfg, resume, force, log, progress, on_step) -> DistillResult:
         if resume and step > stage.start and state.get("optimizer_stage") == stage.name:
             optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True))
             scheduler.load_state_dict(torch.load(ckpt / "scheduler.pt", weights_only=True))
+        if cfg.gradient_checkpointing and stage.name == "kd":
+            # transformers' per-decoder-layer recompute; non-reentrant: the embeddings' output needs no grad
+            student.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         student.train()
         bar = None
         if progress and main:
@@ -641,6 +650,8 @@ def _distill(cfg, resume, force, log, progress, on_step) -> DistillResult:
         if bar is not None:
             bar.close()
         student.eval()
+        if student.is_activation_checkpointing:
+            student.activation_checkpointing_disable()
 
     # ---- held-out report and the final checkpoint
     after = _report(acc, student, t_model, tokenizer, data, cfg, layers if "align" in stages_wanted else [])

@@ -321,3 +321,40 @@ def test_smollm2_align_and_kd_smoke(smollm2_hybrid, tmp_path):
     mean = lambda d: sum(d.values()) / len(d)  # noqa: E731  (single layers may go up: kd trains end to end)
     assert mean(res.after["layer_mse"]) < 0.8 * mean(res.before["layer_mse"])
     assert json.loads((res.out / "m1.json").read_text())["attn_layers"] == [4, 9, 14, 19, 24, 29]
+
+
+def test_gradient_checkpointing_trains_the_same_weights(tiny_hybrid, data_file, tmp_path, monkeypatch):
+    # recomputing activations in backward changes memory, not the result: align (per-mixer recompute)
+    # then kd (transformers' per-layer recompute) end at the same weights, and the saved config is clean
+    from transformers.models.granitemoehybrid.modeling_granitemoehybrid import GraniteMoeHybridMambaLayer
+
+    calls = []
+    forward = GraniteMoeHybridMambaLayer.forward
+    monkeypatch.setattr(GraniteMoeHybridMambaLayer, "forward",
+                        lambda self, *a, **k: calls.append(torch.is_grad_enabled()) or forward(self, *a, **k))
+    plain = _run(_cfg(tiny_hybrid, data_file, tmp_path / "plain", stage="both", steps=3))
+    n_plain, calls[:] = len(calls), []
+    recomputed = _run(_cfg(tiny_hybrid, data_file, tmp_path / "gc", stage="both", steps=3, gradient_checkpointing=True))
+    # 2 mixers x 2 micro-batches x 6 steps run again in backward
+    assert len(calls) == n_plain + 2 * 2 * 6, (n_plain, len(calls))
+    a, b = _weights(plain.out), _weights(recomputed.out)
+    before = _weights(tiny_hybrid)
+    assert a.keys() == b.keys() and any(not torch.equal(a[k], before[k]) for k in a)
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-5, rtol=1e-4), k
+    assert json.loads((plain.out / "config.json").read_text()) == json.loads((recomputed.out / "config.json").read_text())
+
+
+def test_gradient_checkpointing_is_resume_neutral(tiny_hybrid, data_file, tmp_path):
+    # a run started without it can be resumed with it (e.g. after an out-of-memory kill)
+    out = tmp_path / "r"
+    cfg = _cfg(tiny_hybrid, data_file, out, stage="kd", steps=4)
+
+    def kill(step, m, model):
+        if step == 3:
+            raise Kill
+
+    with pytest.raises(Kill):
+        _run(cfg, on_step=kill)
+    res = _run(replace(cfg, gradient_checkpointing=True), resume=True)
+    assert res.steps == 4 and [m["step"] for m in _metrics(res.out)] == [1, 2, 3, 4]

@@ -79,6 +79,9 @@ def register(subparsers) -> None:
     g.add_argument("--bf16", choices=["auto", "on", "off"], default="auto",
                    help="bf16 autocast for the training forwards: auto = on a CUDA GPU that supports it, else "
                         "float32; on = also on a CPU with AVX512-BF16/AMX (~2x faster there) (default auto)")
+    g.add_argument("--gradient-checkpointing", action="store_true",
+                   help="recompute activations during backward: much less memory (SmolLM2 hybrid, 8 x 256 tokens: "
+                        "peak RSS 15.9 -> 8.6 GB), ~10-30%% more compute")
     g.add_argument("--checkpoint-every", type=int, default=50, help="steps between checkpoints (default 50)")
     g.add_argument("--resume", action="store_true", help="continue the unfinished run in OUT.work/")
     g.add_argument("--force", action="store_true", help="replace OUT, and discard an unfinished run in OUT.work/")
@@ -96,6 +99,6 @@ def run(a) -> None:
         batch_size=a.batch_size, micro_batch_size=a.micro_batch_size, lr=a.lr, align_lr=a.align_lr,
         weight_decay=a.weight_decay, warmup=a.warmup, min_lr_ratio=a.min_lr_ratio, grad_clip=a.grad_clip,
         seed=a.seed, heldout=a.heldout, eval_batch_size=a.eval_batch_size, checkpoint_every=a.checkpoint_every,
-        bf16=a.bf16)
+        bf16=a.bf16, gradient_checkpointing=a.gradient_checkpointing)
     distill(cfg, resume=a.resume, force=a.force, log=lambda m: print(m, file=sys.stderr),
             progress=not a.no_progress)
