@@ -281,28 +281,86 @@ def teacher_attention_io(teacher, ids, mask, layers: list[int]):
     return [captured[i] for i in layers]
 
 
+# ------------------------------------------------------------------------------ kd pieces
+PLAIN_HEAD_TYPES = ("llama", "qwen2", "granitemoehybrid")  # logits = lm_head(final hidden) [/ logits_scaling]
+
+
 @contextlib.contextmanager
-def float32_head(*models):
-    """Inside a bf16 autocast, compute the models' output logits in float32.
-
-    Measured (SmolLM2 hybrid, 4 kd steps, batch 8 x 256): with bf16 logits the held-out student perplexity
-    went 1498 -> 796; in float32 1498 -> 480. A bf16 logit near 20 is only good to ~0.1, which is noise in a
-    KL over 49k classes; the head is ~10% of the step's matmuls, so it stays float32.
-    """
-    import torch
-
+def hidden_out(*models):
+    """Inside, ``model(...).logits`` is the final (normed) hidden state instead of the logits: the
+    output heads are the identity (an instance attribute; weights and state dict untouched). Granite's
+    ``logits_scaling`` still divides it, which :func:`head_of` accounts for. The kd loss then applies
+    the head chunk by chunk (:func:`m1.losses.chunked_head_loss`) instead of materialising the
+    (tokens, vocab) logits of both models."""
+    for m in models:
+        mt = getattr(m.config, "model_type", None)
+        if mt not in PLAIN_HEAD_TYPES:
+            raise M1Error(f"distill: architecture '{mt}' is not supported here (its logits may be more than "
+                          f"lm_head(hidden)); supported: {', '.join(PLAIN_HEAD_TYPES)}")
     heads = [m.get_output_embeddings() for m in models]
     for h in heads:
-        def forward(x, h=h):
-            with torch.autocast(x.device.type, enabled=False):
-                return torch.nn.functional.linear(x.float(), h.weight.float(),
-                                                  None if h.bias is None else h.bias.float())
-        h.forward = forward  # an instance attribute: the weights and state dict are untouched
+        h.forward = lambda x: x
     try:
         yield
     finally:
         for h in heads:
             del h.forward
+
+
+def head_of(model):
+    """(weight (V, d), bias (V,) or None) such that logits = F.linear(hidden_out output, weight, bias)."""
+    head = model.get_output_embeddings()
+    scale = float(getattr(model.config, "logits_scaling", 1.0) or 1.0) \
+        if model.config.model_type == "granitemoehybrid" else 1.0
+    bias = None if head.bias is None else head.bias / scale  # the hidden state came out divided by scale
+    return head.weight, bias
+
+
+def kd_micro_loss(cfg, student, teacher, s_hidden, t_hidden, ids, mask, kd_norm: float, ce_norm: float,
+                  chunk: int | None = None):
+    """The kd stage's loss on one micro-batch, from both models' ``hidden_out`` outputs (b, t, d):
+
+        sum over real tokens of kd(student || teacher) / kd_norm  [+ ce_weight * sum of next-token CE / ce_norm]
+
+    computed through :func:`m1.losses.chunked_head_loss`, so no (tokens, vocab) tensor outlives its
+    chunk (measured on SmolLM2 8 x 256: see docs/distill.md). Returns (loss, kl_sum, ce_sum), the last
+    two summed, not normalised and not differentiable: KL(teacher || student) at T = 1 over the real
+    tokens (what is reported whichever loss trains) and the summed cross-entropy (0 without --ce-weight).
+    """
+    import torch
+    import torch.nn.functional as F
+
+    from .losses import chunked_head_loss, forward_kl_per_token, kd_per_token
+
+    real = mask.bool()
+    next_real = torch.zeros_like(real)
+    next_real[:, :-1] = real[:, 1:]  # positions that predict a real token (cross-entropy)
+    use_ce = cfg.ce_weight > 0
+    rows = (real | next_real) if use_ce else real
+    hs, ht = s_hidden[rows], t_hidden[rows].detach()  # (N, d)
+    w_kd = real[rows].float()
+    w_ce = next_real[rows].float()
+    labels = torch.zeros_like(ids)
+    labels[:, :-1] = ids[:, 1:]
+    labels = labels[rows]
+    f = torch.float64 if s_hidden.dtype == torch.float64 else torch.float32  # the dtype of the chunks' logits
+    tw, tb = head_of(teacher)
+    tw, tb = tw.detach().to(f), None if tb is None else tb.detach().to(f)
+
+    def token_loss(z, sl):  # z: (c, V) student logits of rows sl, float32
+        with torch.no_grad():
+            t = F.linear(ht[sl].to(f), tw, tb)
+            kl = (forward_kl_per_token(z, t) * w_kd[sl]).sum()
+        loss = (kd_per_token(cfg.loss, z, t, cfg.temperature, cfg.beta) * w_kd[sl]).sum() / kd_norm
+        ce = z.new_zeros(())
+        if use_ce:
+            ce = (F.cross_entropy(z, labels[sl], reduction="none") * w_ce[sl]).sum()
+            loss = loss + cfg.ce_weight * ce / ce_norm
+        return loss, torch.stack([kl, ce.detach()])
+
+    sw, sb = head_of(student)
+    loss, parts = chunked_head_loss(hs, sw, sb, token_loss, chunk)
+    return loss, parts[0], parts[1]
 
 
 def _mamba_mask(mask):
@@ -408,7 +466,7 @@ def _distill(cfg, resume, force, log, progress, on_step) -> DistillResult:
     from accelerate.utils import set_seed
 
     from .data import BatchPlan, collate, load_data, micro_batches
-    from .losses import cross_entropy, forward_kl, hidden_mse, kd_loss
+    from .losses import hidden_mse
     from .teachers import load_teacher
 
     # ---- settings and directories: every check before anything is loaded or written
@@ -448,7 +506,6 @@ def _distill(cfg, resume, force, log, progress, on_step) -> DistillResult:
     # float32 weights, optimizer and losses; only the forwards' matmuls run in bf16 (reports stay float32)
     bf16 = resolve_precision(cfg.bf16)
     autocast = (lambda: torch.autocast(acc.device.type, dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
-    heads32 = (lambda: float32_head(student, t_model)) if bf16 else contextlib.nullcontext
     main, rank, world = acc.is_main_process, acc.process_index, acc.num_processes
     say = log if main else (lambda *a, **k: None)
     micro = cfg.micro_batch_size or max(1, cfg.batch_size // world)
@@ -590,18 +647,14 @@ def _distill(cfg, resume, force, log, progress, on_step) -> DistillResult:
                         for k, v in enumerate(per_layer):
                             sums[3 + k] += v.detach().double() / world
                     else:
-                        with torch.no_grad(), autocast(), heads32():
-                            t_logits = t_model(input_ids=ids, attention_mask=mask).logits
-                        with autocast(), heads32():
-                            s_logits = model(input_ids=ids, attention_mask=mask).logits
-                        loss = kd_loss(cfg.loss, s_logits, t_logits, mask, cfg.temperature, cfg.beta,
-                                       normalizer=n_tok / world)
-                        with torch.no_grad():
-                            sums[1] += forward_kl(s_logits, t_logits, mask, normalizer=n_tok).double()
-                        if cfg.ce_weight > 0:
-                            ce = cross_entropy(s_logits[:, :-1], ids[:, 1:], mask[:, 1:], normalizer=n_ce / world)
-                            sums[2] += ce.detach().double() / world
-                            loss = loss + cfg.ce_weight * ce
+                        with autocast(), hidden_out(student, t_model):
+                            with torch.no_grad():
+                                t_hidden = t_model(input_ids=ids, attention_mask=mask).logits
+                            s_hidden = model(input_ids=ids, attention_mask=mask).logits
+                        loss, kl_sum, ce_sum = kd_micro_loss(cfg, student, t_model, s_hidden, t_hidden, ids, mask,
+                                                             kd_norm=n_tok / world, ce_norm=n_ce / world)
+                        sums[1] += kl_sum.double() / n_tok
+                        sums[2] += ce_sum.double() / n_ce
                     sums[0] += loss.detach().double() / world
                     acc.backward(loss)
             sums = acc.reduce(sums, reduction="sum")

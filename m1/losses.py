@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 __all__ = ["masked_sum", "masked_token_mean", "forward_kl", "reverse_kl", "jsd", "hidden_mse",
            "forward_kl_per_token", "reverse_kl_per_token", "jsd_per_token", "hidden_mse_per_token",
-           "cross_entropy", "LOSSES", "kd_loss"]
+           "cross_entropy", "LOSSES", "kd_loss", "kd_per_token", "chunked_head_loss"]
 
 
 def _upcast(x: torch.Tensor) -> torch.Tensor:
@@ -138,3 +138,81 @@ def kd_loss(name: str, student_logits, teacher_logits, mask=None, temperature: f
     if name == "jsd":
         return jsd(student_logits, teacher_logits, mask, temperature, beta, normalizer)
     raise ValueError(f"unknown distillation loss '{name}': choose one of {', '.join(LOSSES)}")
+
+
+def kd_per_token(name: str, student_logits, teacher_logits, temperature: float = 1.0, beta: float = 0.5):
+    """The per-token form of :func:`kd_loss`."""
+    if name == "reverse_kl":
+        return reverse_kl_per_token(student_logits, teacher_logits, temperature)
+    if name == "forward_kl":
+        return forward_kl_per_token(student_logits, teacher_logits, temperature)
+    if name == "jsd":
+        return jsd_per_token(student_logits, teacher_logits, beta, temperature)
+    raise ValueError(f"unknown distillation loss '{name}': choose one of {', '.join(LOSSES)}")
+
+
+class _ChunkedHeadLoss(torch.autograd.Function):
+    """See :func:`chunked_head_loss`. The gradients are computed in the forward pass, chunk by chunk
+    (each chunk's logits live only while their loss and its gradient are taken), and only scaled
+    in the backward pass."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, token_loss, chunk):
+        dev = hidden.device.type
+        f = torch.float64 if hidden.dtype == torch.float64 else torch.float32  # float64 stays (tests)
+        with torch.autocast(dev, enabled=False):
+            w = weight.detach().to(f)
+            b = None if bias is None else bias.detach().to(f)
+            g_hidden = torch.empty(hidden.shape, dtype=f, device=hidden.device)
+            g_weight = torch.zeros_like(w)
+            g_bias = None if b is None else torch.zeros_like(b)
+            total, parts = None, None
+            for start in range(0, max(1, hidden.shape[0]), chunk):  # no rows: one empty chunk
+                rows = slice(start, start + chunk)
+                h = hidden[rows].detach().to(f)  # (c, d)
+                logits = F.linear(h, w, b).requires_grad_()  # (c, V): a leaf of this chunk's own graph
+                with torch.enable_grad():
+                    loss, extra = token_loss(logits, rows)
+                    (g_logits,) = torch.autograd.grad(loss, logits)
+                g_hidden[rows] = g_logits @ w
+                g_weight.addmm_(g_logits.T, h)
+                if g_bias is not None:
+                    g_bias += g_logits.sum(0)
+                total = loss.detach() if total is None else total + loss.detach()
+                extra = extra.detach()
+                parts = extra if parts is None else parts + extra
+        ctx.save_for_backward(g_hidden, g_weight, *(() if g_bias is None else (g_bias,)))
+        ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
+        ctx.mark_non_differentiable(parts)
+        return total, parts
+
+    @staticmethod
+    def backward(ctx, g_total, g_parts):
+        g_hidden, g_weight, *g_bias = ctx.saved_tensors
+        dh, dw, db = ctx.dtypes
+        return ((g_hidden * g_total).to(dh), (g_weight * g_total).to(dw),
+                (g_bias[0] * g_total).to(db) if g_bias else None, None, None)
+
+
+def chunked_head_loss(hidden, weight, bias, token_loss, chunk: int | None = None):
+    """``sum over chunks of token_loss(F.linear(hidden, weight, bias)[rows], rows)`` without ever holding
+    the logits of all rows: a loss over a 49k-150k vocabulary at a few thousand tokens would
+    otherwise keep several (tokens, vocab) float32 tensors alive for backward (0.4 GB each for
+    SmolLM2 at 8 x 256 tokens).
+
+    ``hidden``: (N, d) the rows that carry a loss, differentiable; ``weight``: (V, d), ``bias``:
+    (V,) or None, the output head (gradients flow to all three). ``token_loss(logits, rows)`` gets a
+    chunk's float32 logits (c, V) and the ``slice`` of rows they belong to, and returns ``(loss,
+    extra)``: a differentiable scalar, and a 1-D tensor of numbers to report (summed over chunks,
+    not differentiated). Returns ``(sum of loss, sum of extra)``. The head runs in float32 whatever
+    the autocast (float64 for float64 inputs). ``chunk``: rows per chunk (default: about 2^25 logits per chunk).
+
+    The same trick as Liger-Kernel's fused linear cross-entropy, written here in plain torch so
+    that any per-token loss works (the chunk's gradient comes from autograd) and it runs on CPU.
+    """
+    if chunk is None:
+        chunk = max(1, (1 << 25) // max(1, weight.shape[0]))
+    if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
+        raise ValueError(f"chunked_head_loss: hidden (N, d) and weight (V, d) expected, got "
+                         f"{tuple(hidden.shape)} and {tuple(weight.shape)}")
+    return _ChunkedHeadLoss.apply(hidden, weight, bias, token_loss, int(chunk))

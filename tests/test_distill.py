@@ -124,23 +124,48 @@ def test_kd_lowers_heldout_kl(tiny_hybrid, data_file, tmp_path):
     assert model_info(res.out).record["stage"] == "distill"
 
 
-def test_float32_head_inside_bf16_autocast(tiny_hybrid):
+@pytest.mark.parametrize("loss,ce_weight", [("reverse_kl", 0.0), ("jsd", 0.5), ("forward_kl", 1.0)])
+def test_kd_micro_loss_equals_full_logits(tiny_hybrid, loss, ce_weight):
+    # the chunked head loss gives the loss, the reported KL / CE and the gradients of the plain
+    # formula on full logits; Granite's logits_scaling is honoured; padding carries no loss
     from m1.checkpoint import load_model
-    from m1.distill import float32_head
+    from m1.distill import hidden_out, kd_micro_loss
+    from m1.losses import cross_entropy, forward_kl, kd_loss
 
-    model = load_model(tiny_hybrid)[0]
-    ids = torch.tensor([[1, 5, 9, 13, 7]])
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        plain = model(input_ids=ids).logits
-        with float32_head(model):
-            hidden = model.model(input_ids=ids).last_hidden_state
-            logits = model(input_ids=ids).logits
-        after = model(input_ids=ids).logits
-    assert plain.dtype == torch.bfloat16 and after.dtype == torch.bfloat16  # restored on exit
-    assert logits.dtype == torch.float32
-    ref = hidden.double() @ model.lm_head.weight.double().T  # the bf16 body's output, head in float64
-    assert (logits.double() - ref).abs().max() < 1e-4
-    assert "forward" not in vars(model.lm_head)
+    student = load_model(tiny_hybrid)[0].double()
+    teacher = load_model(tiny_hybrid)[0].double()
+    student.config.logits_scaling = 1.7
+    with torch.no_grad():
+        for p in teacher.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    ids = torch.tensor([[1, 5, 9, 13, 7, 2], [4, 4, 8, 3, 0, 0]])
+    mask = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0]])
+    cfg = DistillConfig(student="s", out="o", steps=1, loss=loss, ce_weight=ce_weight, beta=0.3, temperature=1.3)
+
+    with torch.no_grad():
+        t_logits = teacher(input_ids=ids, attention_mask=mask).logits
+    s_logits = student(input_ids=ids, attention_mask=mask).logits
+    want = kd_loss(loss, s_logits, t_logits, mask, cfg.temperature, cfg.beta, normalizer=7.0)
+    want_ce = cross_entropy(s_logits[:, :-1], ids[:, 1:], mask[:, 1:], normalizer=5.0)
+    want = want + ce_weight * want_ce
+    want.backward()
+    want_grads = {k: p.grad.clone() for k, p in student.named_parameters()}
+    student.zero_grad()
+
+    with hidden_out(student, teacher):
+        with torch.no_grad():
+            t_hidden = teacher(input_ids=ids, attention_mask=mask).logits
+        s_hidden = student(input_ids=ids, attention_mask=mask).logits
+    assert s_hidden.shape[-1] == student.config.hidden_size
+    # chunks of 3 rows: several, one ragged
+    got, kl_sum, ce_sum = kd_micro_loss(cfg, student, teacher, s_hidden, t_hidden, ids, mask, 7.0, 5.0, chunk=3)
+    got.backward()
+    assert abs(got.item() - want.item()) < 1e-10
+    assert abs(kl_sum.item() / 10 - forward_kl(s_logits, t_logits, mask).item()) < 1e-10
+    assert abs(ce_sum.item() - (want_ce.item() * 5.0 if ce_weight else 0.0)) < 1e-10
+    for k, p in student.named_parameters():
+        assert (p.grad - want_grads[k]).abs().max() < 1e-10 * (1 + want_grads[k].abs().max()), k
+    assert "forward" not in vars(student.lm_head) and "forward" not in vars(teacher.lm_head)  # restored
 
 
 @pytest.mark.skipif(not __import__("m1.training", fromlist=["x"]).cpu_bf16_supported(),

@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from m1 import losses
 
@@ -173,3 +174,60 @@ def test_cross_entropy_and_bad_args():
         losses.forward_kl(s, s, mask[:, :2])
     with pytest.raises(ValueError, match="unknown"):
         losses.kd_loss("kl", s, s)
+
+
+def test_chunked_head_loss_equals_full_logits():
+    # values, reported extras and gradients (hidden, weight, bias) of the plain computation, for chunk
+    # sizes that split the rows evenly, raggedly, one row at a time and not at all
+    from m1.losses import chunked_head_loss, reverse_kl_per_token
+
+    gen = torch.Generator().manual_seed(0)
+    hidden = torch.randn(7, 5, generator=gen, dtype=torch.float64)
+    weight = torch.randn(11, 5, generator=gen, dtype=torch.float64)
+    bias = torch.randn(11, generator=gen, dtype=torch.float64)
+    teacher = torch.randn(7, 11, generator=gen, dtype=torch.float64)
+    labels = torch.randint(0, 11, (7,), generator=gen)
+    w = torch.tensor([1.0, 1, 0, 1, 1, 1, 0], dtype=torch.float64)
+
+    def token_loss(z, rows):
+        kd = reverse_kl_per_token(z, teacher[rows], 1.5) * w[rows]
+        ce = F.cross_entropy(z, labels[rows], reduction="none")
+        return kd.sum() + 0.3 * ce.sum(), torch.stack([kd.sum(), ce.sum()]).detach()
+
+    leaves = [t.clone().requires_grad_(True) for t in (hidden, weight, bias)]
+    want, want_extra = token_loss(F.linear(*leaves), slice(None))
+    (want * 2.5).backward()
+    want_grads = [t.grad for t in leaves]
+    for chunk in (1, 3, 7, 100):
+        leaves = [t.clone().requires_grad_(True) for t in (hidden, weight, bias)]
+        got, extra = chunked_head_loss(*leaves, token_loss, chunk)
+        (got * 2.5).backward()
+        assert abs(got.item() - want.item()) < 1e-12 and torch.allclose(extra, want_extra, atol=1e-12, rtol=0)
+        for g, wg in zip((t.grad for t in leaves), want_grads):
+            assert (g - wg).abs().max() < 1e-12, chunk
+
+
+def test_chunked_head_loss_float32_head_under_bf16_autocast():
+    from m1.losses import chunked_head_loss
+
+    gen = torch.Generator().manual_seed(1)
+    hidden = torch.randn(6, 8, generator=gen).to(torch.bfloat16).requires_grad_(True)
+    weight = torch.randn(50, 8, generator=gen).requires_grad_(True)
+    seen = []
+
+    def token_loss(z, rows):
+        seen.append(z.dtype)
+        return torch.logsumexp(z, -1).sum(), torch.zeros(1)
+
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, _ = chunked_head_loss(hidden, weight, None, token_loss, 4)
+    want = torch.logsumexp(hidden.detach().float() @ weight.detach().T, -1).sum()
+    assert seen == [torch.float32, torch.float32] and abs(loss.item() - want.item()) < 1e-4
+    loss.backward()
+    assert hidden.grad.dtype == torch.bfloat16 and weight.grad.dtype == torch.float32
+    # no rows at all: a zero loss whose gradients are zero
+    empty = torch.zeros(0, 8, requires_grad=True)
+    loss, extra = chunked_head_loss(empty, weight, None, token_loss)
+    assert loss.item() == 0.0 and extra.tolist() == [0.0]
+    with pytest.raises(ValueError, match="hidden"):
+        chunked_head_loss(torch.zeros(3, 7), weight, None, token_loss)

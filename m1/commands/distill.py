@@ -81,7 +81,7 @@ def register(subparsers) -> None:
                         "float32; on = also on a CPU with AVX512-BF16/AMX (~2x faster there) (default auto)")
     g.add_argument("--gradient-checkpointing", action="store_true",
                    help="recompute activations during backward: much less memory (SmolLM2 hybrid, 8 x 256 tokens: "
-                        "peak RSS 15.9 -> 8.6 GB), ~10-30%% more compute")
+                        "peak RSS 12.8 -> 5.8 GB), ~10-20%% more compute")
     g.add_argument("--checkpoint-every", type=int, default=50, help="steps between checkpoints (default 50)")
     g.add_argument("--resume", action="store_true", help="continue the unfinished run in OUT.work/")
     g.add_argument("--force", action="store_true", help="replace OUT, and discard an unfinished run in OUT.work/")
