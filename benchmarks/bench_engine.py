@@ -47,6 +47,8 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's default)")
     ap.add_argument("--reference", action="store_true", help="also time the engine's hf backend (model.forward + HF cache)")
     ap.add_argument("--sampled", action="store_true", help="also time the engine sampling at temperature 1")
+    ap.add_argument("--compiled", action="store_true",
+                    help="also time Engine(compile=True) (its warm-up run, which compiles, is not timed)")
     ap.add_argument("--device", default=None)
     ap.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 for both (default: as saved)")
     ap.add_argument("--json", default=None, help="also write the results here")
@@ -115,6 +117,8 @@ def main(argv=None) -> int:
             runners["engine_hf_backend"] = engine(ref, 0.0)
         if a.sampled:
             runners["engine_sampled"] = engine(eng, 1.0)
+        if a.compiled:
+            runners["engine_compiled"] = engine(Engine(model, tok, backend="fast", compile=True), 0.0)
         for B in batches:
             for fn in runners.values():  # warm-up at this batch (allocations; CUDA graph capture on CUDA)
                 fn(B)
@@ -131,7 +135,7 @@ def main(argv=None) -> int:
             row["speedup"] = round(best["hf_generate"] / best["engine"], 2)
             results.append(row)
             print(json.dumps(row), file=sys.stderr, flush=True)
-        del model, eng, ref
+        del model, eng, ref, runners
     cols = [k for k in results[0] if k.endswith("_tok_s")]
     print(f"| model | batch | new tokens | {' | '.join(c[:-6] + ' tok/s' for c in cols)} | engine / HF |")
     print("|---|---|---|" + "---|" * len(cols) + "---|")
