@@ -164,8 +164,9 @@ class _ChunkedHeadLoss(torch.autograd.Function):
             w = weight.detach().to(f)
             b = None if bias is None else bias.detach().to(f)
             g_hidden = torch.empty(hidden.shape, dtype=f, device=hidden.device)
-            g_weight = torch.zeros_like(w)
-            g_bias = None if b is None else torch.zeros_like(b)
+            # a frozen head (distill --trainable mamba) needs no (V, d) gradient: skip its matmuls
+            g_weight = torch.zeros_like(w) if weight.requires_grad else None
+            g_bias = None if b is None or not bias.requires_grad else torch.zeros_like(b)
             total, parts = None, None
             for start in range(0, max(1, hidden.shape[0]), chunk):  # no rows: one empty chunk
                 rows = slice(start, start + chunk)
@@ -175,23 +176,24 @@ class _ChunkedHeadLoss(torch.autograd.Function):
                     loss, extra = token_loss(logits, rows)
                     (g_logits,) = torch.autograd.grad(loss, logits)
                 g_hidden[rows] = g_logits @ w
-                g_weight.addmm_(g_logits.T, h)
+                if g_weight is not None:
+                    g_weight.addmm_(g_logits.T, h)
                 if g_bias is not None:
                     g_bias += g_logits.sum(0)
                 total = loss.detach() if total is None else total + loss.detach()
                 extra = extra.detach()
                 parts = extra if parts is None else parts + extra
-        ctx.save_for_backward(g_hidden, g_weight, *(() if g_bias is None else (g_bias,)))
+        ctx.save_for_backward(g_hidden, g_weight, g_bias)
         ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
         ctx.mark_non_differentiable(parts)
         return total, parts
 
     @staticmethod
     def backward(ctx, g_total, g_parts):
-        g_hidden, g_weight, *g_bias = ctx.saved_tensors
+        g_hidden, g_weight, g_bias = ctx.saved_tensors
         dh, dw, db = ctx.dtypes
-        return ((g_hidden * g_total).to(dh), (g_weight * g_total).to(dw),
-                (g_bias[0] * g_total).to(db) if g_bias else None, None, None)
+        return ((g_hidden * g_total).to(dh), None if g_weight is None else (g_weight * g_total).to(dw),
+                None if g_bias is None else (g_bias * g_total).to(db), None, None)
 
 
 def chunked_head_loss(hidden, weight, bias, token_loss, chunk: int | None = None):

@@ -229,5 +229,12 @@ def test_chunked_head_loss_float32_head_under_bf16_autocast():
     empty = torch.zeros(0, 8, requires_grad=True)
     loss, extra = chunked_head_loss(empty, weight, None, token_loss)
     assert loss.item() == 0.0 and extra.tolist() == [0.0]
+    # a frozen head: the hidden states still get their gradient, the head none
+    frozen = weight.detach()
+    h2 = hidden.detach().float().requires_grad_(True)
+    loss, _ = chunked_head_loss(h2, frozen, None, token_loss, 4)
+    loss.backward()
+    want = torch.softmax(h2.detach() @ frozen.T, -1) @ frozen
+    assert frozen.grad is None and (h2.grad - want).abs().max() < 1e-5
     with pytest.raises(ValueError, match="hidden"):
         chunked_head_loss(torch.zeros(3, 7), weight, None, token_loss)
