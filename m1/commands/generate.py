@@ -67,7 +67,7 @@ def register(subparsers) -> None:
     g.add_argument("--max-batch-size", type=int, default=None, help="sample rows decoded together (default 64 CPU / 256 CUDA)")
     g.add_argument("--compile", action="store_true",
                    help="torch.compile the decode step (CPU or CUDA; compiling takes ~1 min per batch shape; "
-                        "SmolLM2 on CPU: 1.1-1.25x faster decode, see docs/generate.md)")
+                        "SmolLM2 on CPU: 1.1-1.2x faster at batch 1, can be slower at batch 16; see docs/generate.md)")
     g.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
                    help="on CUDA, decode eagerly instead of replaying CUDA graphs (the default there)")
     g.add_argument("--fused-decode", action="store_true",
