@@ -85,7 +85,7 @@ class DistillConfig:
     eval_batch_size: int = 8
     checkpoint_every: int = 50
     bf16: str = "auto"  # bf16 autocast for the training forwards: auto (CUDA with bf16) | on | off
-    gradient_checkpointing: bool = False  # recompute activations in backward: far less memory, ~1/3 more compute
+    gradient_checkpointing: bool = False  # recompute activations in backward: far less memory, ~10-20% slower
 
     def validate(self) -> None:
         if self.stage not in STAGES:

@@ -67,7 +67,7 @@ import os
 import random
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Sequence
 
 from .errors import M1Error
@@ -470,10 +470,11 @@ CPU_SCAN_CHUNK = 64
 
 
 class _cpu_scan_chunk:
-    """While prefilling on CPU, run transformers' torch Mamba2 scan with chunks of at most 64 tokens
-    (checkpoints say 256): its intra-chunk work grows with the chunk size, and 64 made a SmolLM2-shape
-    prefill of 16 x 256 tokens 1.6x faster in bf16, 1.3x in float32 (same result up to rounding; the
-    training recipes do the same). The model's own setting is restored afterwards."""
+    """While prefilling on CPU, run the torch Mamba2 scan with chunks of at most 64 tokens (checkpoints
+    say 256): its intra-chunk work grows with the chunk size, and 64 made a SmolLM2-shape prefill of
+    16 x 256 tokens 1.6x faster in bf16, 1.3x in float32 (measured with transformers' scan, before
+    m1's ``ssd_chunked`` replaced it; same result up to rounding; the training recipes do the same).
+    The model's own setting is restored afterwards."""
 
     def __init__(self, model):
         self.saved = []
@@ -918,7 +919,6 @@ class Engine:
 
     def _fast_step(self, st: _FastState, toks):
         """One decode step for the first ``st.nb`` rows; returns logits (nb, vocab)."""
-        import torch
         import torch.nn.functional as F
 
         a = self.arch
@@ -1000,7 +1000,6 @@ class Engine:
         live ones padded to a power of two), attention over the first ``kb`` key columns (default:
         the whole capacity) behind the bias, the write column a tensor. Same arithmetic as
         :meth:`_fast_step` otherwise."""
-        import torch
         import torch.nn.functional as F
 
         a = self.arch

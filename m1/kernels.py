@@ -112,6 +112,18 @@ def simple_gla_sequential(q, k, v, g, scale=None, initial_state=None, output_fin
 
 
 # ------------------------------------------------------------------------- the torch fast path
+def _prepare_dt(dt, dt_bias, dt_softplus, dt_limit, dtype):
+    """transformers' ``mamba2_chunk_scan`` step sizes: + bias, softplus if asked, clamped to the limit."""
+    import torch
+    import torch.nn.functional as F
+
+    if dt_bias is not None:
+        dt = dt + dt_bias.to(dt.dtype)
+    if dt_softplus:
+        dt = F.softplus(dt)
+    return torch.clamp(dt.to(dtype), min=dt_limit[0], max=dt_limit[1])
+
+
 def ssd_chunked(hidden_states, dt, A, B, C, chunk_size, D=None, dt_bias=None, initial_states=None,
                 dt_softplus=False, dt_limit=(0.0, float("inf")), return_final_states=False, **kwargs):
     """transformers' ``mamba2_chunk_scan`` signature and semantics (float32 result), computed by the
@@ -140,11 +152,7 @@ def ssd_chunked(hidden_states, dt, A, B, C, chunk_size, D=None, dt_bias=None, in
         b, l, h, p = hidden_states.shape
         g, n = B.shape[2], B.shape[3]
         rep = h // g  # heads per group: head i reads group i // rep (transformers' repeat_interleave)
-        if dt_bias is not None:
-            dt = dt + dt_bias.to(dt.dtype)
-        if dt_softplus:
-            dt = F.softplus(dt)
-        dt = torch.clamp(dt.to(f), min=dt_limit[0], max=dt_limit[1])  # (b, l, h)
+        dt = _prepare_dt(dt, dt_bias, dt_softplus, dt_limit, f)  # (b, l, h)
         x = hidden_states.to(f)
         q = max(1, min(int(chunk_size), l))  # Q: tokens per chunk
         c = -(-l // q)  # chunks
@@ -198,17 +206,12 @@ def ssd_via_simple_gla(hidden_states, dt, A, B, C, chunk_size=None, D=None, dt_b
     """transformers' ``mamba2_chunk_scan`` signature and semantics, computed by a simple-GLA ``gla``
     (default: fla's ``chunk_simple_gla``). Returns float32 like the torch scan it replaces."""
     import torch
-    import torch.nn.functional as F
 
     if gla is None:
         from fla.ops.simple_gla import chunk_simple_gla as gla
     b, l, h, p = hidden_states.shape
     g = B.shape[2]
-    if dt_bias is not None:
-        dt = dt + dt_bias.to(dt.dtype)
-    if dt_softplus:
-        dt = F.softplus(dt)
-    dt = torch.clamp(dt.float(), min=dt_limit[0], max=dt_limit[1])  # (b, l, h)
+    dt = _prepare_dt(dt, dt_bias, dt_softplus, dt_limit, torch.float32)  # (b, l, h)
     x = hidden_states.float()
     q = C.float().repeat_interleave(h // g, dim=2)  # (b, l, h, n)
     k = B.float().repeat_interleave(h // g, dim=2)

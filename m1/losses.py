@@ -128,20 +128,8 @@ def cross_entropy(logits, labels, mask=None, normalizer=None):
 LOSSES = ("reverse_kl", "forward_kl", "jsd")
 
 
-def kd_loss(name: str, student_logits, teacher_logits, mask=None, temperature: float = 1.0, beta: float = 0.5,
-            normalizer=None):
-    """Dispatch on the loss name used by ``m1 distill --loss``."""
-    if name == "reverse_kl":
-        return reverse_kl(student_logits, teacher_logits, mask, temperature, normalizer)
-    if name == "forward_kl":
-        return forward_kl(student_logits, teacher_logits, mask, temperature, normalizer)
-    if name == "jsd":
-        return jsd(student_logits, teacher_logits, mask, temperature, beta, normalizer)
-    raise ValueError(f"unknown distillation loss '{name}': choose one of {', '.join(LOSSES)}")
-
-
 def kd_per_token(name: str, student_logits, teacher_logits, temperature: float = 1.0, beta: float = 0.5):
-    """The per-token form of :func:`kd_loss`."""
+    """The per-token loss named by ``m1 distill --loss``."""
     if name == "reverse_kl":
         return reverse_kl_per_token(student_logits, teacher_logits, temperature)
     if name == "forward_kl":
@@ -149,6 +137,12 @@ def kd_per_token(name: str, student_logits, teacher_logits, temperature: float =
     if name == "jsd":
         return jsd_per_token(student_logits, teacher_logits, beta, temperature)
     raise ValueError(f"unknown distillation loss '{name}': choose one of {', '.join(LOSSES)}")
+
+
+def kd_loss(name: str, student_logits, teacher_logits, mask=None, temperature: float = 1.0, beta: float = 0.5,
+            normalizer=None):
+    """Token mean of :func:`kd_per_token` (the loss ``m1 distill --loss`` names)."""
+    return masked_token_mean(kd_per_token(name, student_logits, teacher_logits, temperature, beta), mask, normalizer)
 
 
 class _ChunkedHeadLoss(torch.autograd.Function):
