@@ -311,7 +311,9 @@ def mamba_state_step(state, x, dt, A, B, C):
     dtf = dt.float()
     state.mul_(torch.exp(dtf * A.float())[:, :, None, None])
     state.view(b * h, p, n).baddbmm_((x.float() * dtf[:, :, None]).reshape(b * h, p, 1), Bh.reshape(b * h, 1, n))
-    return torch.bmm(state.view(b * h, p, n), Ch.reshape(b * h, n, 1)).view(b, h, p)
+    # y^T = C^T state^T: as a (1 x n)(n x p) product per head; state (p x n) times C (n x 1) is the
+    # same arithmetic but hits a batched-gemv path ~4x slower in CPU BLAS (665 vs 176 us, 16 x 9 heads)
+    return torch.bmm(Ch.reshape(b * h, 1, n), state.view(b * h, p, n).transpose(1, 2)).view(b, h, p)
 
 
 _DECODE_KERNELS = {}

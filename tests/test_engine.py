@@ -284,6 +284,41 @@ def test_sampled_frequencies_match_filtered_softmax(t, top_k, top_p, min_p):
     assert chi2 < _chi2_limit(max(1, live.sum() - 1)), (chi2, counts, expected)
 
 
+@pytest.mark.parametrize("widths", [(2, 5), (64, 1024)])
+def test_filter_logits_prefix_widths_equal_direct_filter(monkeypatch, widths):
+    """top-k / top-p from a sorted prefix (topk, widened for rows whose nucleus does not end inside it,
+    then a full sort) keep exactly the tokens the one-token-at-a-time filter keeps, row by row."""
+    import m1.engine as engine
+
+    monkeypatch.setattr(engine, "TOP_P_WIDTHS", widths)
+    gen = torch.Generator().manual_seed(3)
+    rows, vocab = 40, 30
+    # rows from peaked (nucleus of 1-2 tokens) to flat (nucleus of most of the vocabulary), with ties
+    logits = torch.randn(rows, vocab, generator=gen) * torch.linspace(6, 0.1, rows)[:, None]
+    logits[::7, :4] = logits[::7, :1]  # four-way ties at the top
+    t = torch.rand(rows, generator=gen) + 0.3
+    top_k = torch.randint(0, 12, (rows,), generator=gen)
+    top_p = torch.where(torch.rand(rows, generator=gen) < 0.2, 1.0, torch.rand(rows, generator=gen) * 0.98 + 0.01)
+    x = filter_logits(logits, t, top_k, top_p, 0.0)
+    for i in range(rows):
+        expected = _direct_probs(logits[i].numpy(), float(t[i]), int(top_k[i]), float(top_p[i]), 0.0)
+        got = torch.softmax(x[i].double(), -1).numpy()
+        assert np.array_equal(got > 0, expected > 0), (i, widths)
+        assert np.allclose(got, expected, atol=1e-6)
+
+
+def test_inverse_cdf_draw_edges():
+    from m1.engine import inverse_cdf_draw
+
+    probs = torch.tensor([[0.0, 0.5, 0.0, 0.5, 0.0, 0.0], [0.25, 0.0, 0.25, 0.0, 0.5, 0.0]])
+    u_top = 1.0 - 2.0 ** -53  # rounds u * total up to total
+    for u, expected in [(0.0, [1, 0]), (0.4999, [1, 2]), (0.5, [3, 4]), (u_top, [3, 4])]:
+        got = inverse_cdf_draw(probs, torch.full((2,), u, dtype=torch.float64))
+        assert got.tolist() == expected, (u, got)
+    # unnormalised rows: the draw is relative to the row's own total
+    assert inverse_cdf_draw(probs * 3, torch.tensor([0.6, 0.6], dtype=torch.float64)).tolist() == [3, 4]
+
+
 def test_greedy_rows_and_per_row_parameters():
     gen = torch.Generator().manual_seed(1)
     logits = torch.randn(3, 50, generator=gen)
