@@ -622,7 +622,9 @@ class Engine:
         self._step = None  # only the compiled step is stored (a bound method on self is a reference cycle)
         if self.compiled:
             mode = "reduce-overhead" if cuda else "default"  # reduce-overhead = CUDA graphs
-            self._step = torch.compile(self._static_step, mode=mode, dynamic=False)
+            # dynamic=None: the key length (bucketed) and the live rows become symbolic once they change,
+            # so a long generation compiles ~3 times instead of once per key bucket
+            self._step = torch.compile(self._static_step, mode=mode, dynamic=None)
 
     # ----------------------------------------------------------------------------- construction
     @classmethod
@@ -1001,14 +1003,15 @@ class Engine:
         st.tok_in[:nb].copy_(toks)
         if nb < st.nbb:
             st.tok_in[nb:st.nbb].zero_()  # padding rows: dead slots, their outputs are dropped
+        kb = min(st.cap, -(-(st.col + 1) // GRAPH_KEY_BUCKET) * GRAPH_KEY_BUCKET)  # keys read, bucketed
         if self.compiled:
-            out = self._step(st, st.tok_in[:st.nbb])
+            out = self._step(st, st.tok_in[:st.nbb], kb)
         else:
-            out = self._graph_step(st)
+            out = self._graph_step(st, kb)
         st.col += 1
         return out[:nb].float()
 
-    def _graph_step(self, st: _FastState):
+    def _graph_step(self, st: _FastState, kb: int):
         """:meth:`_static_step` replayed from a CUDA graph captured per (rows, key-length bucket).
 
         The first step at a new shape runs eagerly (on a side stream, as CUDA graph capture wants
@@ -1019,7 +1022,6 @@ class Engine:
         On CPU (tests) the same static step runs eagerly."""
         import torch
 
-        kb = min(st.cap, -(-(st.col + 1) // GRAPH_KEY_BUCKET) * GRAPH_KEY_BUCKET)
         key = (st.nbb, kb)
         g = st.graphs.get(key)
         if g is not None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import shutil
 
 import numpy as np
 import pytest
@@ -387,6 +388,34 @@ def test_static_step_with_key_buckets_equals_fast_step(tiny_hybrid, monkeypatch)
         gc.enable()
     eng.release()
     assert eng._state is None
+
+
+@pytest.mark.skipif(not (shutil.which("g++") or shutil.which("c++")), reason="torch.compile on CPU needs a C++ compiler")
+def test_compiled_step_on_cpu_equals_fast_step(tiny_hybrid, monkeypatch):
+    """Engine(compile=True) on CPU: the torch.compile'd static step (key buckets crossed, rows
+    compacted) samples what the eager step samples, and a second call compiles nothing new."""
+    import m1.engine as engine_mod
+    from torch._dynamo.utils import counters
+
+    from m1.checkpoint import load_model
+
+    model, tok = load_model(tiny_hybrid)
+    monkeypatch.setattr(engine_mod, "GRAPH_KEY_BUCKET", 8)
+    params = [SamplingParams(n=3, max_new_tokens=9 + 7 * i, temperature=0.9, seed=i, ignore_eos=True)
+              for i in range(3)]
+    params[1].max_new_tokens = 30
+    want = [[c.token_ids for c in o.completions] for o in Engine(model, tok).generate(PROMPTS[:3], params)]
+    torch._dynamo.reset()
+    eng = Engine(model, tok, compile=True)
+    compiled, key_lengths = eng._step, []
+    eng._step = lambda st, toks, kb: key_lengths.append(kb) or compiled(st, toks, kb)
+    got = [[c.token_ids for c in o.completions] for o in eng.generate(PROMPTS[:3], params)]
+    assert got == want
+    assert len(set(key_lengths)) >= 3 and all(kb % 8 == 0 or kb == eng._state.cap for kb in key_lengths)
+    graphs = counters["stats"]["unique_graphs"]
+    assert 1 <= graphs <= 4  # key length and rows turn symbolic instead of one compile per bucket
+    got = [[c.token_ids for c in o.completions] for o in eng.generate(PROMPTS[:3], params)]
+    assert got == want and counters["stats"]["unique_graphs"] == graphs
 
 
 def test_ssm_state_in_model_dtype(tiny_hybrid):
