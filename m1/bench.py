@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from .errors import M1Error
+from .info import mamba_state_sizes, state_bytes_per_row  # noqa: F401 (state_bytes_per_row: re-exported)
 
 # Shapes of public models (config.json values), so nobody needs the weights to benchmark them.
 SHAPES = {
@@ -103,22 +104,9 @@ class _NullTokenizer:
         return [""] * len(ids) if isinstance(ids, list) else ""
 
 
-def state_bytes_per_row(cfg, length: int, esize: int, ssm_esize: int = 4) -> int:
-    """Decode state of one sequence of ``length`` tokens as the engine holds it: K/V and the Mamba
-    conv window in the model dtype (``esize`` bytes), the SSM state in ``ssm_esize`` (float32 unless
-    the engine's ``ssm_dtype`` says otherwise)."""
-    from .info import mamba_state_sizes, state_sizes
-
-    kv, _ = state_sizes(cfg.to_dict())
-    conv, ssm = mamba_state_sizes(cfg.to_dict())
-    return kv * length * esize + conv * esize + ssm * ssm_esize
-
-
 def step_bytes_per_row(cfg, context: int, esize: int, ssm_esize: int = 4) -> int:
     """Bytes one decode step moves for one sequence at ``context`` tokens: its K/V are read, its Mamba
     state read and written back (conv window and SSM state)."""
-    from .info import mamba_state_sizes
-
     conv, ssm = mamba_state_sizes(cfg.to_dict())
     return state_bytes_per_row(cfg, context, esize, ssm_esize) + conv * esize + ssm * ssm_esize
 

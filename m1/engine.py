@@ -18,8 +18,9 @@ How a call to :meth:`Engine.generate` runs
 4. **Decode** all rows in lock step, one token per step, sampling each row with its own
    ``torch.Generator`` (inverse CDF: one uniform ``u`` from the row's generator per step, the token
    whose cumulative-probability interval holds ``u``), which is exactly a draw from ``p`` and does
-   not depend on which other rows share the batch. Sample j of a request with seed s uses seed ``s + j``, so it equals an independent run with
-   ``n=1, seed=s+j``. Temperature 0 is greedy (argmax of the raw logits).
+   not depend on which other rows share the batch. Sample j of a request with seed s uses seed
+   ``s + j``, so it equals an independent run with ``n=1, seed=s+j``. Temperature 0 is greedy
+   (argmax of the raw logits).
 5. **Per-row stopping** on EOS (``generation_config.eos_token_id`` and the tokenizer's EOS), extra
    stop token ids, stop strings (the returned text is cut before the stop string) and
    ``max_new_tokens`` (or the context length). Finished rows are **compacted** out of the batch so
@@ -38,9 +39,10 @@ the arithmetic matches HF's. Weights are never copied: the engine always sees th
 bias, the write column a tensor, buffers at fixed addresses, reused by later groups of the same
 shape) that is **captured as CUDA graphs** and replayed: eager decode is launch-bound (5.6x slower
 at the 3B shape, batch 1, on an H100). ``cuda_graphs=False`` turns that off. ``compile=True``
-instead wraps the static step (attending over the whole capacity) in ``torch.compile``
-(``mode="reduce-overhead"`` on CUDA); token-identical to the reference on CPU and on an H100, but
-compiling takes minutes.
+instead wraps the static step in ``torch.compile`` (``mode="reduce-overhead"`` on CUDA; key
+length and row count become symbolic after their first change, so a long generation compiles ~3
+times, not once per key bucket); token-identical to the reference on CPU and on an H100, but
+compiling takes ~1 minute per shape on CPU.
 
 ``fused_decode=True`` (CUDA, needs Triton) updates each Mamba layer's state with one Triton kernel
 (:func:`m1.kernels.mamba_state_step_fused`: the state read and written once, against about 2.5
@@ -749,20 +751,11 @@ class Engine:
 
     # ------------------------------------------------------------------------------- scheduling
     def _row_bytes(self, length: int) -> int:
-        cfg = self.model.config
-        esize = torch_esize(self.dtype)
-        heads = cfg.num_attention_heads
-        kvh = getattr(cfg, "num_key_value_heads", None) or heads
-        hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
-        types = getattr(cfg, "layer_types", None) or ["full_attention"] * cfg.num_hidden_layers
-        n_attn = sum(t != "linear_attention" for t in types)
-        n_mamba = len(types) - n_attn
-        b = n_attn * 2 * kvh * hd * length * esize
-        if n_mamba:
-            nh, dh, ds = cfg.mamba_n_heads, cfg.mamba_d_head, cfg.mamba_d_state
-            conv_dim = int(cfg.mamba_expand * cfg.hidden_size) + 2 * cfg.mamba_n_groups * ds
-            b += n_mamba * (conv_dim * cfg.mamba_d_conv * esize + nh * dh * ds * torch_esize(self.ssm_dtype))
-        return b + 8 * length
+        """Bytes one row of ``length`` tokens holds in the decode buffers (state, bias, position)."""
+        from .info import state_bytes_per_row
+
+        return state_bytes_per_row(self.model.config, length, torch_esize(self.dtype),
+                                   torch_esize(self.ssm_dtype)) + 8 * length
 
     def _plan(self, reqs, rows_by_req):
         """Pack rows into groups (in request order) within max_batch_size and max_cache_bytes."""
@@ -1138,7 +1131,7 @@ class Engine:
         gate, xbc, dt = zxbcdt.split([I, a.m_conv_dim, H], dim=-1)
         cs = st.conv[slot][:nb]  # (nb, k, conv_dim): the last k inputs, oldest first
         cs.copy_(torch.cat([cs[:, 1:], xbc[:, None].to(cs.dtype)], dim=1))
-        # depthwise conv over the window (as conv1d); the (k, conv_dim) weight copy is 7k values
+        # depthwise conv over the window (as conv1d); the weight's (k, conv_dim) copy is small (k = 4)
         xbc = (cs * mx.conv1d.weight[:, 0, :].t().contiguous()).sum(dim=1)
         if mx.conv1d.bias is not None:
             xbc = xbc + mx.conv1d.bias

@@ -69,6 +69,16 @@ def state_sizes(cfg: dict) -> tuple[int, int]:
     return kv, sum(mamba_state_sizes(cfg))
 
 
+def state_bytes_per_row(cfg, length: int, esize: int, ssm_esize: int = 4) -> int:
+    """Decode state of one sequence of ``length`` tokens as the engine holds it: K/V and the Mamba
+    conv window in the model dtype (``esize`` bytes), the SSM state in ``ssm_esize`` (float32 unless
+    the engine's ``ssm_dtype`` says otherwise). ``cfg``: a config dict or a transformers config."""
+    cfg = cfg if isinstance(cfg, dict) else cfg.to_dict()
+    kv, _ = state_sizes(cfg)
+    conv, ssm = mamba_state_sizes(cfg)
+    return kv * length * esize + conv * esize + ssm * ssm_esize
+
+
 def model_info(directory) -> ModelInfo:
     d = check_model_dir(directory)
     try:
