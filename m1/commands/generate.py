@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 DESCRIPTION = """\
@@ -16,7 +17,11 @@ written to --output (or stdout):
   {"index", "prompt", "completions": [...], "num_tokens": [...], "seconds": [...],
    "finish_reasons": [...], "seeds": [...]}  (+ "answers", "vote", "votes" with --vote;
    + "scores", "best_index", "weighted_answer" with --verifier; + "arrival_seconds", "rounds" with
-   --budget-seconds)"""
+   --budget-seconds), and "generation": the settings that produced it.
+
+--output is written row by row as prompts finish; run the same command again after an interruption
+and it resumes, skipping the prompts already there (the prompts and settings must match;
+--overwrite starts over)."""
 
 EPILOG = """\
 examples:
@@ -58,7 +63,11 @@ def register(subparsers) -> None:
     g.add_argument("--budget-seconds", type=float, default=None,
                    help="sample each prompt in rounds of -n until this many seconds are spent; records arrival times")
     g = p.add_argument_group("engine")
-    g.add_argument("--output", default=None, help="write JSON rows here instead of stdout")
+    g.add_argument("--output", default=None,
+                   help="write JSON rows here instead of stdout, each as soon as its prompt is done; rerunning "
+                        "with the same --output resumes (prompts already there are skipped; the prompts and "
+                        "sampling settings must match)")
+    g.add_argument("--overwrite", action="store_true", help="with --output: start the file over instead of resuming")
     g.add_argument("--backend", choices=["auto", "fast", "hf", "vllm"], default="auto",
                    help="auto (default: fast when supported), fast, hf (reference: model.forward + HF cache), vllm")
     g.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
@@ -123,6 +132,8 @@ def _run(a) -> None:
     if a.max_batch_size is not None and a.max_batch_size < 1:
         raise M1Error(f"--max-batch-size must be at least 1, got {a.max_batch_size}")
     rows = _read_prompts(a)
+    if a.output and os.path.isdir(a.output):
+        raise M1Error(f"--output {a.output} is a directory: give a file path (e.g. {os.path.join(a.output, 'samples.jsonl')})")
     from ..checkpoint import check_model_dir
 
     check_model_dir(a.model)
@@ -157,31 +168,44 @@ def _run(a) -> None:
         _stream_one(engine, rows[0]["prompt"], params, chat)
         return
 
-    out = open(a.output, "w", encoding="utf-8") if a.output else sys.stdout
+    settings = _settings(a, chat)
+    todo = list(range(len(rows)))
+    if a.output:
+        from ..evaluate import ResultsWriter
+
+        done = _finished_rows(a.output, rows, settings, a.overwrite)
+        todo = [i for i in todo if i not in done]
+        if done:
+            print(f"resuming: {len(done)} of {len(rows)} prompts already in {a.output}", file=sys.stderr)
+        out = ResultsWriter(a.output)
+    else:
+        out = sys.stdout
     bar = None
-    if len(rows) > 1:
+    if len(todo) > 1:
         from tqdm import tqdm
 
-        bar = tqdm(total=len(rows), file=sys.stderr, unit="prompt", dynamic_ncols=True, desc="generate")
+        bar = tqdm(total=len(todo), file=sys.stderr, unit="prompt", dynamic_ncols=True, desc="generate")
     try:
         if a.budget_seconds is not None:
             from ..scaling import sample_until_budget
 
-            for i, r in enumerate(rows):
+            for i in todo:
+                r = rows[i]
                 res = sample_until_budget(engine, r["prompt"], a.budget_seconds, params, chat=chat)
                 row = {"index": i, **r, **res.as_dict()}
                 if verifier is not None:
                     _add_verifier(row, verifier, r["prompt"], [s.text for s in res.completed()])
-                _write(out, row)
+                _write(out, row, settings)
                 if bar is not None:
                     bar.update(1)
         else:
             per_call = max(1, (getattr(engine, "max_batch_size", 64) or 64) // max(1, a.n))
-            for b in range(0, len(rows), per_call):
-                chunk = rows[b:b + per_call]
+            for b in range(0, len(todo), per_call):
+                idx = todo[b:b + per_call]
+                chunk = [rows[i] for i in idx]
                 outputs = engine.generate([r["prompt"] for r in chunk], params, chat=chat)
-                for k, (r, o) in enumerate(zip(chunk, outputs)):
-                    row = {"index": b + k, **r, **_completions(o)}
+                for i, r, o in zip(idx, chunk, outputs):
+                    row = {"index": i, **r, **_completions(o)}
                     if a.vote:
                         from ..scaling import majority_vote
 
@@ -189,7 +213,7 @@ def _run(a) -> None:
                         row.update(answers=v.answers, vote=v.answer, votes={g.answer: g.count for g in v.groups})
                     if verifier is not None:
                         _add_verifier(row, verifier, r["prompt"], row["completions"])
-                    _write(out, row)
+                    _write(out, row, settings)
                 if bar is not None:
                     bar.update(len(chunk))
     finally:
@@ -198,7 +222,7 @@ def _run(a) -> None:
         if out is not sys.stdout:
             out.close()
     if a.output:
-        print(f"wrote {len(rows)} rows to {a.output}", file=sys.stderr)
+        print(f"wrote {len(todo)} rows to {a.output} ({len(rows)} in all)", file=sys.stderr)
 
 
 def _completions(o) -> dict:
@@ -219,9 +243,55 @@ def _add_verifier(row: dict, verifier, prompt: str, texts: list[str]) -> None:
         row["weighted_answer"] = weighted_vote(texts, scores).answer
 
 
-def _write(out, row: dict) -> None:
-    out.write(json.dumps(row, ensure_ascii=False) + "\n")
-    out.flush()
+def _settings(a, chat: bool) -> dict:
+    """What decides a row's samples (recorded in each --output row; a resume must match it)."""
+    return {"model": str(a.model), "n": a.n, "temperature": a.temperature, "top_p": a.top_p, "top_k": a.top_k,
+            "min_p": a.min_p, "max_new_tokens": a.max_new_tokens, "seed": a.seed, "stop": list(a.stop),
+            "ignore_eos": a.ignore_eos, "chat": chat, "dtype": a.dtype, "budget_seconds": a.budget_seconds,
+            "vote": a.vote, "verifier": a.verifier}
+
+
+def _finished_rows(path, rows: list[dict], settings: dict, overwrite: bool) -> set[int]:
+    """Indices of the prompts an earlier run already wrote to ``path`` (emptied first with ``overwrite``).
+
+    Every complete row must be for the same prompt at its index and carry the same settings: a file
+    from another run is an error rather than something to append to."""
+    from pathlib import Path
+
+    from ..errors import M1Error
+
+    p = Path(path)
+    if overwrite or not p.exists():
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_text("", encoding="utf-8")
+        return set()
+    done = set()
+    lines = p.read_text(encoding="utf-8").split("\n")
+    for ln, line in enumerate(lines[:-1], 1):  # the text after the last newline is a partial row: redone
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError:
+            raise M1Error(f"{p}:{ln} is not a JSON row: not an m1 generate output? Use --overwrite or another --output") from None
+        i = row.get("index") if isinstance(row, dict) else None
+        if not isinstance(i, int) or not 0 <= i < len(rows) or row.get("prompt") != rows[i]["prompt"]:
+            raise M1Error(f"{p}:{ln} holds a result for other prompts than these: use --overwrite or another --output")
+        if row.get("generation") != settings:
+            old = row.get("generation") or {}
+            diff = {k: (old.get(k), v) for k, v in settings.items() if old.get(k) != v}
+            raise M1Error(f"{p} was written with other settings {diff}: use --overwrite or another --output")
+        done.add(i)
+    return done
+
+
+def _write(out, row: dict, settings: dict) -> None:
+    row = {**row, "generation": settings}
+    if out is sys.stdout:
+        out.write(json.dumps(row, ensure_ascii=False) + "\n")
+        out.flush()
+    else:
+        out.write(row)  # a ResultsWriter: flushed and fsynced, so a killed run keeps every finished row
 
 
 def _stream_one(engine, prompt, params, chat) -> None:

@@ -96,3 +96,42 @@ def test_bad_model_directory(tmp_path, capsys):
     f.write_text('{"prompt": "ok"}\n{"nope": 1}\n')
     assert main(["generate", "--model", str(tmp_path / "empty"), "--file", str(f)]) == 1
     assert "bad.jsonl:2" in _one_error_line(capsys.readouterr().err)
+
+
+def test_output_resumes_after_an_interruption(tiny_hybrid, tmp_path, capsys):
+    """A rerun with the same --output skips the prompts already written (a partial last row is redone)
+    and gives the same file as an uninterrupted run; other prompts or settings are refused."""
+    f = tmp_path / "p.jsonl"
+    f.write_text("".join(json.dumps({"id": i, "prompt": f"What is {i} + {i}?"}) + "\n" for i in range(4)))
+    args = ["generate", "--model", str(tiny_hybrid), "--file", str(f), "-n", "2", "--max-new-tokens", "6",
+            "--seed", "3", "--max-batch-size", "2"]  # one prompt per engine call
+    full = tmp_path / "full.jsonl"
+    assert main([*args, "--output", str(full)]) == 0
+    want = [json.loads(x) for x in full.read_text().splitlines()]
+    assert [r["index"] for r in want] == [0, 1, 2, 3] and want[0]["generation"]["seed"] == 3
+
+    part = tmp_path / "part.jsonl"
+    lines = full.read_text().splitlines(keepends=True)
+    part.write_text(lines[0] + lines[1] + lines[2][:40])  # killed while writing row 2
+    capsys.readouterr()
+    assert main([*args, "--output", str(part)]) == 0
+    err = capsys.readouterr().err
+    assert "resuming: 2 of 4 prompts" in err
+    got = [json.loads(x) for x in part.read_text().splitlines()]
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]  # noqa: E731
+    assert strip(got) == strip(want)
+
+    assert main([*args, "--output", str(part)]) == 0  # nothing left to do
+    assert "resuming: 4 of 4" in capsys.readouterr().err and part.read_text().count("\n") == 4
+
+    assert main([*args, "--output", str(part), "--temperature", "0.3"]) == 1
+    line = _one_error_line(capsys.readouterr().err)
+    assert "other settings" in line and "temperature" in line
+    f.write_text("".join(json.dumps({"prompt": f"Other {i}"}) + "\n" for i in range(4)))
+    assert main([*args, "--output", str(part)]) == 1
+    assert "other prompts" in _one_error_line(capsys.readouterr().err)
+    assert main([*args, "--output", str(part), "--overwrite"]) == 0
+    assert [json.loads(x)["prompt"] for x in part.read_text().splitlines()] == [f"Other {i}" for i in range(4)]
+    capsys.readouterr()
+    assert main([*args, "--output", str(tmp_path)]) == 1
+    assert "is a directory" in _one_error_line(capsys.readouterr().err)
