@@ -243,12 +243,14 @@ def run_bench(shape: str | None = None, model: str | None = None, baseline: str 
               layout: str = "m1", batches=(1, 16), prompt_len: int = 256, gen_lens=(1024,),
               dtype: str = "float32", device: str = "cpu", json_path=None, plot_path=None, log=print,
               labels: tuple[str, str] | None = None, cuda_graphs: bool = True,
-              fused_decode: bool = False, compile: bool = False, ssm_dtype: str = "float32") -> list[BenchRow]:
+              fused_decode: bool = False, compile: bool = False, ssm_dtype: str = "float32",
+              resume: bool = False) -> list[BenchRow]:
     """Benchmark a --shape pair or a --model [--baseline] pair; ``labels`` names the two in the output.
 
     ``batches`` may hold ``"max"``: each model at the largest batch whose state fits (see
     :func:`largest_batch`), the ratio then compares the two maxima. Rows are written to ``json_path``
-    as they are measured."""
+    (atomically) as they are measured; with ``resume`` the rows already there for the same settings
+    are kept and only the missing (model, batch, length) cells are measured."""
     import torch
 
     from .engine import Engine
@@ -285,11 +287,24 @@ def run_bench(shape: str | None = None, model: str | None = None, baseline: str 
         if baseline:
             models[names[1]] = lambda: load_model(baseline, dtype=tdtype, device=device)[0]
         context = None
+    settings = {"device": device, "dtype": dtype, "ssm_dtype": "float32" if ssm_dtype == "float32" else dtype,
+                "decode": "torch.compile" if compile else ("cuda graphs" if cuda_graphs and device.startswith("cuda")
+                                                          else "eager"),
+                "mamba_state_step": "mamba_state_step_fused" if fused_decode else "mamba_state_step"}
+    rows: list[BenchRow] = []
+    if resume:
+        if not json_path:
+            raise M1Error("--resume needs --json FILE (the rows of the interrupted run)")
+        rows = _rows_to_keep(json_path, settings, list(models), prompt_len, batches, gen_lens)
+        log(f"resuming: {len(rows)} measured rows kept from {json_path}")
+    cell = lambda r: (r.model, "max" if r.at_max_batch else r.batch, r.gen_len)  # noqa: E731
+    kept = {cell(r) for r in rows}
     bandwidth = measure_bandwidth(device)
     if device.startswith("cuda"):
         log(f"mamba2 prefill scan on {device}: {scan_backend(device)}")
-    rows: list[BenchRow] = []
     for name, make in models.items():
+        if all((name, b, g) in kept for g in gen_lens for b in batches):
+            continue
         m = make()
         ctx = context or getattr(m.config, "max_position_embeddings", None)
         if ctx and prompt_len + max(gen_lens) > ctx:
@@ -301,6 +316,8 @@ def run_bench(shape: str | None = None, model: str | None = None, baseline: str 
                         max_batch_size=max([b for b in batches if b != "max"], default=1))
         for g in gen_lens:
             for b in batches:
+                if (name, b, g) in kept:
+                    continue
                 at_max = b == "max"
                 if at_max:
                     engine._state = None  # free the last run's buffers before measuring what fits
@@ -323,6 +340,24 @@ def run_bench(shape: str | None = None, model: str | None = None, baseline: str 
     if plot_path:
         plot(rows, plot_path)
     return rows
+
+
+def _rows_to_keep(path, settings: dict, names: list[str], prompt_len: int, batches, gen_lens) -> list[BenchRow]:
+    """The rows of an earlier run in ``path`` that this run would measure again (same settings)."""
+    p = Path(path)
+    if not p.exists():
+        return []
+    try:
+        old = json.loads(p.read_text())
+        old_rows = [BenchRow(**r) for r in old["rows"]]
+    except (ValueError, KeyError, TypeError) as e:
+        raise M1Error(f"--resume: {p} is not an m1 bench JSON ({e}); drop --resume to start over") from None
+    diff = {k: (old.get(k), v) for k, v in settings.items() if str(old.get(k)) != str(v)}
+    if diff:
+        raise M1Error(f"--resume: {p} was measured with other settings {diff}; drop --resume to start over")
+    want = {(n, b, g) for n in names for b in batches for g in gen_lens}
+    return [r for r in old_rows if r.prompt_len == prompt_len
+            and (r.model, "max" if r.at_max_batch else r.batch, r.gen_len) in want]
 
 
 def _write_json(path, device, dtype, bandwidth, scan, engine, rows) -> None:

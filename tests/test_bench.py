@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from m1.bench import (BenchRow, _add_ratios, layout_layers, markdown_table, parse_ints, state_bytes_per_row,
@@ -84,6 +86,37 @@ def test_measure_on_a_tiny_hybrid(tiny_hybrid):
     row = measure(Engine(model, _NullTokenizer()), "tiny", batch=3, prompt_len=5, gen_len=8, bandwidth=None)
     assert row.decode_tokens_per_s > 0 and row.ttft_s > 0
     assert row.state_bytes == 3 * state_bytes_per_row(model.config, 13, 4)
+
+
+def test_resume_measures_only_the_missing_cells(tiny_hybrid, tiny_teachers, tmp_path, monkeypatch):
+    """--resume keeps the rows an interrupted run wrote (same settings) and measures the rest."""
+    import m1.bench as bench
+
+    measured = []
+    real = bench.measure
+    monkeypatch.setattr(bench, "measure", lambda eng, name, b, *a, **k: measured.append((name, b)) or real(eng, name, b, *a, **k))
+    out = tmp_path / "b.json"
+    kw = dict(model=str(tiny_hybrid), baseline=str(tiny_teachers["llama_untied"]), labels=("hyb", "base"),
+              batches=(1, 2), prompt_len=5, gen_lens=(4,), json_path=out, log=lambda m: None)
+    full = bench.run_bench(**kw)
+    assert measured == [("hyb", 1), ("hyb", 2), ("base", 1), ("base", 2)]
+    data = json.loads(out.read_text())
+    data["rows"] = data["rows"][:3]  # killed while measuring the baseline at batch 2
+    out.write_text(json.dumps(data))
+    measured.clear()
+    rows = bench.run_bench(**kw, resume=True)
+    assert measured == [("base", 2)]
+    assert [(r.model, r.batch) for r in rows] == [(r.model, r.batch) for r in full]
+    assert rows[0].decode_tokens_per_s == full[0].decode_tokens_per_s  # kept, not re-measured
+    assert all(r.ratio is not None for r in rows if r.model == "hyb")
+    assert len(json.loads(out.read_text())["rows"]) == 4
+    measured.clear()
+    bench.run_bench(**kw, resume=True)
+    assert measured == []  # nothing left to measure
+    with pytest.raises(M1Error, match="other settings"):
+        bench.run_bench(**{**kw, "dtype": "bfloat16"}, resume=True)
+    with pytest.raises(M1Error, match="needs --json"):
+        bench.run_bench(**{**kw, "json_path": None}, resume=True)
 
 
 @pytest.mark.parametrize("argv,needle", [

@@ -35,7 +35,10 @@ def register(sub) -> None:
                    help="decode with the torch.compile'd static step (fuses the elementwise kernels; compiling takes minutes)")
     p.add_argument("--ssm-dtype", default="float32", choices=["float32", "model"],
                    help="dtype of the Mamba SSM state between steps: float32 (default) or the model dtype (vLLM's default)")
-    p.add_argument("--json", dest="json_path", help="write all rows as JSON here")
+    p.add_argument("--json", dest="json_path", help="write all rows as JSON here (rewritten after each measurement)")
+    p.add_argument("--resume", action="store_true",
+                   help="with --json: keep the rows an interrupted run already measured there (same settings) "
+                        "and measure only the missing ones")
     p.add_argument("--plot", dest="plot_path", help="PNG of tokens/s vs batch (default: beside --json)")
     p.set_defaults(func=run)
 
@@ -48,5 +51,6 @@ def run(a) -> None:
                      batches=parse_ints(a.batch, "--batch", allow_max=True), prompt_len=a.prompt_len,
                      gen_lens=parse_ints(a.gen_len, "--gen-len"), dtype=a.dtype, device=a.device,
                      json_path=a.json_path, plot_path=plot_path, cuda_graphs=a.cuda_graphs,
-                     fused_decode=a.fused_decode, compile=a.compile, ssm_dtype=a.ssm_dtype, log=lambda m: print(m, file=sys.stderr))
+                     fused_decode=a.fused_decode, compile=a.compile, ssm_dtype=a.ssm_dtype, resume=a.resume,
+                     log=lambda m: print(m, file=sys.stderr))
     print(markdown_table(rows))
