@@ -54,6 +54,11 @@ class BenchRow:
     byte_limit_ratio: float | None = None
     fraction_of_limit: float | None = None
 
+    @property
+    def cell(self) -> tuple:
+        """(model, batch or "max", gen_len): what this row measured (ratios and --resume pair on it)."""
+        return self.model, "max" if self.at_max_batch else self.batch, self.gen_len
+
 
 def layout_layers(layout: str, n_layers: int) -> list[int]:
     from .convert import default_attention_layers
@@ -287,6 +292,7 @@ def run_bench(shape: str | None = None, model: str | None = None, baseline: str 
         if baseline:
             models[names[1]] = lambda: load_model(baseline, dtype=tdtype, device=device)[0]
         context = None
+    # what the JSON records and a --resume must match (as the engine will run: "model" = the weights' dtype)
     settings = {"device": device, "dtype": dtype, "ssm_dtype": "float32" if ssm_dtype == "float32" else dtype,
                 "decode": "torch.compile" if compile else ("cuda graphs" if cuda_graphs and device.startswith("cuda")
                                                           else "eager"),
@@ -297,8 +303,7 @@ def run_bench(shape: str | None = None, model: str | None = None, baseline: str 
             raise M1Error("--resume needs --json FILE (the rows of the interrupted run)")
         rows = _rows_to_keep(json_path, settings, list(models), prompt_len, batches, gen_lens)
         log(f"resuming: {len(rows)} measured rows kept from {json_path}")
-    cell = lambda r: (r.model, "max" if r.at_max_batch else r.batch, r.gen_len)  # noqa: E731
-    kept = {cell(r) for r in rows}
+    kept = {r.cell for r in rows}
     bandwidth = measure_bandwidth(device)
     if device.startswith("cuda"):
         log(f"mamba2 prefill scan on {device}: {scan_backend(device)}")
@@ -332,7 +337,7 @@ def run_bench(shape: str | None = None, model: str | None = None, baseline: str 
                 rows.append(row)
                 _add_ratios(rows, list(models))
                 if json_path:
-                    _write_json(json_path, device, dtype, bandwidth, scan_backend(device), engine, rows)
+                    _write_json(json_path, settings, bandwidth, scan_backend(device), rows)
         del m, engine
         gc.collect()  # the engine holds bound methods of itself (a cycle): free its buffers and graphs now
         if device.startswith("cuda"):
@@ -356,19 +361,15 @@ def _rows_to_keep(path, settings: dict, names: list[str], prompt_len: int, batch
     if diff:
         raise M1Error(f"--resume: {p} was measured with other settings {diff}; drop --resume to start over")
     want = {(n, b, g) for n in names for b in batches for g in gen_lens}
-    return [r for r in old_rows if r.prompt_len == prompt_len
-            and (r.model, "max" if r.at_max_batch else r.batch, r.gen_len) in want]
+    return [r for r in old_rows if r.prompt_len == prompt_len and r.cell in want]
 
 
-def _write_json(path, device, dtype, bandwidth, scan, engine, rows) -> None:
+def _write_json(path, settings: dict, bandwidth, scan, rows) -> None:
     import torch
 
-    meta = {"device": device, "dtype": dtype, "bandwidth_bytes_per_s": bandwidth, "mamba_scan": scan,
-            "decode": "cuda graphs" if engine.graphs else ("torch.compile" if engine.compiled else "eager"),
-            "mamba_state_step": engine._state_step.__name__, "ssm_dtype": str(engine.ssm_dtype).replace("torch.", ""),
-            "torch": torch.__version__}
-    if device.startswith("cuda"):
-        meta["gpu"] = torch.cuda.get_device_name(device)
+    meta = {**settings, "bandwidth_bytes_per_s": bandwidth, "mamba_scan": scan, "torch": torch.__version__}
+    if settings["device"].startswith("cuda"):
+        meta["gpu"] = torch.cuda.get_device_name(settings["device"])
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
@@ -380,10 +381,9 @@ def _add_ratios(rows: list[BenchRow], names: list[str]) -> None:
     """Hybrid (first model) vs baseline (second) at equal batch and length (or both at their max batch)."""
     if len(names) < 2:
         return
-    key = lambda r: ("max" if r.at_max_batch else r.batch, r.gen_len)  # noqa: E731
-    base = {key(r): r for r in rows if r.model == names[1]}
+    base = {r.cell[1:]: r for r in rows if r.model == names[1]}
     for r in rows:
-        b = base.get(key(r))
+        b = base.get(r.cell[1:])
         if r.model != names[0] or b is None:
             continue
         r.ratio = round(r.decode_tokens_per_s / b.decode_tokens_per_s, 3)

@@ -261,9 +261,9 @@ def _finished_rows(path, rows: list[dict], settings: dict, overwrite: bool) -> s
     from ..errors import M1Error
 
     p = Path(path)
-    if overwrite or not p.exists():
-        p.parent.mkdir(parents=True, exist_ok=True)
-        p.write_text("", encoding="utf-8")
+    if overwrite and p.exists():
+        p.unlink()
+    if not p.exists():
         return set()
     done = set()
     lines = p.read_text(encoding="utf-8").split("\n")
