@@ -78,6 +78,7 @@ FINISH_STOP = "stop"
 FINISH_LENGTH = "length"
 FINISH_BUDGET = "budget"  # only when generate() is given a deadline
 BACKENDS = ("auto", "fast", "hf", "vllm")
+LM_HEAD_SLICE = 1024  # vocabulary rows per slice of the CPU output projection (see Engine._lm_head)
 
 
 # ------------------------------------------------------------------------------------ parameters
@@ -621,6 +622,11 @@ class Engine:
             if why:
                 raise M1Error(f"fused_decode: {why}")
             self._state_step = kernels.mamba_state_step_fused
+        self._head_slices = None
+        if (self.backend == "fast" and self.device.type == "cpu" and self.dtype == torch.float32 and not self.compiled):
+            head = self.arch.lm_head
+            biases = head.bias.split(LM_HEAD_SLICE) if head.bias is not None else [None] * -(-head.weight.shape[0] // LM_HEAD_SLICE)
+            self._head_slices = list(zip(head.weight.split(LM_HEAD_SLICE), biases))
         self._step = None  # only the compiled step is stored (a bound method on self is a reference cycle)
         if self.compiled:
             mode = "reduce-overhead" if cuda else "default"  # reduce-overhead = CUDA graphs
@@ -1085,10 +1091,23 @@ class Engine:
             x = getattr(layer, a.mlp_name).forward(layer.post_attention_layernorm.forward(h))
             h = res + x * rm if rm != 1.0 else res + x
         h = a.norm.forward(h)
-        logits = F.linear(h, a.lm_head.weight, a.lm_head.bias)
+        logits = self._lm_head(h)
         if a.logit_scale != 1.0:
             logits = logits / a.logit_scale
         return logits
+
+    def _lm_head(self, h):
+        """Logits (rows, vocab). On CPU in float32 the output projection runs in slices of
+        ``LM_HEAD_SLICE`` vocabulary rows: the BLAS's single GEMM with few rows and a 49k-wide output
+        runs at ~30 GFLOP/s on an AVX2 core, slices at ~45 (SmolLM2's head at 16 rows: 35 -> 24 ms in
+        isolation; a whole batch-16 decode ~5% faster); each logit is the same dot product either way."""
+        import torch
+        import torch.nn.functional as F
+
+        head = self.arch.lm_head
+        if self._head_slices is None:
+            return F.linear(h, head.weight, head.bias)
+        return torch.cat([F.linear(h, w, b) for w, b in self._head_slices], dim=-1)
 
     def _attn_step(self, attn, x, st, slot, nb, c, cos, sin, bias):
         import torch

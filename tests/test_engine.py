@@ -515,3 +515,23 @@ def test_bf16_cpu_decode_uses_bucketed_key_lengths(tiny_hybrid, monkeypatch):
     exact = eng.generate(PROMPTS, params)
     assert [[c.token_ids for c in r.completions] for r in bucketed] == [[c.token_ids for c in r.completions]
                                                                         for r in exact]
+
+
+def test_cpu_lm_head_slices_equal_one_projection(models, monkeypatch):
+    """The CPU float32 output projection runs in vocabulary slices (ragged here: 7 rows each); the
+    logits and greedy tokens equal those of the single projection."""
+    import m1.engine as engine_mod
+
+    model, tok = models["hybrid"]
+    monkeypatch.setattr(engine_mod, "LM_HEAD_SLICE", 7)
+    sliced = Engine(model, tok, backend="fast")
+    assert len(sliced._head_slices) == -(-model.config.vocab_size // 7) > 1
+    plain = Engine(model, tok, backend="fast")
+    plain._head_slices = None
+    h = torch.randn(5, 1, model.config.hidden_size, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        ref = torch.nn.functional.linear(h, model.lm_head.weight)
+        assert torch.allclose(sliced._lm_head(h), ref, atol=1e-6, rtol=1e-6)
+    params = SamplingParams(max_new_tokens=12, temperature=0)
+    assert ([o.completions[0].token_ids for o in sliced.generate(PROMPTS, params)]
+            == [o.completions[0].token_ids for o in plain.generate(PROMPTS, params)])
