@@ -64,6 +64,7 @@ callbacks are not supported there.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import random
@@ -269,6 +270,50 @@ def sample_tokens(logits, temperature, top_k, top_p, min_p, generators):
                       for i in sel.tolist()], dtype=torch.float64, device=dev)
     out[sel] = inverse_cdf_draw(torch.softmax(x, dim=-1), u)
     return out
+
+
+def requests_of(prompts, params) -> tuple[list, list[SamplingParams]]:
+    """``generate``'s arguments as (prompts, one SamplingParams per prompt): a single prompt (a
+    string or a token-id list) becomes a list of one; one SamplingParams serves every prompt."""
+    if isinstance(prompts, str) or (isinstance(prompts, (list, tuple)) and prompts
+                                    and all(isinstance(t, int) for t in prompts)):
+        prompts = [prompts]
+    prompts = list(prompts)
+    params = SamplingParams() if params is None else params
+    plist = list(params) if isinstance(params, (list, tuple)) else [params] * len(prompts)
+    if len(plist) != len(prompts):
+        raise M1Error(f"got {len(plist)} SamplingParams for {len(prompts)} prompts")
+    return prompts, plist
+
+
+def encode_prompt(tokenizer, prompt, chat: bool = False) -> list[int]:
+    """Token ids of a prompt, the same for every backend: a token-id list as is; a string through
+    the tokenizer, or through its chat template (whose text already holds any BOS, so no special
+    tokens are added again)."""
+    if isinstance(prompt, (list, tuple)):
+        if not prompt:
+            raise M1Error("empty prompt: a prompt needs at least one token")
+        if not all(isinstance(t, int) and t >= 0 for t in prompt):
+            raise M1Error("a token-id prompt must be a list of non-negative integers")
+        return list(prompt)
+    if not isinstance(prompt, str):
+        raise M1Error(f"a prompt must be a string or a list of token ids, got {type(prompt).__name__}")
+    if not prompt.strip():
+        raise M1Error("empty prompt: give some text to continue")
+    if chat:
+        if not getattr(tokenizer, "chat_template", None):
+            raise M1Error("the tokenizer has no chat template: use --no-chat (chat=False)")
+        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                             add_generation_prompt=True)
+        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    return list(tokenizer(prompt)["input_ids"])
+
+
+def check_context(ids: list[int], max_context: int) -> list[int]:
+    if len(ids) >= max_context:
+        raise M1Error(f"the prompt is {len(ids)} tokens, longer than the model's context of "
+                      f"{max_context} tokens (it needs room for at least one new token)")
+    return ids
 
 
 def inverse_cdf_draw(probs, u):
@@ -654,32 +699,11 @@ class Engine:
     # ------------------------------------------------------------------------------- tokenising
     def encode(self, prompt, chat: bool = False) -> list[int]:
         """Token ids of a prompt: a token-id list is used as is; a string optionally via the chat template."""
-        if isinstance(prompt, (list, tuple)):
-            if not prompt:
-                raise M1Error("empty prompt: a prompt needs at least one token")
-            if not all(isinstance(t, int) and t >= 0 for t in prompt):
-                raise M1Error("a token-id prompt must be a list of non-negative integers")
-            return list(prompt)
-        if not isinstance(prompt, str):
-            raise M1Error(f"a prompt must be a string or a list of token ids, got {type(prompt).__name__}")
-        if not prompt.strip():
-            raise M1Error("empty prompt: give some text to continue")
-        tok = self.tokenizer
-        if chat:
-            if not getattr(tok, "chat_template", None):
-                raise M1Error("the tokenizer has no chat template: use --no-chat (chat=False)")
-            text = tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                           add_generation_prompt=True)
-            return list(tok(text, add_special_tokens=False)["input_ids"])
-        return list(tok(prompt)["input_ids"])
+        return encode_prompt(self.tokenizer, prompt, chat)
 
     def tokenize(self, prompt, chat: bool = False) -> list[int]:
         """:meth:`encode` plus the context check that :meth:`generate` applies."""
-        ids = self.encode(prompt, chat=chat)
-        if len(ids) >= self.max_context:
-            raise M1Error(f"the prompt is {len(ids)} tokens, longer than the model's context of "
-                          f"{self.max_context} tokens (it needs room for at least one new token)")
-        return ids
+        return check_context(self.encode(prompt, chat=chat), self.max_context)
 
     # ----------------------------------------------------------------------------------- public
     def generate(self, prompts, params: SamplingParams | Sequence[SamplingParams] | None = None, *,
@@ -693,17 +717,9 @@ class Engine:
         """
         import torch
 
-        if isinstance(prompts, str) or (isinstance(prompts, (list, tuple)) and prompts
-                                        and all(isinstance(t, int) for t in prompts)):
-            prompts = [prompts]
-        prompts = list(prompts)
+        prompts, plist = requests_of(prompts, params)
         if not prompts:
             return []
-        if params is None:
-            params = SamplingParams()
-        plist = list(params) if isinstance(params, (list, tuple)) else [params] * len(prompts)
-        if len(plist) != len(prompts):
-            raise M1Error(f"got {len(plist)} SamplingParams for {len(prompts)} prompts")
         reqs, rows_by_req = [], []
         for i, (pr, sp) in enumerate(zip(prompts, plist)):
             sp.validate()
@@ -1205,10 +1221,14 @@ def torch_esize(dtype) -> int:
 
 # ------------------------------------------------------------------------------------- vLLM
 class VLLMEngine:
-    """The same ``generate`` API on vLLM (GPU, when ``vllm`` is installed). Not exercised by the tests.
+    """The same ``generate`` API on vLLM (GPU, when ``vllm`` is installed).
 
-    Differences: vLLM seeds one generator per request (samples of a request are not reproducible
-    one by one), streaming callbacks and deadlines are not supported, ``seconds`` is the whole call.
+    Prompts are tokenised by :func:`encode_prompt`, as for the other backends, and reach vLLM as
+    token ids (so a chat template's BOS is not added twice). Differences: vLLM seeds one generator
+    per request (its n samples are reproducible together, not one by one as ``seed + j``; each
+    completion records the request's seed), streaming callbacks and deadlines are not supported,
+    and ``seconds`` is the whole call. Tested against a stand-in ``vllm`` module (the argument
+    mapping and the output conversion); not run against vLLM itself in the test suite.
     """
 
     def __init__(self, directory, dtype=None, **kw):
@@ -1220,44 +1240,47 @@ class VLLMEngine:
 
         d = check_model_dir(directory)
         args = {k: v for k, v in kw.items() if k in ("gpu_memory_utilization", "max_model_len", "tensor_parallel_size")}
+        try:
+            cfg = json.loads((d / "config.json").read_text())
+        except (OSError, ValueError) as e:
+            raise M1Error(f"cannot read {d / 'config.json'}: {e}") from None
+        self.max_context = int(args.get("max_model_len") or cfg.get("max_position_embeddings") or 1 << 30)
         self.llm = vllm.LLM(model=str(d), dtype=str(dtype).replace("torch.", "") if dtype else "auto", **args)
         self.tokenizer = self.llm.get_tokenizer()
         self.backend = "vllm"
+
+    def encode(self, prompt, chat: bool = False) -> list[int]:
+        return encode_prompt(self.tokenizer, prompt, chat)
+
+    def tokenize(self, prompt, chat: bool = False) -> list[int]:
+        return check_context(self.encode(prompt, chat=chat), self.max_context)
 
     def generate(self, prompts, params=None, *, chat=False, on_token=None, progress=False, deadline=None):
         import vllm
 
         if on_token is not None or deadline is not None:
             raise M1Error("the vllm backend does not support streaming or deadlines: use backend 'fast'")
-        if isinstance(prompts, str) or (prompts and all(isinstance(t, int) for t in prompts)):
-            prompts = [prompts]
-        params = params or SamplingParams()
-        plist = list(params) if isinstance(params, (list, tuple)) else [params] * len(prompts)
+        prompts, plist = requests_of(prompts, params)
+        if not prompts:
+            return []
         inputs, vparams = [], []
         for pr, sp in zip(prompts, plist):
             sp.validate()
-            if isinstance(pr, str):
-                if not pr.strip():
-                    raise M1Error("empty prompt: give some text to continue")
-                if chat:
-                    pr = self.tokenizer.apply_chat_template([{"role": "user", "content": pr}], tokenize=False,
-                                                            add_generation_prompt=True)
-                inputs.append({"prompt": pr})
-            else:
-                inputs.append({"prompt_token_ids": list(pr)})
+            ids = self.tokenize(pr, chat=chat)
+            inputs.append({"prompt_token_ids": ids})
             vparams.append(vllm.SamplingParams(
                 n=sp.n, temperature=sp.temperature, top_p=sp.top_p, top_k=sp.top_k if sp.top_k > 0 else -1,
-                min_p=sp.min_p, seed=sp.seed, max_tokens=sp.max_new_tokens, stop=list(sp.stop) or None,
-                stop_token_ids=list(sp.stop_token_ids) or None, ignore_eos=sp.ignore_eos,
-                skip_special_tokens=sp.skip_special_tokens))
+                min_p=sp.min_p, seed=sp.seed, max_tokens=min(sp.max_new_tokens, self.max_context - len(ids)),
+                stop=list(sp.stop) or None, stop_token_ids=list(sp.stop_token_ids) or None,
+                ignore_eos=sp.ignore_eos, skip_special_tokens=sp.skip_special_tokens))
         t0 = time.perf_counter()
         outs = self.llm.generate(inputs, vparams, use_tqdm=progress)
         dt = time.perf_counter() - t0
         res = []
         for i, (pr, o) in enumerate(zip(prompts, outs)):
             comps = [Completion(index=c.index, text=c.text, token_ids=list(c.token_ids), num_tokens=len(c.token_ids),
-                                finish_reason=c.finish_reason if c.finish_reason in (FINISH_STOP, FINISH_LENGTH)
-                                else FINISH_STOP, seconds=dt, seed=plist[i].seed, finished_at=t0 + dt)
+                                finish_reason=FINISH_LENGTH if c.finish_reason == FINISH_LENGTH else FINISH_STOP,
+                                seconds=dt, seed=plist[i].seed, finished_at=t0 + dt)
                      for c in o.outputs]
             res.append(RequestOutput(index=i, prompt=pr, prompt_token_ids=list(o.prompt_token_ids), completions=comps,
                                      seconds=dt))

@@ -61,3 +61,48 @@ def smollm2_hybrid(smollm2_teacher, tmp_path_factory):
 
     out = tmp_path_factory.mktemp("smollm2") / "hybrid"
     return convert("smollm2-135m", out, log=lambda m: None)
+
+
+class FakeVLLM:
+    """Stands in for the ``vllm`` module: records what m1 passes and answers like vLLM's
+    ``LLM.generate`` (RequestOutput.outputs of CompletionOutput with index, text, token_ids,
+    finish_reason)."""
+
+    def __init__(self, tokenizer):
+        from types import SimpleNamespace
+
+        fake = self
+        self.calls, self.llm_kw = [], None
+
+        class LLM:
+            def __init__(self, model, dtype, **kw):
+                fake.llm_kw = dict(model=model, dtype=dtype, **kw)
+
+            def get_tokenizer(self):
+                return tokenizer
+
+            def generate(self, inputs, params, use_tqdm=False):
+                fake.calls.append((inputs, params))
+                outs = []
+                for inp, sp in zip(inputs, params):
+                    ids = inp["prompt_token_ids"]
+                    comps = [SimpleNamespace(index=j, token_ids=ids[-2:], text=tokenizer.decode(ids[-2:]),
+                                             finish_reason=("length", "abort")[j % 2]) for j in range(sp.n)]
+                    outs.append(SimpleNamespace(prompt_token_ids=ids, outputs=comps))
+                return outs
+
+        self.LLM = LLM
+        self.SamplingParams = lambda **kw: SimpleNamespace(**kw)
+
+
+@pytest.fixture
+def fake_vllm(monkeypatch):
+    """install(tokenizer) -> a :class:`FakeVLLM` put in ``sys.modules["vllm"]`` for this test."""
+    import sys
+
+    def install(tokenizer):
+        fake = FakeVLLM(tokenizer)
+        monkeypatch.setitem(sys.modules, "vllm", fake)
+        return fake
+
+    return install

@@ -535,3 +535,50 @@ def test_cpu_lm_head_slices_equal_one_projection(models, monkeypatch):
     params = SamplingParams(max_new_tokens=12, temperature=0)
     assert ([o.completions[0].token_ids for o in sliced.generate(PROMPTS, params)]
             == [o.completions[0].token_ids for o in plain.generate(PROMPTS, params)])
+
+
+# ------------------------------------------------------------- vllm backend, against a stand-in
+def test_vllm_backend_maps_requests_and_outputs(tiny_hybrid, models, fake_vllm):
+    model, tok = models["hybrid"]
+    fake = fake_vllm(tok)
+    eng = Engine.from_pretrained(tiny_hybrid, backend="vllm", gpu_memory_utilization=0.5, max_batch_size=8)
+    assert eng.backend == "vllm"
+    assert fake.llm_kw == {"model": str(tiny_hybrid), "dtype": "auto", "gpu_memory_utilization": 0.5}
+    fast = Engine(model, tok, backend="fast")
+
+    sp = SamplingParams(n=3, temperature=0.7, top_p=0.9, top_k=0, min_p=0.05, seed=11, max_new_tokens=20,
+                        stop=["\n\n"])
+    outs = eng.generate([PROMPTS[0], fast.encode(PROMPTS[1])], sp, chat=True)
+    inputs, vparams = fake.calls[-1]
+    # the same prompt ids as the fast backend (chat template applied once, token ids passed through)
+    assert inputs == [{"prompt_token_ids": fast.encode(PROMPTS[0], chat=True)},
+                      {"prompt_token_ids": fast.encode(PROMPTS[1])}]
+    v = vars(vparams[0])
+    assert (v["n"], v["temperature"], v["top_p"], v["top_k"], v["min_p"], v["seed"], v["max_tokens"],
+            v["stop"], v["stop_token_ids"], v["ignore_eos"]) == (3, 0.7, 0.9, -1, 0.05, 11, 20, ["\n\n"], None, False)
+    assert [len(o.completions) for o in outs] == [3, 3]
+    c = outs[0].completions
+    assert [x.finish_reason for x in c] == ["length", "stop", "length"]  # vLLM's "abort" is not a length stop
+    assert c[0].token_ids == inputs[0]["prompt_token_ids"][-2:] and c[0].num_tokens == 2
+    assert outs[1].prompt_token_ids == inputs[1]["prompt_token_ids"] and outs[0].prompt == PROMPTS[0]
+
+    # max_tokens never runs past the context; bad input is refused before vLLM sees it
+    near = [5] * (model.config.max_position_embeddings - 4)
+    eng.generate(near, SamplingParams(max_new_tokens=100))
+    assert vars(fake.calls[-1][1][0])["max_tokens"] == 4
+    n_calls = len(fake.calls)
+    for bad, msg in [(([7] * model.config.max_position_embeddings,), "longer than the model's context"),
+                     (("  ",), "empty prompt"), ((PROMPTS[0], SamplingParams(top_p=0)), "top_p")]:
+        with pytest.raises(M1Error, match=msg):
+            eng.generate(*bad)
+    with pytest.raises(M1Error, match="streaming"):
+        eng.generate(PROMPTS[0], on_token=lambda e: None)
+    assert len(fake.calls) == n_calls
+
+
+def test_vllm_backend_missing_is_one_error(tiny_hybrid, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "vllm", None)  # import vllm -> ImportError
+    with pytest.raises(M1Error, match="needs the vllm package"):
+        Engine.from_pretrained(tiny_hybrid, backend="vllm")

@@ -153,9 +153,8 @@ def _run(a) -> None:
     engine = Engine.from_pretrained(a.model, device=device, dtype=dtype, backend=a.backend, **kw)
     tok = engine.tokenizer
     chat = a.chat if a.chat is not None else bool(getattr(tok, "chat_template", None))
-    if a.backend != "vllm":
-        for r in rows:  # all prompts are checked before anything is written
-            engine.tokenize(r["prompt"], chat=chat)
+    for r in rows:  # all prompts are checked before anything is written
+        engine.tokenize(r["prompt"], chat=chat)
     verifier = None
     if a.verifier:
         from ..scaling import load_verifier

@@ -135,3 +135,22 @@ def test_output_resumes_after_an_interruption(tiny_hybrid, tmp_path, capsys):
     capsys.readouterr()
     assert main([*args, "--output", str(tmp_path)]) == 1
     assert "is a directory" in _one_error_line(capsys.readouterr().err)
+
+
+def test_vllm_backend_through_the_cli(tiny_hybrid, tmp_path, capsys, fake_vllm):
+    """`--backend vllm` with a stand-in vllm module: prompts checked up front, rows written."""
+    from m1.checkpoint import load_model
+
+    fake = fake_vllm(load_model(tiny_hybrid)[1])
+    out = tmp_path / "v.jsonl"
+    code = main(["generate", "--model", str(tiny_hybrid), "--backend", "vllm", "--prompt", "Tom has 12 apples.",
+                 "-n", "2", "--seed", "3", "--output", str(out), "--no-chat"])
+    _, err = capsys.readouterr()
+    assert code == 0, err
+    (row,) = [json.loads(x) for x in out.read_text().splitlines()]
+    assert len(row["completions"]) == 2 and vars(fake.calls[0][1][0])["seed"] == 3
+    long_prompt = "Tom has 12 apples. " * 400
+    assert main(["generate", "--model", str(tiny_hybrid), "--backend", "vllm", "--prompt", long_prompt,
+                 "--no-chat"]) == 1
+    assert "longer than the model's context" in _one_error_line(capsys.readouterr().err)
+    assert len(fake.calls) == 1
