@@ -74,6 +74,7 @@ class Demo:
         self.log, self.progress = log, progress
         self.commands: list[str] = []
         self.timings: dict[str, float] = {}
+        self.peak_rss: dict[str, float] = {}  # stage -> the process's peak RSS (GB) when it ended
         # training forwards in bf16 autocast where the hardware has bf16 matmuls (CUDA, or a CPU with
         # AVX512-BF16/AMX: ~2x faster steps there); float32 weights and optimizer either way
         from .training import cpu_bf16_supported, resolve_precision
@@ -96,7 +97,8 @@ class Demo:
         t0 = time.time()
         fn()
         self.timings[name] = round(time.time() - t0, 1)
-        self.log(f"[demo] {name}: {self.timings[name]:.0f}s")
+        self.peak_rss[name] = peak_rss_gb()
+        self.log(f"[demo] {name}: {self.timings[name]:.0f}s, peak RSS so far {self.peak_rss[name]:.1f} GB")
         return path
 
     def _train(self, fn, *args, **kw):
@@ -219,6 +221,15 @@ class Demo:
             gen_lens=b.bench_gen_lens, json_path=path / "bench.json", plot_path=path / "bench.png", log=self.log,
             labels=("hybrid", "teacher")))
         return json.loads((path / "bench.json").read_text())
+
+
+def peak_rss_gb() -> float:
+    """This process's peak resident memory so far, in GB (all stages run in one process, so the
+    stage whose value jumps is the one that needed the memory)."""
+    import resource
+
+    kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    return round(kb * 1024 / 1e9, 2)
 
 
 def run_demo(budget: str = "small", out: str | Path | None = None, log=None, progress: bool = True) -> Path:

@@ -97,9 +97,11 @@ def write_report(demo, stages: dict, evals: dict, gsm: dict, bench: dict) -> Pat
               "Decode through the same engine, EOS ignored; `ratio` = hybrid tokens/s over teacher tokens/s at the "
               "same batch and length; `byte-limit ratio` = the speed-up that bytes read per step allow.", "",
               markdown_table(rows), "", "![throughput](bench/bench.png)", "",
-              "## Wall time", "", "| stage | seconds |", "| --- | ---: |"]
-    lines += [f"| {k} | {v:.0f} |" for k, v in demo.timings.items()]
-    lines += ["", "(stages done by an earlier invocation are not timed again)", "",
+              "## Wall time and memory", "", "| stage | seconds | peak RSS so far, GB |", "| --- | ---: | ---: |"]
+    lines += [f"| {k} | {v:.0f} | {demo.peak_rss[k]:.1f} |" if k in demo.peak_rss else f"| {k} | {v:.0f} | |"
+              for k, v in demo.timings.items()]
+    lines += ["", "(stages done by an earlier invocation are not timed again; all stages run in one process, so "
+              "the peak RSS column only grows: the stage where it jumps needed the memory)", "",
               "## Reproduce", "", "```"] + demo.commands + ["```", ""]
     report = out / "report.md"
     report.write_text("\n".join(lines))

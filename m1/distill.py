@@ -73,7 +73,7 @@ class DistillConfig:
     align_max_tokens: int | None = None
     seq_len: int = 512  # samples are truncated to this many tokens (never packed)
     batch_size: int = 8  # global batch: rows per optimizer step, over all processes
-    micro_batch_size: int | None = None  # rows per forward per process (default: batch_size / processes)
+    micro_batch_size: int | None = None  # rows per forward per process (default: training.default_micro_batch)
     lr: float = 1e-4  # kd peak learning rate
     align_lr: float = 3e-3  # align peak learning rate (SmolLM2: loss 117 after 6 steps vs 241 at 1e-3)
     weight_decay: float = 0.0
@@ -501,14 +501,14 @@ def _distill(cfg, resume, force, log, progress, on_step) -> DistillResult:
     # forwards; precision here is ours alone (--bf16), so start from a clean state
     AcceleratorState._reset_state()
     acc = Accelerator(cpu=cpu_ddp, mixed_precision="no")
-    from .training import resolve_precision
+    from .training import default_micro_batch, resolve_precision
 
     # float32 weights, optimizer and losses; only the forwards' matmuls run in bf16 (reports stay float32)
     bf16 = resolve_precision(cfg.bf16)
     autocast = (lambda: torch.autocast(acc.device.type, dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
     main, rank, world = acc.is_main_process, acc.process_index, acc.num_processes
     say = log if main else (lambda *a, **k: None)
-    micro = cfg.micro_batch_size or max(1, cfg.batch_size // world)
+    micro = cfg.micro_batch_size or default_micro_batch(max(1, cfg.batch_size // world), acc.device.type == "cuda")
     if cfg.batch_size % (micro * world):
         raise M1Error(f"--batch-size {cfg.batch_size} must be a multiple of --micro-batch-size {micro} x "
                       f"{world} process(es)")

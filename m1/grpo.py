@@ -60,10 +60,10 @@ from typing import Callable
 
 from .checkpoint import check_model_dir, write_json_atomic
 from .errors import M1Error
-from .training import (CHECKPOINTS, METRICS_FILE, barrier, base_dtype, find_checkpoints, finalize, lineage_record,
-                       load_policy, make_metrics_callback, model_fingerprint, on_cuda, prepare_run, quiet_trainer,
-                       quiet_transformers, read_metrics, resolve_precision, run_state, set_mamba_chunk_size, step_of,
-                       truncate_metrics, unknown_options, with_checkpoint_marker, work_dir)
+from .training import (CHECKPOINTS, METRICS_FILE, barrier, base_dtype, default_micro_batch, find_checkpoints,
+                       finalize, lineage_record, load_policy, make_metrics_callback, model_fingerprint, on_cuda,
+                       prepare_run, quiet_trainer, quiet_transformers, read_metrics, resolve_precision, run_state,
+                       set_mamba_chunk_size, step_of, truncate_metrics, unknown_options, with_checkpoint_marker, work_dir)
 
 logger = logging.getLogger("m1.grpo")
 
@@ -400,7 +400,7 @@ class GRPOSettings:
     epochs: float = 1.0
     prompts_per_step: int = 4  # distinct problems per optimizer step (over all processes)
     num_generations: int = 8  # completions per problem (the group)
-    micro_batch_size: int | None = None  # completions per forward per process (default: all of them)
+    micro_batch_size: int | None = None  # completions per forward per process (default: training.default_micro_batch)
     max_completion_length: int = 512
     temperature: float = 1.0
     top_p: float = 1.0
@@ -608,7 +608,7 @@ def build_grpo_trainer(cfg: GRPOSettings, settings: dict, model, tokenizer, data
         raise M1Error(f"--prompts-per-step {cfg.prompts_per_step} x --num-generations {cfg.num_generations} = "
                       f"{completions} completions per step must split evenly over {num_processes} processes")
     per_process = completions // num_processes
-    micro = cfg.micro_batch_size or per_process
+    micro = cfg.micro_batch_size or default_micro_batch(per_process, on_cuda())
     if per_process % micro:
         raise M1Error(f"--micro-batch-size {micro} must divide the {per_process} completions per process and step")
     kw = {}

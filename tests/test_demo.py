@@ -23,6 +23,9 @@ def test_smoke_demo_end_to_end_and_resume(tmp_path, capsys):
     for d in ("teacher/base", "hybrid/base", "hybrid/distill", "teacher/sft", "hybrid/sft", "teacher/grpo",
               "hybrid/grpo"):
         assert (out / d / "config.json").exists() and (out / d / "m1.json").exists(), d
+    wall = report.split("## Wall time and memory")[1].split("## Reproduce")[0]
+    peaks = [float(g) for g in re.findall(r"^\| [^|]+ \| \d+ \| ([\d.]+) \|$", wall, re.M)]
+    assert len(peaks) == 17 and peaks[0] > 0.1 and peaks == sorted(peaks)  # one process: its peak only grows
     capsys.readouterr()
     # a rerun finds every stage done and only rewrites the report
     assert main(["demo", "--budget", "smoke", "--out", str(out), "--no-progress"]) == 0

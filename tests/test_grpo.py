@@ -146,6 +146,8 @@ def test_rollout_batch_mask_advantages_and_logprobs_under_left_padding(tiny_hybr
     stats = RewardStats()
     tr = build_grpo_trainer(cfg, {}, model, tok, ds, tmp_path / "w", rewards=[GuardedReward(length, stats)],
                             weights=[1.0], rollout="hf", num_processes=1, callbacks=[])
+    # 8 completions per step: forwards of 4 on CPU by default, accumulated (training.default_micro_batch)
+    assert (tr.args.per_device_train_batch_size, tr.args.gradient_accumulation_steps) == (4, 2)
     torch.manual_seed(0)
     tr.model.train()
     out = tr._generate_and_score_completions([ds[0]] * G + [ds[1]] * G)

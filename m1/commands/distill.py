@@ -64,7 +64,7 @@ def register(subparsers) -> None:
     g.add_argument("--batch-size", type=int, default=8, help="rows per optimizer step over all processes (default 8)")
     g.add_argument("--micro-batch-size", type=int, default=None,
                    help="rows per forward pass per process; the rest is gradient accumulation "
-                        "(default: batch size / processes)")
+                        "(default: the largest divisor of batch size / processes <= 4 on CPU, <= 8 on CUDA)")
     g = p.add_argument_group("optimizer")
     g.add_argument("--lr", type=float, default=1e-4, help="kd peak learning rate (default 1e-4)")
     g.add_argument("--align-lr", type=float, default=3e-3, help="align peak learning rate (default 3e-3)")

@@ -85,7 +85,8 @@ def register(subparsers) -> None:
     g.add_argument("--max-steps", type=int, default=200, help="optimizer steps (default 200; <= 0: use --epochs)")
     g.add_argument("--epochs", type=float, default=1.0, help="passes over the problems when --max-steps <= 0")
     g.add_argument("--micro-batch-size", type=int, default=None,
-                   help="completions per forward per process; the rest is accumulation (default: all)")
+                   help="completions per forward per process; the rest is accumulation (default: the largest "
+                        "divisor of the completions per process <= 4 on CPU, <= 8 on CUDA)")
     g.add_argument("--lr", type=float, default=1e-6, help="learning rate (default 1e-6)")
     g.add_argument("--lr-scheduler", default="constant", help="transformers scheduler name (default constant)")
     g.add_argument("--warmup-ratio", type=float, default=0.0, help="warm-up fraction of the steps (default 0)")

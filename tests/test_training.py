@@ -1,0 +1,16 @@
+"""Run machinery shared by distill, sft and grpo."""
+
+from __future__ import annotations
+
+import pytest
+
+from m1.training import default_micro_batch
+
+
+@pytest.mark.parametrize("rows,cuda,expect", [
+    (16, False, 4), (8, False, 4), (6, False, 3), (7, False, 1), (3, False, 3), (1, False, 1),
+    (16, True, 8), (12, True, 6), (64, True, 8), (5, True, 5),
+])
+def test_default_micro_batch_is_the_largest_divisor_under_the_cap(rows, cuda, expect):
+    got = default_micro_batch(rows, cuda)
+    assert got == expect and rows % got == 0
