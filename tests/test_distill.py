@@ -383,3 +383,19 @@ def test_gradient_checkpointing_is_resume_neutral(tiny_hybrid, data_file, tmp_pa
         _run(cfg, on_step=kill)
     res = _run(replace(cfg, gradient_checkpointing=True), resume=True)
     assert res.steps == 4 and [m["step"] for m in _metrics(res.out)] == [1, 2, 3, 4]
+
+
+def test_micro_batch_size_changes_memory_not_the_run(tiny_hybrid, data_file, tmp_path):
+    """The same global batch of 4 rows in forwards of 4, 2 or 1 rows (accumulated): the same losses
+    and weights up to float rounding (what lets the CPU default cap forwards at 4 rows)."""
+    runs = {m: _run(_cfg(tiny_hybrid, data_file, tmp_path / f"m{m}", stage="both", align_steps=2, steps=3,
+                         micro_batch_size=m)) for m in (4, 2, 1)}
+    ref = _metrics(runs[4].out)
+    w4 = _weights(runs[4].out)
+    for m in (2, 1):
+        got = _metrics(runs[m].out)
+        assert len(got) == len(ref) == 5
+        for x, y in zip(ref, got):
+            assert abs(x["loss"] - y["loss"]) <= 1e-6 * max(1.0, abs(x["loss"])), (m, x, y)  # measured <= 3e-8
+        w = _weights(runs[m].out)
+        assert max((w4[k] - w[k]).abs().max().item() for k in w4) <= 3e-5, m  # measured ~3e-6
