@@ -78,6 +78,17 @@ def check_model_dir(directory: str | os.PathLike) -> Path:
     return d
 
 
+def read_config(directory: str | os.PathLike) -> dict:
+    """A checkpoint directory's config.json as a dict, failures as one-line M1Errors."""
+    p = Path(directory) / "config.json"
+    try:
+        return json.loads(p.read_text())
+    except OSError as e:
+        raise M1Error(f"cannot read {p}: {e}") from None
+    except ValueError as e:
+        raise M1Error(f"{p} is not valid JSON: {e}") from None
+
+
 def read_pretrained(directory, dtype, what: str = "model"):
     """(model, tokenizer) straight from ``from_pretrained``, failures as one-line M1Errors. The Mamba2
     scan is routed to the Triton kernel first (CUDA + fla-core; a no-op elsewhere)."""

@@ -64,7 +64,6 @@ callbacks are not supported there.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import random
@@ -668,10 +667,10 @@ class Engine:
                 raise M1Error(f"fused_decode: {why}")
             self._state_step = kernels.mamba_state_step_fused
         self._head_slices = None
-        if (self.backend == "fast" and self.device.type == "cpu" and self.dtype == torch.float32 and not self.compiled):
-            head = self.arch.lm_head
-            biases = head.bias.split(LM_HEAD_SLICE) if head.bias is not None else [None] * -(-head.weight.shape[0] // LM_HEAD_SLICE)
-            self._head_slices = list(zip(head.weight.split(LM_HEAD_SLICE), biases))
+        if self.backend == "fast" and self.device.type == "cpu" and self.dtype == torch.float32 and not self.compiled:
+            w, b = self.arch.lm_head.weight, self.arch.lm_head.bias
+            self._head_slices = [(w[i:i + LM_HEAD_SLICE], None if b is None else b[i:i + LM_HEAD_SLICE])
+                                 for i in range(0, w.shape[0], LM_HEAD_SLICE)]
         self._step = None  # only the compiled step is stored (a bound method on self is a reference cycle)
         if self.compiled:
             mode = "reduce-overhead" if cuda else "default"  # reduce-overhead = CUDA graphs
@@ -1091,8 +1090,6 @@ class Engine:
     def _blocks(self, h, st: _FastState, nb: int, col, cos, sin, bias):
         """Embedded tokens (nb, 1, hidden) -> logits through every layer, writing at column ``col``
         (an int, or a one-element tensor in the static step)."""
-        import torch.nn.functional as F
-
         a = self.arch
         rm = a.res_mult
         for kind, slot, layer in a.layers:
@@ -1236,14 +1233,11 @@ class VLLMEngine:
             import vllm  # noqa: F401
         except ImportError:
             raise M1Error("backend 'vllm' needs the vllm package (pip install vllm, on a CUDA machine)") from None
-        from .checkpoint import check_model_dir
+        from .checkpoint import check_model_dir, read_config
 
         d = check_model_dir(directory)
         args = {k: v for k, v in kw.items() if k in ("gpu_memory_utilization", "max_model_len", "tensor_parallel_size")}
-        try:
-            cfg = json.loads((d / "config.json").read_text())
-        except (OSError, ValueError) as e:
-            raise M1Error(f"cannot read {d / 'config.json'}: {e}") from None
+        cfg = read_config(d)
         self.max_context = int(args.get("max_model_len") or cfg.get("max_position_embeddings") or 1 << 30)
         self.llm = vllm.LLM(model=str(d), dtype=str(dtype).replace("torch.", "") if dtype else "auto", **args)
         self.tokenizer = self.llm.get_tokenizer()

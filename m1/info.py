@@ -11,7 +11,7 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .checkpoint import check_model_dir, read_record
+from .checkpoint import check_model_dir, read_config, read_record
 from .errors import M1Error
 
 BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8}
@@ -81,10 +81,7 @@ def state_bytes_per_row(cfg, length: int, esize: int, ssm_esize: int = 4) -> int
 
 def model_info(directory) -> ModelInfo:
     d = check_model_dir(directory)
-    try:
-        cfg = json.loads((d / "config.json").read_text())
-    except ValueError as e:
-        raise M1Error(f"{d / 'config.json'} is not valid JSON: {e}") from None
+    cfg = read_config(d)
     types = layer_types(cfg)
     dtype = str(cfg.get("dtype") or cfg.get("torch_dtype") or "float32")
     kv, mamba = state_sizes(cfg)

@@ -8,10 +8,10 @@ SmolLM2-135M-Instruct as a Q4_1 GGUF file, which transformers dequantises to flo
 from __future__ import annotations
 
 import importlib.util
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from .checkpoint import read_config
 from .errors import M1Error
 
 SUPPORTED_ARCHS = ("llama", "qwen2")
@@ -73,10 +73,7 @@ def load_teacher(spec: str, dtype=None) -> Teacher:
     directory, gguf_file = resolve(spec)
     where = str(directory / gguf_file) if gguf_file else str(directory)
     if gguf_file is None:
-        try:
-            config = json.loads((directory / "config.json").read_text())
-        except (OSError, ValueError) as e:
-            raise M1Error(f"cannot read {directory / 'config.json'}: {e}") from None
+        config = read_config(directory)
         check_architecture(config.get("model_type"), where)
     else:
         _check_gguf(directory / gguf_file)
