@@ -2,9 +2,13 @@
 
 A data spec is a comma-separated list of sources:
 
-* ``gsm8k-train`` -- the 7,473 GSM8K train problems as chats (the user turn is the question with
-  m1's step-by-step instruction, the assistant turn the worked solution ending in ``\\boxed{N}``),
-  rendered with the tokenizer's chat template.
+* a training task: ``gsm8k-train`` (the 7,473 GSM8K train problems), ``arith:steps=2,digits=1``
+  (procedural, 2,000 problems unless ``n=`` says otherwise), or any task name with a train split.
+  Each problem becomes prompt + reference solution rendered by :func:`render_prompt_completion`,
+  exactly as ``m1 sft`` renders it (the prompt is m1's step-by-step instruction, the completion
+  the worked solution ending in ``\\boxed{N}``); such rows know where their completion starts,
+  so distillation can put its loss on completion tokens only and on-policy distillation can
+  sample from their prompts.
 * ``path/to/file.jsonl`` -- one JSON object per line, either ``{"text": "..."}`` (tokenized as
   is, no BOS added) or ``{"messages": [{"role": "user", "content": "..."}, ...]}`` (rendered with
   the tokenizer's chat template). Blank lines are skipped; anything else that is not such a row
@@ -32,6 +36,7 @@ from .errors import M1Error
 
 BUILTIN_DATA = {
     "gsm8k-train": "GSM8K train solutions (7,473) as user/assistant chats, rendered with the teacher's chat template",
+    "arith[:options]": "procedural arithmetic word problems with worked solutions (m1.tasks.arith)",
 }
 
 
@@ -41,6 +46,8 @@ class Row:
     text: str | None = None
     messages: list[dict] | None = None
     where: str = ""  # "file.jsonl:12" or "gsm8k-train:12"
+    prompt: list[dict] | None = None  # task rows: the prompt messages ...
+    completion: str | None = None  # ... and the reference solution (rendered by render_prompt_completion)
 
 
 @dataclass
@@ -50,6 +57,9 @@ class TextData:
     heldout_texts: list[str]  # rendered texts, never trained on
     heldout_ids: list[list[int]] = field(default_factory=list)
     sources: list[str] = field(default_factory=list)
+    # tokens of each row's prompt (0: a text row, all of it is "completion"); same order as train / heldout_ids
+    prompt_lens: list[int] = field(default_factory=list)
+    heldout_prompt_lens: list[int] = field(default_factory=list)
 
     @property
     def train_tokens(self) -> int:
@@ -57,18 +67,31 @@ class TextData:
 
 
 # ----------------------------------------------------------------------------------- reading rows
-def _gsm8k_problems() -> list[tuple[str, str]]:
-    """(question, worked solution ending in \\boxed{N}) for each GSM8K train problem, from ``m1.tasks``."""
-    from .tasks import load_task
-
-    return [(p.question, p.solution) for p in load_task("gsm8k", split="train")]
-
-
 def gsm8k_train_rows() -> list[Row]:
-    from .tasks.prompts import user_message
+    return task_rows("gsm8k-train")
 
-    return [Row(messages=[{"role": "user", "content": user_message(q)}, {"role": "assistant", "content": s.strip()}],
-                where=f"gsm8k-train:{i + 1}") for i, (q, s) in enumerate(_gsm8k_problems())]
+
+def task_rows(spec: str, seed: int = 0) -> list[Row]:
+    """Prompt + reference-solution rows of a training task: the examples ``m1 sft`` trains on."""
+    from .sft import load_sft_examples
+
+    return [Row(prompt=e.prompt, completion=e.solution, where=e.where) for e in load_sft_examples(spec, seed=seed)]
+
+
+def split_spec(spec: str) -> list[str]:
+    """The sources of a comma-separated --data value. A task's own options contain commas too
+    (``arith:steps=2,digits=1``): a ``key=value`` piece belongs to the source before it."""
+    import re
+
+    parts: list[str] = []
+    for piece in (p.strip() for p in spec.split(",")):
+        if not piece:
+            continue
+        if parts and ":" in parts[-1] and re.fullmatch(r"[A-Za-z_]\w*=[^:/]*", piece) and not is_file_spec(piece):
+            parts[-1] += "," + piece
+        else:
+            parts.append(piece)
+    return parts
 
 
 def jsonl_objects(path: Path, kind: str, hint: str):
@@ -170,19 +193,42 @@ def parse_row(obj, where: str) -> Row:
     return Row(messages=[{"role": m["role"], "content": m["content"]} for m in msgs], where=where)
 
 
-def read_rows(spec: str) -> list[Row]:
-    """All rows of a comma-separated data spec (built-in names and/or JSONL paths)."""
+def read_rows(spec: str, seed: int = 0) -> list[Row]:
+    """All rows of a comma-separated data spec (training tasks and/or JSONL paths)."""
     if not spec or not spec.strip():
-        raise M1Error(f"--data is empty: give {' or '.join(BUILTIN_DATA)} or a .jsonl file")
+        raise M1Error(f"--data is empty: give {' or '.join(BUILTIN_DATA)}, a task name or a .jsonl file")
     rows = []
-    for part in (p.strip() for p in spec.split(",")):
-        if not part:
-            continue
-        rows.extend(gsm8k_train_rows() if part == "gsm8k-train" else read_jsonl_rows(part))
+    for part in split_spec(spec):
+        rows.extend(read_jsonl_rows(part) if is_file_spec(part) else task_rows(part, seed))
     return rows
 
 
 # ------------------------------------------------------------------------------------ tokenizing
+def render_prompt_completion(tokenizer, prompt: list[dict], completion: str) -> tuple[list[int], int]:
+    """(token ids of prompt + completion, tokens of the prompt) through the chat template.
+
+    The one renderer of prompt/completion pairs in m1: it produces what TRL's ``SFTTrainer`` trains on
+    in ``m1 sft`` (conversational prompt/completion: the prompt with the generation prompt appended, the
+    pair rendered whole, the completion starting where the two token lists part; tested against TRL),
+    and the prompt alone (``ids[:prompt_len]``) is what ``m1 generate`` / ``m1 eval`` feed the model.
+    """
+    def ids_of(messages, **kw):
+        try:
+            out = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True, **kw)
+        except Exception as e:  # template errors (e.g. roles it does not accept)
+            raise M1Error(f"the chat template rejected a row: {type(e).__name__}: {str(e)[:200]}") from None
+        return list(out["input_ids"])
+
+    if not getattr(tokenizer, "chat_template", None):
+        raise M1Error("task data needs a chat template, and the tokenizer has none; use a .jsonl file of 'text' rows")
+    prompt_ids = ids_of(prompt, add_generation_prompt=True)
+    ids = ids_of(prompt + [{"role": "assistant", "content": completion}])
+    n = 0
+    while n < min(len(prompt_ids), len(ids)) and prompt_ids[n] == ids[n]:
+        n += 1
+    return ids, n
+
+
 def render(row: Row, tokenizer) -> str:
     if row.text is not None:
         return row.text
@@ -203,7 +249,8 @@ def tokenize(texts: list[str], tokenizer, seq_len: int) -> list[list[int]]:
     return [list(ids[:seq_len]) for ids in enc]
 
 
-def load_data(spec: str, tokenizer, seq_len: int = 512, heldout: int = 64, seed: int = 0) -> TextData:
+def load_data(spec: str, tokenizer, seq_len: int = 512, heldout: int = 64, seed: int = 0,
+              rows: list[Row] | None = None) -> TextData:
     """Read, render and tokenize ``spec``; hold out ``heldout`` rows (chosen by ``seed``) for the report."""
     import numpy as np
 
@@ -211,21 +258,31 @@ def load_data(spec: str, tokenizer, seq_len: int = 512, heldout: int = 64, seed:
         raise M1Error(f"--seq-len must be at least 2, got {seq_len}")
     if heldout < 0:
         raise M1Error(f"--heldout must be >= 0, got {heldout}")
-    rows = read_rows(spec)
+    rows = read_rows(spec, seed) if rows is None else rows
     if heldout >= len(rows):
         raise M1Error(f"--data has {len(rows)} rows, not enough to hold out {heldout} and still train; "
                       "lower --heldout or add data")
     order = np.random.default_rng([seed, 1_000_003]).permutation(len(rows))
     held = sorted(order[:heldout].tolist())
     train_idx = sorted(order[heldout:].tolist())
-    texts = [render(r, tokenizer) for r in rows]
-    train = tokenize([texts[i] for i in train_idx], tokenizer, seq_len)
-    empty = [rows[train_idx[j]].where for j, ids in enumerate(train) if not ids]
+    ids_all, plens = [], []
+    text_rows = [i for i, r in enumerate(rows) if r.prompt is None]
+    text_ids = dict(zip(text_rows, tokenize([render(rows[i], tokenizer) for i in text_rows], tokenizer, 1 << 30)))
+    for i, r in enumerate(rows):
+        if r.prompt is None:
+            ids, n = text_ids[i], 0
+        else:
+            ids, n = render_prompt_completion(tokenizer, r.prompt, r.completion)
+        ids_all.append(ids[:seq_len])
+        plens.append(min(n, seq_len))
+    empty = [rows[i].where for i in train_idx if not ids_all[i]]
     if empty:
         raise M1Error(f"{empty[0]}: the row tokenizes to no tokens")
-    held_texts = [texts[i] for i in held]
-    return TextData(train=train, heldout_texts=held_texts, heldout_ids=tokenize(held_texts, tokenizer, seq_len),
-                    sources=[p.strip() for p in spec.split(",") if p.strip()])
+    held_ids = [ids_all[i] for i in held]
+    return TextData(train=[ids_all[i] for i in train_idx],
+                    heldout_texts=[tokenizer.decode(x) for x in held_ids], heldout_ids=held_ids,
+                    sources=split_spec(spec), prompt_lens=[plens[i] for i in train_idx],
+                    heldout_prompt_lens=[plens[i] for i in held])
 
 
 # -------------------------------------------------------------------------------------- batching

@@ -47,8 +47,10 @@ from pathlib import Path
 from .checkpoint import M1_RECORD, atomic_dir, check_model_dir, read_record, write_json_atomic
 from .errors import M1Error
 
-STAGES = ("align", "kd", "both")
+STAGE_NAMES = ("align", "kd", "onpolicy")  # run in the order given: --stage align,kd,onpolicy
+STAGES = STAGE_NAMES + ("both",)  # both = align,kd
 TRAINABLE = ("all", "mamba")
+LOSS_ON = ("all", "completion")
 CONFIG_FILE = "distill_config.json"
 # settings that may change between a run and its --resume (they do not change the numbers)
 RESUME_NEUTRAL = ("checkpoint_every", "gradient_checkpointing")  # change how, not what, a run computes
@@ -61,12 +63,19 @@ class DistillConfig:
     out: str  # output checkpoint directory
     teacher: str | None = None  # None: the teacher recorded in the student's m1.json
     data: str = "gsm8k-train"  # see m1.data
-    stage: str = "both"  # align | kd | both
-    loss: str = "reverse_kl"  # reverse_kl | forward_kl | jsd
+    stage: str = "both"  # align | kd | onpolicy | both (= align,kd), or a comma-separated order of them
+    loss: str = "reverse_kl"  # reverse_kl | forward_kl | jsd (kd and onpolicy)
     beta: float = 0.5  # jsd mixture weight of the teacher
     temperature: float = 1.0
     ce_weight: float = 0.0  # add ce_weight * next-token cross-entropy to the kd loss
-    trainable: str = "all"  # kd: all | mamba
+    trainable: str = "all"  # kd / onpolicy: all | mamba
+    loss_on: str = "all"  # kd: all tokens, or only the completion tokens of task rows (prompt tokens carry no loss)
+    mamba_lr: float | None = None  # kd / onpolicy: peak lr of the Mamba mixers (default: --lr, like the rest)
+    onpolicy_steps: int | None = None  # onpolicy stage steps (default: --steps)
+    lmbda: float = 1.0  # onpolicy: share of steps trained on the student's own samples (GKD's lambda), rest on the data
+    num_samples: int = 1  # onpolicy: samples per prompt (prefilled once); batch_size / num_samples prompts per step
+    max_new_tokens: int = 128  # onpolicy: most tokens sampled per completion
+    gen_temperature: float = 1.0  # onpolicy: sampling temperature of the student's rollouts
     steps: int | None = None  # optimizer steps per stage (kd; and align unless align_* given)
     max_tokens: int | None = None  # token budget per stage; with steps too, whichever ends first
     align_steps: int | None = None
@@ -87,9 +96,33 @@ class DistillConfig:
     bf16: str = "auto"  # bf16 autocast for the training forwards: auto (CUDA with bf16) | on | off
     gradient_checkpointing: bool = False  # recompute activations in backward: far less memory, ~10-20% slower
 
+    def stages(self) -> list[str]:
+        """The stages to run, in order."""
+        names = [n.strip() for n in str(self.stage).split(",") if n.strip()]
+        return ["align", "kd"] if names == ["both"] else names
+
     def validate(self) -> None:
-        if self.stage not in STAGES:
-            raise M1Error(f"--stage must be one of {', '.join(STAGES)}, got '{self.stage}'")
+        names = self.stages()
+        if not names or any(n not in STAGE_NAMES for n in names) or len(set(names)) != len(names):
+            raise M1Error(f"--stage must be one of {', '.join(STAGES)} or a comma-separated order of "
+                          f"{', '.join(STAGE_NAMES)} (each once), got '{self.stage}'")
+        if self.loss_on not in LOSS_ON:
+            raise M1Error(f"--loss-on must be one of {', '.join(LOSS_ON)}, got '{self.loss_on}'")
+        if not 0.0 <= self.lmbda <= 1.0:
+            raise M1Error(f"--lambda is the share of on-policy steps, in [0, 1], got {self.lmbda}")
+        if self.num_samples < 1 or self.max_new_tokens < 1:
+            raise M1Error("--num-samples and --max-new-tokens must be >= 1")
+        if self.batch_size % self.num_samples:
+            raise M1Error(f"--batch-size {self.batch_size} must be a multiple of --num-samples {self.num_samples} "
+                          "(each step samples batch-size / num-samples prompts)")
+        if self.gen_temperature <= 0:
+            raise M1Error(f"--gen-temperature must be > 0 (the student samples its own completions), got "
+                          f"{self.gen_temperature}")
+        if self.mamba_lr is not None and self.mamba_lr <= 0:
+            raise M1Error(f"--mamba-lr must be > 0, got {self.mamba_lr}")
+        if "onpolicy" in names and self.onpolicy_steps is None and self.steps is None:
+            raise M1Error("--stage onpolicy needs a step budget: --steps N or --onpolicy-steps N (its rollouts' "
+                          "lengths are not known up front, so --max-tokens cannot size it)")
         from .losses import LOSSES
 
         if self.loss not in LOSSES:
@@ -102,13 +135,15 @@ class DistillConfig:
             raise M1Error(f"--temperature must be > 0, got {self.temperature}")
         if self.ce_weight < 0:
             raise M1Error(f"--ce-weight must be >= 0, got {self.ce_weight}")
-        for name in ("steps", "max_tokens", "align_steps", "align_max_tokens"):
+        for name in ("steps", "max_tokens", "align_steps", "align_max_tokens", "onpolicy_steps"):
             v = getattr(self, name)
             if v is not None and v < 1:
                 raise M1Error(f"--{name.replace('_', '-')} must be >= 1, got {v}")
-        if self.steps is None and self.max_tokens is None:
-            if self.stage != "align" or (self.align_steps is None and self.align_max_tokens is None):
-                raise M1Error("give a training budget: --steps N and/or --max-tokens N")
+        if self.steps is None and self.max_tokens is None and "kd" in names:
+            raise M1Error("give a training budget: --steps N and/or --max-tokens N")
+        if "align" in names and all(v is None for v in (self.steps, self.max_tokens, self.align_steps,
+                                                         self.align_max_tokens)):
+            raise M1Error("give a training budget: --steps N and/or --max-tokens N")
         for name in ("batch_size", "seq_len", "checkpoint_every", "eval_batch_size"):
             if getattr(self, name) < 1:
                 raise M1Error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
@@ -317,10 +352,13 @@ def head_of(model):
 
 
 def kd_micro_loss(cfg, student, teacher, s_hidden, t_hidden, ids, mask, kd_norm: float, ce_norm: float,
-                  chunk: int | None = None):
-    """The kd stage's loss on one micro-batch, from both models' ``hidden_out`` outputs (b, t, d):
+                  chunk: int | None = None, loss_mask=None):
+    """The kd (and onpolicy) stage's loss on one micro-batch, from both models' ``hidden_out`` outputs (b, t, d):
 
-        sum over real tokens of kd(student || teacher) / kd_norm  [+ ce_weight * sum of next-token CE / ce_norm]
+        sum over loss positions of kd(student || teacher) / kd_norm  [+ ce_weight * sum of next-token CE / ce_norm]
+
+    Loss positions: every real token, or where ``loss_mask`` (b, t) is 1 (the positions that predict a
+    completion token: prompt and padding carry no loss).
 
     computed through :func:`m1.losses.chunked_head_loss`, so no (tokens, vocab) tensor outlives its
     chunk (measured on SmolLM2 8 x 256: see docs/distill.md). Returns (loss, kl_sum, ce_sum), the last
@@ -338,7 +376,7 @@ def kd_micro_loss(cfg, student, teacher, s_hidden, t_hidden, ids, mask, kd_norm:
     use_ce = cfg.ce_weight > 0
     rows = (real | next_real) if use_ce else real
     hs, ht = s_hidden[rows], t_hidden[rows].detach()  # (N, d)
-    w_kd = real[rows].float()
+    w_kd = (real if loss_mask is None else (loss_mask.bool() & real))[rows].float()
     w_ce = next_real[rows].float()
     labels = torch.zeros_like(ids)
     labels[:, :-1] = ids[:, 1:]
@@ -386,6 +424,87 @@ def layer_mse(student, teacher, batches, layers: list[int] | None = None) -> lis
     return [s / max(count, 1) for s in sums]
 
 
+# ------------------------------------------------------------------------------ onpolicy pieces
+def _context_of(config) -> int:
+    """Most tokens a model takes (prompt + completion), from its config (dict or PretrainedConfig)."""
+    get = config.get if isinstance(config, dict) else (lambda k, d=None: getattr(config, k, d))
+    return int(get("max_position_embeddings", 0) or 1 << 30)
+
+
+def loss_span(length: int, prompt_len: int) -> tuple[int, int]:
+    """Positions [lo, hi) of a row that carry the kd loss: every token of a text row (prompt_len 0, as
+    before task data existed), else the positions that predict a completion token."""
+    return (0, length) if prompt_len <= 0 else (prompt_len - 1, length - 1)
+
+
+def span_mask(spans, width: int):
+    """(rows, width) float mask that is 1 on each row's [lo, hi)."""
+    import torch
+
+    pos = torch.arange(width)
+    lo = torch.tensor([a for a, _ in spans]).unsqueeze(1)
+    hi = torch.tensor([b for _, b in spans]).unsqueeze(1)
+    return ((pos >= lo) & (pos < hi)).float()
+
+
+class Rollouts:
+    """The onpolicy stage's batches: the student's own samples for task prompts (GKD, Agarwal et al. 2024).
+
+    At step ``k`` the ``batch_size / num_samples`` prompts of batch ``k`` of a prompt stream (a pure
+    function of (seed, k), like :class:`m1.data.BatchPlan`) are prefilled once and sampled
+    ``num_samples`` times each by m1's engine, with seeds derived from (seed, k): a resumed run
+    samples exactly what the killed one would have. The loss is then the kd loss of the configured
+    ``loss`` (reverse KL: M1's and GKD's on-policy choice) on the sampled completion tokens only.
+    With ``lmbda < 1`` a step is on-policy with probability ``lmbda`` (drawn from (seed, k)), else it
+    trains on the data's reference completions (GKD's mix).
+
+    Why not TRL's ``GKDTrainer``: it samples with ``model.generate``, which for this hybrid runs HF's
+    unbatched-state Mamba path (~23 tok/s at batch 1 on the 2-core CPU), while m1's engine prefills once
+    and decodes all rows together; and this loop already has the resume, NaN and chunked-loss machinery
+    that a second trainer would duplicate.
+    """
+
+    def __init__(self, student, tokenizer, data, cfg, contexts: tuple[int, ...]):
+        self.student, self.tokenizer, self.cfg = student, tokenizer, cfg
+        self.rows = [i for i, n in enumerate(data.prompt_lens) if n > 0]
+        self.prompts = [data.train[i][:data.prompt_lens[i]] for i in self.rows]
+        if not self.rows:
+            raise M1Error("--stage onpolicy: no training row has a prompt (give a training task as --data)")
+        longest, limit = max(len(p) for p in self.prompts), min(contexts)
+        if longest + cfg.max_new_tokens > limit:
+            raise M1Error(f"--stage onpolicy: the longest prompt ({longest} tokens) + --max-new-tokens "
+                          f"{cfg.max_new_tokens} exceeds the context ({limit} tokens) of student or teacher: lower "
+                          "--max-new-tokens")
+        from .data import BatchPlan
+
+        self.plan = BatchPlan(len(self.rows), cfg.batch_size // cfg.num_samples, cfg.seed + 1)
+
+    def on_policy(self, step: int) -> bool:
+        import numpy as np
+
+        return self.cfg.lmbda >= 1.0 or bool(np.random.default_rng([self.cfg.seed, step, 17]).random() < self.cfg.lmbda)
+
+    def sample(self, step: int):
+        """(token rows prompt + completion, loss spans, metrics) of on-policy step ``step``."""
+        from .engine import Engine, SamplingParams
+
+        cfg = self.cfg
+        picked = self.plan.rows(step)
+        base = (cfg.seed * 1_000_003 + step * 7_919) % (1 << 31)
+        params = [SamplingParams(n=cfg.num_samples, max_new_tokens=cfg.max_new_tokens, temperature=cfg.gen_temperature,
+                                 seed=base + k * cfg.num_samples) for k in range(len(picked))]
+        t0 = time.perf_counter()
+        outs = Engine(self.student, self.tokenizer).generate([self.prompts[i] for i in picked], params)
+        seqs, spans, gen = [], [], 0
+        for i, out in zip(picked, outs):
+            prompt = self.prompts[i]
+            for c in out.completions:
+                seqs.append(list(prompt) + list(c.token_ids))
+                spans.append(loss_span(len(seqs[-1]), len(prompt)))
+                gen += len(c.token_ids)
+        return seqs, spans, {"onpolicy": True, "gen_tokens": gen, "gen_s": round(time.perf_counter() - t0, 3)}
+
+
 # ------------------------------------------------------------------------------ reports
 def _report(acc, student, teacher, tokenizer, data, cfg, align_layers) -> dict:
     """Held-out KL / perplexities (texts sharded over processes), plus per-layer MSE if aligning."""
@@ -396,9 +515,9 @@ def _report(acc, student, teacher, tokenizer, data, cfg, align_layers) -> dict:
 
     rank, world = acc.process_index, acc.num_processes
     student.eval()
-    texts = data.heldout_texts[rank::world]
-    part = heldout_report(student, teacher, tokenizer, texts, max_len=cfg.seq_len,
-                          batch_size=cfg.eval_batch_size) if texts else HeldoutReport(0.0, 0.0, 0.0, 0)
+    ids = data.heldout_ids[rank::world]
+    part = heldout_report(student, teacher, tokenizer, None, batch_size=cfg.eval_batch_size,
+                          ids=ids) if ids else HeldoutReport(0.0, 0.0, 0.0, 0)
     vec = torch.tensor([part.kl * part.tokens, part.student_nll * part.tokens, part.teacher_nll * part.tokens,
                         part.tokens], dtype=torch.float64, device=acc.device)
     vec = acc.reduce(vec, reduction="sum")
@@ -465,9 +584,10 @@ def _distill(cfg, resume, force, log, progress, on_step) -> DistillResult:
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
-    from .data import BatchPlan, collate, load_data, micro_batches
+    from .checkpoint import read_config
+    from .data import BatchPlan, collate, load_data, micro_batches, read_rows
     from .losses import hidden_mse
-    from .teachers import load_teacher
+    from .teachers import KD_TEACHER_ARCHS, load_teacher
 
     # ---- settings and directories: every check before anything is loaded or written
     cfg.validate()
@@ -491,6 +611,16 @@ def _distill(cfg, resume, force, log, progress, on_step) -> DistillResult:
     teacher_spec = cfg.teacher or record.get("teacher")
     if not teacher_spec:
         raise M1Error(f"{student_dir}/m1.json names no teacher: pass --teacher")
+    stages_wanted = cfg.stages()
+    rows = read_rows(cfg.data, cfg.seed)  # bad data (a task without a train split, bad rows) fails before loading
+    context = _context_of(read_config(student_dir))
+    if "onpolicy" in stages_wanted:
+        if not any(r.prompt is not None for r in rows):
+            raise M1Error(f"--stage onpolicy samples from task prompts, and --data {cfg.data} has none: give a "
+                          "training task (arith:..., gsm8k-train, ...)")
+        if cfg.max_new_tokens >= context:
+            raise M1Error(f"--max-new-tokens {cfg.max_new_tokens} does not fit the student's context of {context} "
+                          "tokens (prompt included): lower it")
 
     # `accelerate launch --multi_gpu` / torchrun on a machine without CUDA: DDP over CPU processes (gloo)
     cpu_ddp = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
@@ -519,7 +649,7 @@ def _distill(cfg, resume, force, log, progress, on_step) -> DistillResult:
     acc.wait_for_everyone()
 
     # ---- models and data
-    teacher = load_teacher(teacher_spec)
+    teacher = load_teacher(teacher_spec, archs=KD_TEACHER_ARCHS)
     t_model = teacher.model.to(acc.device).eval()
     for p in t_model.parameters():
         p.requires_grad_(False)
@@ -531,20 +661,24 @@ def _distill(cfg, resume, force, log, progress, on_step) -> DistillResult:
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     layers = mamba_layers(student) if hasattr(student, "model") and hasattr(student.model, "layers") else []
-    stages_wanted = ["align", "kd"] if cfg.stage == "both" else [cfg.stage]
     if "align" in stages_wanted and not layers:
         raise M1Error("the student has no Mamba layers, so there is nothing to align: use --stage kd")
-    if cfg.trainable == "mamba" and "kd" in stages_wanted and not layers:
+    if cfg.trainable == "mamba" and set(stages_wanted) & {"kd", "onpolicy"} and not layers:
         raise M1Error("--trainable mamba: the student has no Mamba layers")
     check_compatible(student, t_model, tokenizer, teacher.tokenizer, need_layers="align" in stages_wanted)
-    data = load_data(cfg.data, tokenizer, cfg.seq_len, cfg.heldout, cfg.seed)
+    data = load_data(cfg.data, tokenizer, cfg.seq_len, cfg.heldout, cfg.seed, rows=rows)
     lengths = [len(r) for r in data.train]
     plan = BatchPlan(len(data.train), cfg.batch_size, cfg.seed)
+    rollouts = None
+    if "onpolicy" in stages_wanted:
+        rollouts = Rollouts(student, tokenizer, data, cfg, contexts=(context, _context_of(t_model.config)))
 
     stages, start = [], 0
     for name in stages_wanted:
         if name == "align" and (cfg.align_steps is not None or cfg.align_max_tokens is not None):
             n = _steps_for_budget(plan, lengths, start, cfg.align_steps, cfg.align_max_tokens)
+        elif name == "onpolicy":
+            n = cfg.onpolicy_steps or cfg.steps
         else:
             n = _steps_for_budget(plan, lengths, start, cfg.steps, cfg.max_tokens)
         stages.append(Stage(name, start, start + n, cfg.align_lr if name == "align" else cfg.lr))
@@ -610,13 +744,18 @@ def _distill(cfg, resume, force, log, progress, on_step) -> DistillResult:
         for p in trainable.parameters():
             p.requires_grad_(True)
         params = [p for p in trainable.parameters() if p.requires_grad]
-        model = acc.prepare_model(student if stage.name == "kd" else trainable)
-        optimizer = torch.optim.AdamW(params, lr=stage.lr, betas=(0.9, 0.95), eps=1e-8, weight_decay=cfg.weight_decay)
+        model = acc.prepare_model(trainable if stage.name == "align" else student)
+        groups = [{"params": params, "lr": stage.lr}]
+        if stage.name != "align" and cfg.mamba_lr is not None and layers:
+            mixer_ids = {id(p) for i in layers for p in student.model.layers[i].mamba.parameters()}
+            groups = [{"params": [p for p in params if id(p) not in mixer_ids], "lr": stage.lr},
+                      {"params": [p for p in params if id(p) in mixer_ids], "lr": cfg.mamba_lr}]
+        optimizer = torch.optim.AdamW(groups, lr=stage.lr, betas=(0.9, 0.95), eps=1e-8, weight_decay=cfg.weight_decay)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(stage.steps, cfg.warmup, cfg.min_lr_ratio))
         if resume and step > stage.start and state.get("optimizer_stage") == stage.name:
             optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True))
             scheduler.load_state_dict(torch.load(ckpt / "scheduler.pt", weights_only=True))
-        if cfg.gradient_checkpointing and stage.name == "kd":
+        if cfg.gradient_checkpointing and stage.name != "align":
             # transformers' per-decoder-layer recompute; non-reentrant: the embeddings' output needs no grad
             student.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         student.train()
@@ -627,15 +766,29 @@ def _distill(cfg, resume, force, log, progress, on_step) -> DistillResult:
 
         while step < stage.end:
             t0 = time.perf_counter()
-            rows = plan.rows(step)
-            n_tok = sum(lengths[r] for r in rows)  # loss positions of the global batch (kd, align)
-            n_ce = max(1, n_tok - len(rows))  # positions with a next token (cross-entropy)
+            # the global batch: token rows and, per row, the positions [lo, hi) that carry the kd loss
+            extra = {}
+            if stage.name == "onpolicy" and rollouts.on_policy(step):
+                seqs, spans, extra = rollouts.sample(step)
+                student.train()
+            else:
+                rows = plan.rows(step)
+                seqs = [data.train[r] for r in rows]
+                # onpolicy's data steps train on the reference completions, as GKD's off-policy share does
+                on_completion = cfg.loss_on == "completion" or stage.name == "onpolicy"
+                spans = [loss_span(len(data.train[r]), data.prompt_lens[r] if on_completion else 0) for r in rows]
+                if stage.name == "onpolicy":
+                    extra = {"onpolicy": False}
+            blen = [len(x) for x in seqs]
+            n_tok = sum(hi - lo for lo, hi in spans)  # loss positions of the global batch
+            n_ce = max(1, sum(blen) - len(seqs))  # positions with a next token (cross-entropy)
             # this process's share; each micro-loss is (sum over its tokens) / (global count / world)
             # so that DDP's gradient *average* over processes is the global token mean
-            share = micro_batches(rows, lengths, micro, world, rank)
+            share = micro_batches(list(range(len(seqs))), blen, micro, world, rank)
             sums = torch.zeros(3 + len(layers), dtype=torch.float64, device=acc.device)  # loss, kl, ce, mse...
             for a, chunk in enumerate(share):
-                ids, mask = (t.to(acc.device) for t in collate([data.train[r] for r in chunk], pad_id))
+                ids, mask = (t.to(acc.device) for t in collate([seqs[r] for r in chunk], pad_id))
+                lmask = span_mask([spans[r] for r in chunk], ids.shape[1]).to(acc.device)
                 sync = contextlib.nullcontext() if a == len(share) - 1 else acc.no_sync(model)
                 with sync:
                     if stage.name == "align":
@@ -652,7 +805,8 @@ def _distill(cfg, resume, force, log, progress, on_step) -> DistillResult:
                                 t_hidden = t_model(input_ids=ids, attention_mask=mask).logits
                             s_hidden = model(input_ids=ids, attention_mask=mask).logits
                         loss, kl_sum, ce_sum = kd_micro_loss(cfg, student, t_model, s_hidden, t_hidden, ids, mask,
-                                                             kd_norm=n_tok / world, ce_norm=n_ce / world)
+                                                             kd_norm=n_tok / world, ce_norm=n_ce / world,
+                                                             loss_mask=lmask)
                         sums[1] += kl_sum.double() / n_tok
                         sums[2] += ce_sum.double() / n_ce
                     sums[0] += loss.detach().double() / world
@@ -680,7 +834,8 @@ def _distill(cfg, resume, force, log, progress, on_step) -> DistillResult:
             m = {"step": step, "stage": stage.name, "loss": loss_value, "lr": lr_now, "grad_norm": grad_value,
                  "tokens": tokens_done, "step_tokens": n_tok, "tokens_per_s": n_tok / dt,
                  "epoch": plan.epoch(step), "elapsed": time.perf_counter() - t_start}
-            if stage.name == "kd":
+            m.update(extra)
+            if stage.name != "align":
                 m["kl"] = sums[1].item()
                 if cfg.ce_weight > 0:
                     m["ce"] = sums[2].item()

@@ -39,6 +39,14 @@ def _batches(tokenizer, texts: list[str], max_len: int, batch_size: int, device)
         yield ids.to(device), mask.to(device)
 
 
+def _id_batches(ids_list: list[list[int]], pad: int, batch_size: int, device):
+    from .data import collate
+
+    for i in range(0, len(ids_list), batch_size):
+        ids, mask = collate(ids_list[i:i + batch_size], pad)
+        yield ids.to(device), mask.to(device)
+
+
 def _nll(logits, ids, mask):
     """Per-position next-token NLL (positions 0..L-2) and the mask of positions that have a next token."""
     import torch.nn.functional as F
@@ -91,16 +99,19 @@ class HeldoutReport:
                              teacher_nll=sum(a * p.teacher_nll for a, p in zip(w, parts)), tokens=n)
 
 
-def heldout_report(student, teacher, tokenizer, texts: list[str], max_len: int = 256,
-                   batch_size: int = 8) -> HeldoutReport:
-    """KL(teacher || student) and both perplexities on ``texts``, over the positions that predict a next token."""
+def heldout_report(student, teacher, tokenizer, texts: list[str] | None, max_len: int = 256,
+                   batch_size: int = 8, ids: list[list[int]] | None = None) -> HeldoutReport:
+    """KL(teacher || student) and both perplexities on ``texts`` (or on token ``ids``, as they are),
+    over the positions that predict a next token."""
     import torch
 
     from .losses import forward_kl_per_token
 
     kl, s_nll, t_nll, count = 0.0, 0.0, 0.0, 0
     device = next(student.parameters()).device
-    for ids, mask in _batches(tokenizer, texts, max_len, batch_size, device):
+    batches = (_id_batches(ids, tokenizer.pad_token_id or 0, batch_size, device) if ids is not None
+               else _batches(tokenizer, texts, max_len, batch_size, device))
+    for ids, mask in batches:
         with torch.no_grad():
             s_logits = student(input_ids=ids, attention_mask=mask).logits
             t_logits = teacher(input_ids=ids, attention_mask=mask).logits

@@ -14,7 +14,9 @@ from pathlib import Path
 from .checkpoint import read_config
 from .errors import M1Error
 
-SUPPORTED_ARCHS = ("llama", "qwen2")
+SUPPORTED_ARCHS = ("llama", "qwen2")  # what `m1 convert` converts
+# what `m1 distill` learns from: also any m1 checkpoint (e.g. the teacher after `m1 sft`)
+KD_TEACHER_ARCHS = SUPPORTED_ARCHS + ("granitemoehybrid",)
 
 # name -> (python package that ships the file, file name inside it, install hint)
 BUILTIN_TEACHERS = {
@@ -58,15 +60,17 @@ def resolve(spec: str) -> tuple[Path, str | None]:
     return path, None
 
 
-def check_architecture(model_type: str | None, where: str) -> None:
-    if model_type not in SUPPORTED_ARCHS:
-        raise M1Error(
-            f"unsupported architecture '{model_type}' in {where}: m1 converts {', '.join(SUPPORTED_ARCHS)} teachers"
-        )
+def check_architecture(model_type: str | None, where: str, archs: tuple[str, ...] = SUPPORTED_ARCHS) -> None:
+    if model_type not in archs:
+        what = "converts" if archs == SUPPORTED_ARCHS else "learns from"
+        raise M1Error(f"unsupported architecture '{model_type}' in {where}: m1 {what} {', '.join(archs)} teachers")
 
 
-def load_teacher(spec: str, dtype=None) -> Teacher:
-    """Load a teacher in float32 (default) with its tokenizer; every failure becomes an M1Error."""
+def load_teacher(spec: str, dtype=None, archs: tuple[str, ...] = SUPPORTED_ARCHS) -> Teacher:
+    """Load a teacher in float32 (default) with its tokenizer; every failure becomes an M1Error.
+
+    ``archs``: the model types accepted (``KD_TEACHER_ARCHS`` for distillation, where any m1
+    checkpoint, e.g. the teacher after ``m1 sft``, may teach)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -74,7 +78,7 @@ def load_teacher(spec: str, dtype=None) -> Teacher:
     where = str(directory / gguf_file) if gguf_file else str(directory)
     if gguf_file is None:
         config = read_config(directory)
-        check_architecture(config.get("model_type"), where)
+        check_architecture(config.get("model_type"), where, archs)
     else:
         _check_gguf(directory / gguf_file)
     kwargs = {"gguf_file": gguf_file} if gguf_file else {}
@@ -82,7 +86,7 @@ def load_teacher(spec: str, dtype=None) -> Teacher:
         model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype or torch.float32, **kwargs)
     except Exception as e:  # any reader error: corrupt/truncated weights, unknown GGUF arch, ...
         raise M1Error(f"cannot load teacher weights from {where}: {_short(e)}. Is the file complete and uncorrupted?") from None
-    check_architecture(getattr(model.config, "model_type", None), where)
+    check_architecture(getattr(model.config, "model_type", None), where, archs)
     try:
         tokenizer = AutoTokenizer.from_pretrained(directory, **kwargs)
     except Exception as e:

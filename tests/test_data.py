@@ -76,10 +76,10 @@ def test_messages_need_a_chat_template(tmp_path, tok):
 def test_gsm8k_train_rows(tok):
     rows = gsm8k_train_rows()
     assert len(rows) == 7473
-    first = rows[0].messages
-    assert [m["role"] for m in first] == ["user", "assistant"]
-    assert first[0]["content"].startswith("Natalia sold clips") and "\\boxed{}" in first[0]["content"]
-    assert first[1]["content"].endswith("\\boxed{72}.") and "<<" not in first[1]["content"]
+    first = rows[0]
+    assert [m["role"] for m in first.prompt] == ["user"]
+    assert first.prompt[0]["content"].startswith("Natalia sold clips") and "\\boxed{}" in first.prompt[0]["content"]
+    assert first.completion.endswith("\\boxed{72}.") and "<<" not in first.completion
 
 
 def test_seq_len_heldout_split_and_combining_sources(tmp_path, tok):

@@ -10,9 +10,13 @@ Distill a converted hybrid from its teacher, as in M1 stage 1:
 
   align  each Mamba layer's mixer is trained, on the teacher's own input to that layer, to reproduce
          the output of the teacher attention it replaced (MSE); only Mamba mixer weights change
-  kd     end-to-end distillation of the next-token distributions (reverse KL by default, as in M1)
+  kd       end-to-end distillation of the next-token distributions (reverse KL by default, as in M1)
+  onpolicy the student samples completions of task prompts (m1's engine), the teacher scores every
+           token, and the loss is the per-token divergence (reverse KL) on the student's own tokens
+           (GKD); --lambda < 1 mixes in steps on the data's reference completions
 
---stage both (the default) runs align, then kd. The training state lives in OUT.work/ (checkpoint
+--stage both (the default) runs align, then kd; or give an order, e.g. --stage align,kd,onpolicy.
+The teacher may be any m1 checkpoint, e.g. the teacher after `m1 sft` (same tokenizer). The training state lives in OUT.work/ (checkpoint
 every --checkpoint-every steps, metrics.jsonl); a killed run continues with the same command plus
 --resume. At the end OUT is a normal m1 checkpoint (m1.json: stage distill) and a held-out report
 (KL(teacher||student), student and teacher perplexity, before and after) is printed.
@@ -24,10 +28,13 @@ EPILOG = """\
 examples:
   m1 distill --student runs/hybrid --teacher smollm2-135m --data gsm8k-train --out runs/distilled --steps 200
   m1 distill --student runs/hybrid --data my.jsonl --out runs/d --stage kd --loss jsd --beta 0.5 --max-tokens 2000000
+  m1 distill --student runs/hybrid --teacher runs/teacher-sft --data arith:steps=2,digits=1 --out runs/d \
+      --stage kd,onpolicy --steps 100 --loss-on completion      # learn the task from the fine-tuned teacher
   m1 distill ... --resume          # continue a killed run (same settings)
 
-data: gsm8k-train (built in), or .jsonl files (comma-separated) whose rows are {"text": "..."} or
-{"messages": [{"role": "user", "content": "..."}, ...]} (rendered with the chat template).
+data: a training task -- gsm8k-train, arith[:steps=2,digits=1,n=2000], or any task with a train split --
+rendered as prompt + reference solution exactly as `m1 sft` renders it; or .jsonl files (comma-separated)
+whose rows are {"text": "..."} or {"messages": [...]} (rendered with the chat template).
 budget: --steps and/or --max-tokens apply to each stage; --align-steps / --align-max-tokens
 override them for the align stage."""
 
@@ -43,7 +50,8 @@ def register(subparsers) -> None:
     g.add_argument("--data", default="gsm8k-train",
                    help="gsm8k-train, or .jsonl file(s) with text/messages rows, comma-separated (default gsm8k-train)")
     g.add_argument("--out", required=True, help="output checkpoint directory (must not exist unless --force)")
-    g.add_argument("--stage", choices=["align", "kd", "both"], default="both", help="stages to run (default both)")
+    g.add_argument("--stage", default="both",
+                   help="align | kd | onpolicy | both (= align,kd), or a comma-separated order (default both)")
     g = p.add_argument_group("loss")
     g.add_argument("--loss", choices=["reverse_kl", "forward_kl", "jsd"], default="reverse_kl",
                    help="kd loss: reverse_kl = KL(student||teacher) (default, M1), forward_kl = KL(teacher||student), "
@@ -53,7 +61,18 @@ def register(subparsers) -> None:
     g.add_argument("--ce-weight", type=float, default=0.0,
                    help="add this times the next-token cross-entropy on the data (default 0)")
     g.add_argument("--trainable", choices=["all", "mamba"], default="all",
-                   help="kd: train every parameter (default) or only the Mamba mixers")
+                   help="kd/onpolicy: train every parameter (default) or only the Mamba mixers")
+    g.add_argument("--loss-on", choices=["all", "completion"], default="all",
+                   help="kd: loss on every token (default), or only on the completion tokens of task rows")
+    g = p.add_argument_group("onpolicy")
+    g.add_argument("--onpolicy-steps", type=int, default=None, help="onpolicy stage steps (default: --steps)")
+    g.add_argument("--lambda", dest="lmbda", type=float, default=1.0,
+                   help="share of onpolicy steps on the student's own samples; the rest train on the data's "
+                        "reference completions (GKD's lambda; default 1)")
+    g.add_argument("--num-samples", type=int, default=1,
+                   help="samples per prompt, prefilled once; each step samples batch-size / num-samples prompts (default 1)")
+    g.add_argument("--max-new-tokens", type=int, default=128, help="most tokens per sampled completion (default 128)")
+    g.add_argument("--gen-temperature", type=float, default=1.0, help="sampling temperature of the rollouts (default 1)")
     g = p.add_argument_group("budget and batches")
     g.add_argument("--steps", type=int, default=None, help="optimizer steps per stage")
     g.add_argument("--max-tokens", type=int, default=None,
@@ -68,6 +87,8 @@ def register(subparsers) -> None:
     g = p.add_argument_group("optimizer")
     g.add_argument("--lr", type=float, default=1e-4, help="kd peak learning rate (default 1e-4)")
     g.add_argument("--align-lr", type=float, default=3e-3, help="align peak learning rate (default 3e-3)")
+    g.add_argument("--mamba-lr", type=float, default=None,
+                   help="kd/onpolicy peak learning rate of the Mamba mixers (default: --lr)")
     g.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (default 0)")
     g.add_argument("--warmup", type=float, default=0.05, help="warm-up fraction of each stage (default 0.05)")
     g.add_argument("--min-lr-ratio", type=float, default=0.1, help="cosine floor as a fraction of the peak (default 0.1)")
@@ -94,7 +115,9 @@ def run(a) -> None:
 
     cfg = DistillConfig(
         student=a.student, out=a.out, teacher=a.teacher, data=a.data, stage=a.stage, loss=a.loss, beta=a.beta,
-        temperature=a.temperature, ce_weight=a.ce_weight, trainable=a.trainable, steps=a.steps,
+        temperature=a.temperature, ce_weight=a.ce_weight, trainable=a.trainable, loss_on=a.loss_on,
+        mamba_lr=a.mamba_lr, onpolicy_steps=a.onpolicy_steps, lmbda=a.lmbda, num_samples=a.num_samples,
+        max_new_tokens=a.max_new_tokens, gen_temperature=a.gen_temperature, steps=a.steps,
         max_tokens=a.max_tokens, align_steps=a.align_steps, align_max_tokens=a.align_max_tokens, seq_len=a.seq_len,
         batch_size=a.batch_size, micro_batch_size=a.micro_batch_size, lr=a.lr, align_lr=a.align_lr,
         weight_decay=a.weight_decay, warmup=a.warmup, min_lr_ratio=a.min_lr_ratio, grad_clip=a.grad_clip,
