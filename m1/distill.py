@@ -775,7 +775,8 @@ def _distill(cfg, resume, force, log, progress, on_step) -> DistillResult:
                 rows = plan.rows(step)
                 seqs = [data.train[r] for r in rows]
                 # onpolicy's data steps train on the reference completions, as GKD's off-policy share does
-                on_completion = cfg.loss_on == "completion" or stage.name == "onpolicy"
+                # (align always matches every token's mixer output)
+                on_completion = stage.name == "onpolicy" or (cfg.loss_on == "completion" and stage.name == "kd")
                 spans = [loss_span(len(data.train[r]), data.prompt_lens[r] if on_completion else 0) for r in rows]
                 if stage.name == "onpolicy":
                     extra = {"onpolicy": False}
