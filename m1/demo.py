@@ -1,13 +1,20 @@
 """``m1 demo``: the whole M1 pipeline on one teacher, teacher and hybrid trained alike, with a report.
 
     convert (teacher -> exact all-attention copy, and -> hybrid)
-      -> distill (hybrid only) -> sft (both) -> grpo (both)
-      -> eval after every stage (both) -> bench (both) -> report.md + plots
+      teacher: sft -> grpo                         (the strong model for the task)
+      hybrid:  distill from the teacher after grpo -> grpo (the same RL budget)
+      -> eval after every stage (both) -> GSM8K and GSM8K-chat perplexity before/after -> bench -> report.md
+
+The hybrid learns the task from the fine-tuned teacher (M1 distils from the strong model, and the
+teacher's full next-token distributions carry far more per token than SFT's one-hot targets): the
+recipe that came out best in ``benchmarks/distill_recipes.py`` (docs/distill.md), in place of the
+GSM8K-chat distillation + SFT it had before. The report states every model's total training steps,
+tokens and seconds, so the comparison stays visible.
 
 Every stage writes its own directory under ``--out`` and is skipped when that directory is
 complete, so an interrupted demo picks up where it stopped (training stages also resume from their
 last checkpoint). The teacher is converted with every layer kept as attention (bit-exact), so both
-models go through the same code and get the same SFT and GRPO budget on the same data.
+models go through the same code.
 """
 
 from __future__ import annotations
@@ -28,7 +35,7 @@ class Budget:
     task: str  # the arith level the models are trained and judged on
     distill_steps: int  # kd steps (and align steps unless distill_align_steps is set)
     distill_seq_len: int
-    sft_steps: int
+    sft_steps: int  # the teacher's SFT
     sft_examples: int
     grpo_steps: int
     grpo_prompts: int
@@ -43,14 +50,18 @@ class Budget:
     bench_gen_lens: tuple
     batch_size: int = 8
     distill_align_steps: int | None = None
+    distill_onpolicy_steps: int = 0  # on-policy distillation steps after kd (0: none)
+    distill_lr: float = 1e-4
+    ppl_texts: int = 16  # held-out GSM8K chats for the perplexity before/after
 
 
 BUDGETS = {
     # CI: a tiny random teacher; checks that every stage runs and the report is complete
-    "smoke": Budget(teacher="tiny", task="arith:steps=1,digits=1", distill_steps=3, distill_seq_len=64,
+    "smoke": Budget(teacher="tiny", task="arith:steps=1,digits=1", distill_steps=3, distill_seq_len=256,
+                    distill_onpolicy_steps=2,
                     sft_steps=4, sft_examples=32, grpo_steps=2, grpo_prompts=2, grpo_generations=2,
                     eval_problems=4, eval_n=2, eval_ks=(1, 2), max_new_tokens=12, gsm8k_problems=2,
-                    bench_batches=(1, 4), bench_prompt_len=8, bench_gen_lens=(16,), batch_size=4),
+                    bench_batches=(1, 4), bench_prompt_len=8, bench_gen_lens=(16,), batch_size=4, ppl_texts=4),
     # the README's main job: SmolLM2-135M on 2 CPU cores, 44 min measured from a fresh clone (AMX CPU, bf16)
     "small": Budget(teacher="smollm2-135m", task="arith:steps=2,digits=1", distill_steps=120, distill_seq_len=256,
                     distill_align_steps=40,
@@ -125,23 +136,25 @@ class Demo:
         self._stage("convert hybrid", models["hybrid"] / "base",
                     f"m1 convert --teacher {teacher} --out {models['hybrid']}/base",
                     lambda: convert(teacher, models["hybrid"] / "base", log=self.log))
-        stages = {"teacher": ["base"], "hybrid": ["base"]}
-        self._distill(teacher, models["hybrid"])
-        stages["hybrid"].append("distill")
-        for who in ("teacher", "hybrid"):
-            prev = stages[who][-1]
-            self._sft(models[who] / prev, models[who] / "sft")
-            self._grpo(models[who] / "sft", models[who] / "grpo")
-            stages[who] += ["sft", "grpo"]
+        stages = {"teacher": ["base", "sft", "grpo"], "hybrid": ["base", "distill", "grpo"]}
+        self._sft(models["teacher"] / "base", models["teacher"] / "sft")
+        self._grpo(models["teacher"] / "sft", models["teacher"] / "grpo")
+        self._distill(models["teacher"] / "grpo", models["hybrid"])  # from the teacher's last stage
+        self._grpo(models["hybrid"] / "distill", models["hybrid"] / "grpo")
         evals = {who: {st: self._eval(models[who] / st, o / "eval" / f"{who}-{st}", b.task, b.eval_problems,
                                       b.eval_n, b.eval_ks) for st in stages[who]} for who in models}
-        gsm = {who: self._eval(models[who] / "grpo", o / "eval" / f"{who}-grpo-gsm8k", "gsm8k", b.gsm8k_problems,
-                               1, (1,), max_new=max(b.max_new_tokens, 192)) for who in models}
+        # generality before and after: the base teacher is where both models start
+        gsm_models = {"teacher base": models["teacher"] / "base", "teacher": models["teacher"] / "grpo",
+                      "hybrid": models["hybrid"] / "grpo"}
+        gsm = {who: self._eval(path, o / "eval" / f"{path.parent.name}-{path.name}-gsm8k", "gsm8k", b.gsm8k_problems,
+                               1, (1,), max_new=max(b.max_new_tokens, 192)) for who, path in gsm_models.items()}
+        ppl = self._perplexity({"teacher base": models["teacher"] / "base", "teacher": models["teacher"] / "grpo",
+                                "hybrid distill": models["hybrid"] / "distill", "hybrid": models["hybrid"] / "grpo"})
         bench = self._bench(models["hybrid"] / "grpo", models["teacher"] / "grpo")
         self.timings["total (this invocation)"] = round(time.time() - t_start, 1)
         from .demo_report import write_report
 
-        report = write_report(self, stages, evals, gsm, bench)
+        report = write_report(self, stages, evals, gsm, bench, ppl=ppl, models=models)
         self.log(f"[demo] report: {report}")
         return report
 
@@ -155,19 +168,24 @@ class Demo:
             make_tiny_teacher(path, arch="llama", layers=5, hidden=64, heads=4, kv_heads=2)
         return str(path)
 
-    def _distill(self, teacher: str, root: Path) -> None:
+    def _distill(self, teacher: Path, root: Path) -> None:
         from .distill import DistillConfig, distill
 
         b = self.b
-        cfg = DistillConfig(student=str(root / "base"), out=str(root / "distill"), teacher=teacher,
-                            data="gsm8k-train", stage="both", steps=b.distill_steps, seq_len=b.distill_seq_len,
-                            align_steps=b.distill_align_steps,
-                            batch_size=b.batch_size, heldout=16 if self.name != "smoke" else 4,
+        stage = "align,kd" + (",onpolicy" if b.distill_onpolicy_steps else "")
+        heldout = 16 if self.name != "smoke" else 4
+        cfg = DistillConfig(student=str(root / "base"), out=str(root / "distill"), teacher=str(teacher),
+                            data=b.task, stage=stage, steps=b.distill_steps, seq_len=b.distill_seq_len,
+                            align_steps=b.distill_align_steps, onpolicy_steps=b.distill_onpolicy_steps or None,
+                            loss_on="completion", max_new_tokens=b.max_new_tokens, lr=b.distill_lr,
+                            batch_size=b.batch_size, heldout=heldout,
                             checkpoint_every=max(10, b.distill_steps // 4), bf16="on" if self.bf16 else "off")
-        cmd = (f"m1 distill --student {root}/base --teacher {teacher} --data gsm8k-train --out {root}/distill "
-               f"--stage both --steps {b.distill_steps} --seq-len {b.distill_seq_len} --batch-size {b.batch_size}"
+        cmd = (f"m1 distill --student {root}/base --teacher {teacher} --data {b.task} --out {root}/distill "
+               f"--stage {stage} --steps {b.distill_steps} --seq-len {b.distill_seq_len} --batch-size {b.batch_size}"
                + (f" --align-steps {b.distill_align_steps}" if b.distill_align_steps else "")
-               + self.bf16_flag)
+               + (f" --onpolicy-steps {b.distill_onpolicy_steps}" if b.distill_onpolicy_steps else "")
+               + f" --loss-on completion --max-new-tokens {b.max_new_tokens} --lr {b.distill_lr:g}"
+               + f" --heldout {heldout} --checkpoint-every {cfg.checkpoint_every}" + self.bf16_flag)
         self._stage("distill hybrid", root / "distill", cmd,
                     lambda: self._train(lambda **kw: distill(cfg, log=self.log, progress=self.progress, **kw)))
 
@@ -178,7 +196,8 @@ class Demo:
         opts = dict(max_steps=b.sft_steps, limit=b.sft_examples, batch_size=b.batch_size, learning_rate=5e-5,
                     save_steps=max(10, b.sft_steps // 4), max_length=256, bf16="on" if self.bf16 else "off")
         cmd = (f"m1 sft --model {model} --data {b.task} --out {out} --max-steps {b.sft_steps} --limit {b.sft_examples} "
-               f"--batch-size {b.batch_size} --lr 5e-5" + self.bf16_flag)
+               f"--batch-size {b.batch_size} --lr 5e-5 --max-length 256 --save-steps {opts['save_steps']}"
+               + self.bf16_flag)
         self._stage(f"sft {out.parent.name}", out, cmd,
                     lambda: self._train(sft, str(model), b.task, out, log=self.log, **opts))
 
@@ -207,6 +226,35 @@ class Demo:
         self._stage(f"eval {out.name}", out, cmd,
                     lambda: run_eval(cfg, out, progress=self.progress, log=self.log))
         return json.loads((out / "summary.json").read_text())
+
+    def _perplexity(self, models: dict[str, Path]) -> dict:
+        """Held-out GSM8K-chat perplexity of each model (the same chats ``m1 distill --data gsm8k-train``
+        holds out with seed 0): what fine-tuning on arith costs in general language modelling."""
+        path = self.out / "eval" / "gsm8k-chat-perplexity.json"
+        self.commands.append(f"# perplexity: m1.heldout.heldout_loss on {self.b.ppl_texts} held-out GSM8K train chats")
+        done = json.loads(path.read_text()) if path.exists() else {}
+        if all(k in done for k in models):
+            self.log(f"[demo] perplexity: done already ({path})")
+            return done
+        from transformers import AutoTokenizer
+
+        from .checkpoint import load_model
+        from .data import load_data
+        from .heldout import heldout_loss
+
+        t0 = time.time()
+        tok = AutoTokenizer.from_pretrained(next(iter(models.values())))
+        data = load_data("gsm8k-train", tok, seq_len=256, heldout=self.b.ppl_texts, seed=0)
+        for name, d in models.items():
+            if name not in done:
+                model, _ = load_model(d, dtype="float32")
+                r = heldout_loss(model, tok, data.heldout_texts, max_len=256)
+                done[name] = {"nll": r.nll, "perplexity": r.perplexity, "tokens": r.tokens, "path": str(d)}
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_text(json.dumps(done, indent=2))
+        self.timings["gsm8k-chat perplexity"] = round(time.time() - t0, 1)
+        self.peak_rss["gsm8k-chat perplexity"] = peak_rss_gb()
+        return done
 
     def _bench(self, hybrid: Path, teacher: Path) -> dict:
         from .bench import run_bench

@@ -47,15 +47,32 @@ def _plot_lines(series: dict[str, list], path: Path, xlabel: str, title: str, lo
     return path
 
 
-def write_report(demo, stages: dict, evals: dict, gsm: dict, bench: dict) -> Path:
+def training_budget(model_dir: Path) -> dict:
+    """Steps, tokens and seconds of every training stage behind a checkpoint (from its m1.json)."""
+    from .checkpoint import read_record
+
+    rec = read_record(model_dir)
+    stage = rec.get("stage")
+    sec = rec.get(stage, {}) if stage in ("distill", "sft", "grpo") else {}
+    tokens = sec.get("tokens")
+    metrics = model_dir / f"{stage}_metrics.jsonl"
+    if tokens is None and metrics.is_file():  # TRL logs the running count of trained tokens
+        seen = [json.loads(x).get("num_tokens") for x in metrics.read_text().splitlines() if x.strip()]
+        tokens = max((t for t in seen if t is not None), default=None)
+    return {"stage": stage, "steps": sec.get("steps"), "tokens": tokens, "seconds": sec.get("seconds")}
+
+
+def write_report(demo, stages: dict, evals: dict, gsm: dict, bench: dict, ppl: dict | None = None,
+                 models: dict | None = None) -> Path:
     from .bench import BenchRow, markdown_table
 
     out, b = demo.out, demo.b
     task = b.task
     lines = [f"# m1 demo ({demo.name})", "",
              f"Teacher: `{b.teacher}`; task: `{task}` ({b.eval_problems} held-out problems, {b.eval_n} samples "
-             f"each at temperature 0.7, {b.max_new_tokens} new tokens at most). Both models get the same SFT and "
-             "GRPO budget on the same data; the hybrid is also distilled first.", ""]
+             f"each at temperature 0.7, {b.max_new_tokens} new tokens at most). The teacher is fine-tuned (SFT) "
+             "and trained with GRPO; the hybrid is distilled from that final teacher on the task's solutions "
+             "(align, kd on completion tokens, on-policy), then gets the same GRPO budget.", ""]
     # accuracy after each stage
     lines += ["## Accuracy after each stage", "",
               "pass@1 (%) = mean correctness over all samples, with a 95% bootstrap interval over problems.", "",
@@ -89,9 +106,26 @@ def write_report(demo, stages: dict, evals: dict, gsm: dict, bench: dict) -> Pat
         s = evals[w]["grpo"]
         lines.append(f"| {w} | {s.get('mean_seconds', float('nan')):.2f} | " +
                      " | ".join(f"{s.get(f'maj@{k}', 0):.1f}" for k in ks) + " |")
-    lines += ["", "## GSM8K (greedy, after GRPO)", "", "| model | problems | accuracy (%) |", "| --- | ---: | ---: |"]
-    for w in ("teacher", "hybrid"):
+    if models:
+        lines += ["", "## Training budget of each model", "",
+                  "What each stage cost (from the checkpoints' m1.json; tokens = trained tokens as each trainer counts "
+                  "them, prompt tokens included for SFT/GRPO, loss positions for distillation).", "",
+                  "| model | stage | steps | tokens | seconds |", "| --- | --- | ---: | ---: | ---: |"]
+        for w in ("teacher", "hybrid"):
+            total = [0, 0, 0.0]
+            for st in stages[w][1:]:
+                tb = training_budget(models[w] / st)
+                total = [total[0] + (tb["steps"] or 0), total[1] + int(tb["tokens"] or 0), total[2] + (tb["seconds"] or 0)]
+                lines.append(f"| {w} | {st} | {tb['steps'] or 0} | {int(tb['tokens'] or 0):,} | {tb['seconds'] or 0:.0f} |")
+            lines.append(f"| **{w}** | **total** | **{total[0]}** | **{total[1]:,}** | **{total[2]:.0f}** |")
+    lines += ["", "## Generality: GSM8K (greedy) and GSM8K-chat perplexity, before and after", "",
+              "`teacher base` is where both models start (the hybrid is converted from it).", "",
+              "| model | GSM8K problems | GSM8K accuracy (%) |", "| --- | ---: | ---: |"]
+    for w in gsm:
         lines.append(f"| {w} | {gsm[w]['n_problems']} | {_acc_cell(gsm[w])} |")
+    if ppl:
+        lines += ["", "| model | held-out GSM8K chats: perplexity | tokens |", "| --- | ---: | ---: |"]
+        lines += [f"| {w} | {r['perplexity']:.2f} | {r['tokens']:,} |" for w, r in ppl.items()]
     rows = [BenchRow(**r) for r in bench["rows"]]
     lines += ["", "## Throughput and memory", "",
               "Decode through the same engine, EOS ignored; `ratio` = hybrid tokens/s over teacher tokens/s at the "

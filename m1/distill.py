@@ -374,9 +374,10 @@ def kd_micro_loss(cfg, student, teacher, s_hidden, t_hidden, ids, mask, kd_norm:
     next_real = torch.zeros_like(real)
     next_real[:, :-1] = real[:, 1:]  # positions that predict a real token (cross-entropy)
     use_ce = cfg.ce_weight > 0
-    rows = (real | next_real) if use_ce else real
+    kd_pos = real if loss_mask is None else (loss_mask.bool() & real)
+    rows = (real | next_real) if use_ce else kd_pos  # the head runs only where a loss is taken
     hs, ht = s_hidden[rows], t_hidden[rows].detach()  # (N, d)
-    w_kd = (real if loss_mask is None else (loss_mask.bool() & real))[rows].float()
+    w_kd = kd_pos[rows].float()
     w_ce = next_real[rows].float()
     labels = torch.zeros_like(ids)
     labels[:, :-1] = ids[:, 1:]
@@ -500,7 +501,7 @@ class Rollouts:
             prompt = self.prompts[i]
             for c in out.completions:
                 seqs.append(list(prompt) + list(c.token_ids))
-                spans.append(loss_span(len(seqs[-1]), len(prompt)))
+                spans.append((0, len(prompt) - 1))  # MUTANT
                 gen += len(c.token_ids)
         return seqs, spans, {"onpolicy": True, "gen_tokens": gen, "gen_s": round(time.perf_counter() - t0, 3)}
 
@@ -667,6 +668,13 @@ def _distill(cfg, resume, force, log, progress, on_step) -> DistillResult:
         raise M1Error("--trainable mamba: the student has no Mamba layers")
     check_compatible(student, t_model, tokenizer, teacher.tokenizer, need_layers="align" in stages_wanted)
     data = load_data(cfg.data, tokenizer, cfg.seq_len, cfg.heldout, cfg.seed, rows=rows)
+    if (cfg.loss_on == "completion" and "kd" in stages_wanted) or "onpolicy" in stages_wanted:
+        # a task row cut off inside its prompt has no completion token to train on (a batch of only
+        # such rows would divide by zero) and no whole prompt for the onpolicy stage to sample from
+        cut = sum(1 for r, n in zip(data.train, data.prompt_lens) if n > 0 and len(r) <= n)
+        if cut:
+            raise M1Error(f"--seq-len {cfg.seq_len} cuts {cut} of {sum(n > 0 for n in data.prompt_lens)} task rows "
+                          "off inside their prompt, leaving no completion token to train on: raise --seq-len")
     lengths = [len(r) for r in data.train]
     plan = BatchPlan(len(data.train), cfg.batch_size, cfg.seed)
     rollouts = None
@@ -764,11 +772,25 @@ def _distill(cfg, resume, force, log, progress, on_step) -> DistillResult:
             from tqdm.auto import tqdm
             bar = tqdm(total=stage.steps, initial=step - stage.start, desc=stage.name, unit="step", dynamic_ncols=True)
 
+        def stop_nonfinite(what, value):
+            """A NaN/inf: stop before the optimizer step; the last good checkpoint is left alone."""
+            if bar is not None:
+                bar.close()
+            last = _find_checkpoint(work)
+            kept = (f"the last good checkpoint (step {json.loads((last / 'state.json').read_text())['step']}) "
+                    f"is kept in {last}") if last else "no checkpoint had been written yet"
+            raise M1Error(f"the {what} became {value} at step {step + 1} ({stage.name}); stopped without updating "
+                          f"the model; {kept}. Try a lower --{'align-lr' if stage.name == 'align' else 'lr'}")
+
         while step < stage.end:
             t0 = time.perf_counter()
             # the global batch: token rows and, per row, the positions [lo, hi) that carry the kd loss
             extra = {}
             if stage.name == "onpolicy" and rollouts.on_policy(step):
+                # NaN/inf weights would make the sampler draw token ids outside the vocabulary (an
+                # IndexError in the engine) before any loss could show the NaN
+                if not bool(torch.stack([torch.isfinite(p).all() for p in student.parameters()]).all()):
+                    stop_nonfinite("student's weights", "non-finite")
                 seqs, spans, extra = rollouts.sample(step)
                 student.train()
             else:
@@ -816,15 +838,8 @@ def _distill(cfg, resume, force, log, progress, on_step) -> DistillResult:
             grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
             loss_value, grad_value = sums[0].item(), float(grad_norm)
             if not (math.isfinite(loss_value) and math.isfinite(grad_value)):
-                if bar is not None:
-                    bar.close()
-                last = _find_checkpoint(work)
-                kept = (f"the last good checkpoint (step {json.loads((last / 'state.json').read_text())['step']}) "
-                        f"is kept in {last}") if last else "no checkpoint had been written yet"
                 what = "loss" if not math.isfinite(loss_value) else "gradient norm"
-                raise M1Error(f"the {what} became {loss_value if what == 'loss' else grad_value} at step {step + 1} "
-                              f"({stage.name}); stopped without updating the model; {kept}. Try a lower "
-                              f"--{'align-lr' if stage.name == 'align' else 'lr'}")
+                stop_nonfinite(what, loss_value if what == "loss" else grad_value)
             lr_now = scheduler.get_last_lr()[0]
             optimizer.step()
             scheduler.step()

@@ -124,3 +124,53 @@ def heldout_report(student, teacher, tokenizer, texts: list[str] | None, max_len
         count += int(m.sum().item())
     c = max(count, 1)
     return HeldoutReport(kl=kl / c, student_nll=s_nll / c, teacher_nll=t_nll / c, tokens=count)
+
+
+def digit_token_mask(tokenizer):
+    """(vocab,) bool tensor: tokens whose text holds a digit -- where arithmetic results are written."""
+    import torch
+
+    vocab = len(tokenizer)
+    texts = tokenizer.convert_ids_to_tokens(list(range(vocab)))
+    return torch.tensor([any(ch.isdigit() for ch in (t or "")) for t in texts], dtype=torch.bool)
+
+
+def completion_report(student, teacher, tokenizer, rows: list[list[int]], prompt_lens: list[int],
+                      batch_size: int = 8) -> dict:
+    """KL(teacher || student) on the completion tokens of prompt + completion ``rows`` (e.g. the
+    teacher's own answers to held-out prompts), overall and on the positions whose target token holds
+    a digit (the results of the arithmetic: the average over all tokens hides them, since most
+    completion tokens are copied wording), plus both models' NLL there."""
+    import torch
+
+    from .losses import forward_kl_per_token
+
+    device = next(student.parameters()).device
+    digits = digit_token_mask(tokenizer).to(device)
+    sums = {"kl": 0.0, "kl_digits": 0.0, "student_nll": 0.0, "teacher_nll": 0.0}
+    n_all = n_dig = 0
+    for i in range(0, len(rows), batch_size):
+        from .data import collate
+
+        ids, mask = (t.to(device) for t in collate(rows[i:i + batch_size], tokenizer.pad_token_id or 0))
+        pos = torch.arange(ids.shape[1] - 1, device=device)
+        lens = mask.sum(1, keepdim=True)
+        plen = torch.tensor(prompt_lens[i:i + batch_size], device=device).unsqueeze(1)
+        comp = (pos >= plen - 1) & (pos < lens - 1)  # positions that predict a completion token
+        target = ids[:, 1:]
+        dig = comp & digits[target.clamp(max=digits.numel() - 1)]
+        with torch.no_grad():
+            s_logits = student(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
+            t_logits = teacher(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
+        k = forward_kl_per_token(s_logits, t_logits)
+        s_nll, _ = _nll(torch.nn.functional.pad(s_logits, (0, 0, 0, 1)), ids, mask)
+        t_nll, _ = _nll(torch.nn.functional.pad(t_logits, (0, 0, 0, 1)), ids, mask)
+        sums["kl"] += k[comp].double().sum().item()
+        sums["kl_digits"] += k[dig].double().sum().item()
+        sums["student_nll"] += s_nll[comp].double().sum().item()
+        sums["teacher_nll"] += t_nll[comp].double().sum().item()
+        n_all += int(comp.sum())
+        n_dig += int(dig.sum())
+    return {"kl": sums["kl"] / max(n_all, 1), "kl_digits": sums["kl_digits"] / max(n_dig, 1),
+            "student_nll": sums["student_nll"] / max(n_all, 1), "teacher_nll": sums["teacher_nll"] / max(n_all, 1),
+            "tokens": n_all, "digit_tokens": n_dig}

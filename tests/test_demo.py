@@ -14,14 +14,23 @@ def test_smoke_demo_end_to_end_and_resume(tmp_path, capsys):
     for png in ("accuracy_vs_k.png", "accuracy_vs_seconds.png", "bench/bench.png"):
         assert (out / png).stat().st_size > 1000, png
     number = r"\d+\.\d \[\d+, \d+\]"
-    for stage in ("base", "sft", "grpo"):
+    for stage in ("base", "grpo"):
         assert re.search(rf"^\| {stage} \| {number} \| {number} \|$", report, re.M), stage
     assert re.search(rf"^\| distill \| — \| {number} \|$", report, re.M)
+    assert re.search(rf"^\| sft \| {number} \| — \|$", report, re.M)  # the hybrid learns from the teacher instead
+    # every model's training budget, and generality before/after
+    for who in ("teacher", "hybrid"):
+        assert re.search(rf"^\| \*\*{who}\*\* \| \*\*total\*\* \| \*\*\d+\*\* \| \*\*[\d,]+\*\* \| \*\*\d+\*\* \|$",
+                         report, re.M), who
+    assert re.search(r"^\| hybrid \| distill \| 8 \| [\d,]+ \| \d+ \|$", report, re.M)  # 3 align + 3 kd + 2 onpolicy
+    for who in ("teacher base", "teacher", "hybrid"):
+        assert re.search(rf"^\| {who} \| 2 \| {number} \|$", report, re.M), who
+    for who in ("teacher base", "teacher", "hybrid distill", "hybrid"):
+        assert re.search(rf"^\| {who} \| [\d.]+ \| [\d,]+ \|$", report, re.M), who
     assert re.search(r"^\| hybrid \| [\d.]+ \| [\d.]+ \| [\d.]+ \| [\d.]+ \|$", report, re.M)  # pass@k/maj@k
     assert re.search(r"^\| hybrid \| 4 \| 16 \| [\d.]+ \| [\d.]+ \| [\d.]+ \| [\d.]+ \|", report, re.M)
     assert "m1 distill --student" in report and "m1 grpo --model" in report and "m1 bench --model" in report
-    for d in ("teacher/base", "hybrid/base", "hybrid/distill", "teacher/sft", "hybrid/sft", "teacher/grpo",
-              "hybrid/grpo"):
+    for d in ("teacher/base", "hybrid/base", "hybrid/distill", "teacher/sft", "teacher/grpo", "hybrid/grpo"):
         assert (out / d / "config.json").exists() and (out / d / "m1.json").exists(), d
     wall = report.split("## Wall time and memory")[1].split("## Reproduce")[0]
     peaks = [float(g) for g in re.findall(r"^\| [^|]+ \| \d+ \| ([\d.]+) \|$", wall, re.M)]
@@ -42,7 +51,7 @@ def test_small_budget_follows_the_hardware(monkeypatch, tmp_path):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(training, "cpu_bf16_supported", lambda: True)
     fast = Demo("small", tmp_path, log=lambda m: None)
-    assert fast.bf16 and fast.b == BUDGETS["small"] and fast.b.distill_steps == 120
+    assert fast.bf16 and fast.b == BUDGETS["small"] and fast.b.distill_steps == BUDGETS["small"].distill_steps
     monkeypatch.setattr(training, "cpu_bf16_supported", lambda: False)
     said = []
     slow = Demo("small", tmp_path, log=said.append)

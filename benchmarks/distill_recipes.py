@@ -1,0 +1,240 @@
+"""Distillation recipe study: which recipe makes the SmolLM2 hybrid keep its fine-tuned teacher's accuracy.
+
+    python benchmarks/distill_recipes.py --out runs/recipes                      # every recipe, resumable
+    python benchmarks/distill_recipes.py --out runs/recipes --only kd-task,onpolicy
+    python benchmarks/distill_recipes.py --out runs/recipes --report docs/distill-recipes   # table + plot only
+
+Every recipe starts from the same converted hybrid (``m1 convert``, default layout, 24 of 30 layers
+Mamba2) and learns from the same teacher: SmolLM2-135M-Instruct converted exactly and fine-tuned with
+the demo's SFT (40 steps x 8 arith solutions, lr 5e-5). A recipe is a chain of m1 stages; after each
+stage the model is evaluated, so each recipe is a line of accuracy against the seconds of training it
+has had. What is measured after a stage:
+
+* held-out pass@1 on ``arith:steps=2,digits=1`` (the task every recipe trains on; test split, 40
+  problems x 4 samples at temperature 0.7, 96 new tokens) with a 95% bootstrap interval over problems;
+* pass@1 on ``arith:steps=3,digits=1``, a harder level no recipe trains on (40 x 2);
+* KL(teacher || student) on the teacher's own greedy answers to 40 held-out prompts: over all
+  completion tokens, and over the tokens that hold digits (the results of the arithmetic);
+* training seconds, steps and tokens (cumulative), and the decode speed seen in the eval.
+
+Each finished stage's model stays in ``OUT/<recipe>/<k>-<stage>/`` and each evaluation is appended to
+``OUT/results.jsonl`` as it finishes, so a rerun skips finished work. Give every recipe the same
+budget by choosing its steps (``RECIPES`` below); the table reports the seconds it actually took.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+TASK = "arith:steps=2,digits=1"
+HARD = "arith:steps=3,digits=1"
+TEACHER = "smollm2-135m"
+
+# name -> (what it tests, [(stage kind, settings)]); distill settings are DistillConfig fields, and
+# teacher "base" means the original (not fine-tuned) teacher
+RECIPES = {
+    "today": ("the demo's recipe before this study: base teacher, GSM8K chats, then SFT on arith",
+              [("distill", dict(teacher="base", data="gsm8k-train", stage="both", align_steps=30, steps=40)),
+               ("sft", dict(max_steps=40))]),
+    "kd-task": ("kd from the SFT'd teacher on arith solutions, completion tokens only",
+                [("distill", dict(stage="align,kd", align_steps=30, steps=100, loss_on="completion"))]),
+    "onpolicy": ("kd then on-policy distillation (student samples, teacher scores; reverse KL)",
+                 [("distill", dict(stage="align,kd", align_steps=30, steps=50, loss_on="completion")),
+                  ("distill", dict(stage="onpolicy", steps=30, num_samples=2, max_new_tokens=96))]),
+    "kd-task-mamba-lr": ("kd-task with a 5x higher learning rate for the Mamba mixers than for the copied MLPs",
+                         [("distill", dict(stage="align,kd", align_steps=30, steps=100, loss_on="completion",
+                                           mamba_lr=5e-4))]),
+    "kd-task-frozen-mlp": ("kd-task training only the Mamba mixers (MLPs, attention, embeddings frozen)",
+                           [("distill", dict(stage="align,kd", align_steps=30, steps=100, loss_on="completion",
+                                             trainable="mamba", lr=5e-4))]),
+    "kd-task-attn-0.33": ("kd-task on a hybrid with 10 of 30 layers attention (--attn-fraction 0.33)",
+                          [("distill", dict(stage="align,kd", align_steps=30, steps=100, loss_on="completion"))]),
+}
+COMMON = dict(seq_len=256, batch_size=8, bf16="auto", heldout=16, checkpoint_every=25, lr=1e-4)
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def setup(out: Path, bf16: str) -> dict:
+    """The shared starting points (built once): converted hybrids and the SFT'd teacher."""
+    from m1.convert import convert
+    from m1.sft import sft
+
+    paths = {"teacher-base": out / "teacher-base", "teacher-sft": out / "teacher-sft",
+             "hybrid": out / "hybrid", "hybrid-attn-0.33": out / "hybrid-attn-0.33"}
+    if not (paths["teacher-base"] / "config.json").exists():
+        convert(TEACHER, paths["teacher-base"], attn_layers="all", log=log)
+    if not (paths["hybrid"] / "config.json").exists():
+        convert(TEACHER, paths["hybrid"], log=log)
+    if not (paths["hybrid-attn-0.33"] / "config.json").exists():
+        convert(TEACHER, paths["hybrid-attn-0.33"], attn_fraction=0.33, log=log)
+    if not (paths["teacher-sft"] / "config.json").exists():
+        sft(str(paths["teacher-base"]), TASK, paths["teacher-sft"], max_steps=40, limit=2000, batch_size=8,
+            learning_rate=5e-5, save_steps=10, max_length=256, bf16=bf16, force=True, log=log)
+    return paths
+
+
+def run_stage(kind: str, settings: dict, src: Path, dst: Path, paths: dict, bf16: str) -> dict:
+    """Train one stage from ``src`` into ``dst``; returns its seconds, steps and tokens."""
+    t0 = time.time()
+    if kind == "distill":
+        from m1.distill import DistillConfig, distill
+
+        s = {**COMMON, "data": TASK, "bf16": bf16, **settings}
+        s["teacher"] = str(paths["teacher-base" if s.get("teacher") == "base" else "teacher-sft"])
+        res = distill(DistillConfig(student=str(src), out=str(dst), **s), force=True, log=log, progress=False)
+        return {"seconds": time.time() - t0, "steps": res.steps, "tokens": res.tokens}
+    from m1.sft import sft
+
+    res = sft(str(src), TASK, dst, limit=2000, batch_size=8, learning_rate=5e-5, save_steps=10, max_length=256,
+              bf16=bf16, force=True, log=log, **settings)
+    return {"seconds": time.time() - t0, "steps": settings["max_steps"], "tokens": getattr(res, "tokens", None)}
+
+
+def teacher_answers(paths: dict, out: Path, n: int = 40) -> tuple[list[list[int]], list[int]]:
+    """The SFT'd teacher's greedy answers to ``n`` held-out prompts (prompt + completion ids), cached."""
+    cache = out / "teacher_answers.json"
+    if cache.exists():
+        d = json.loads(cache.read_text())
+        return d["rows"], d["prompt_lens"]
+    from m1.engine import Engine, SamplingParams
+    from m1.tasks import load_task
+    from m1.tasks.prompts import build_messages
+
+    eng = Engine.from_pretrained(paths["teacher-sft"], dtype="float32")
+    probs = load_task("arith", split="test", limit=n, steps=2, digits=1)
+    prompts = [eng.tokenizer.apply_chat_template(build_messages(p), add_generation_prompt=True, tokenize=True,
+                                                 return_dict=True)["input_ids"] for p in probs]
+    outs = eng.generate(prompts, SamplingParams(max_new_tokens=96, temperature=0.0))
+    rows = [list(p) + list(o.completions[0].token_ids) for p, o in zip(prompts, outs)]
+    cache.write_text(json.dumps({"rows": rows, "prompt_lens": [len(p) for p in prompts]}))
+    return rows, [len(p) for p in prompts]
+
+
+def evaluate(model: Path, paths: dict, out: Path) -> dict:
+    from m1.checkpoint import load_model
+    from m1.eval_run import EvalConfig, run_eval
+    from m1.heldout import completion_report
+    from m1.metrics import bootstrap_interval
+
+    res = {}
+    for key, task, n in (("pass1", TASK, 4), ("pass1_hard", HARD, 2)):
+        ev = model.parent / f"{model.name}-eval-{key}"
+        summ = run_eval(EvalConfig(model=str(model), task=task, n=n, ks=(1,), limit=40, temperature=0.7,
+                                   max_new_tokens=96, seed=0), ev, progress=False, log=lambda m: None)
+        per = {}
+        for line in (ev / "results.jsonl").read_text().splitlines():
+            r = json.loads(line)
+            per.setdefault(r["problem_id"], []).append(float(r["correct"]))
+        vals = [sum(v) / len(v) for v in per.values()]
+        res[key] = summ["pass@1"]
+        res[key + "_ci"] = [100 * x for x in bootstrap_interval(vals)]
+        if key == "pass1":
+            res["decode_tok_s"] = summ.get("mean_tokens", 0) / max(summ.get("mean_seconds", 1e-9), 1e-9)
+    rows, plens = teacher_answers(paths, out)
+    student, tok = load_model(model, dtype="float32")
+    teacher, _ = load_model(paths["teacher-sft"], dtype="float32")
+    res["completion_kl"] = completion_report(student, teacher, tok, rows, plens)
+    return res
+
+
+def finished(results: Path) -> set[tuple[str, int]]:
+    if not results.exists():
+        return set()
+    return {(r["recipe"], r["stage_index"]) for r in map(json.loads, results.read_text().splitlines()) if r}
+
+
+def run(out: Path, names: list[str], bf16: str) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    paths = setup(out, bf16)
+    results = out / "results.jsonl"
+    for name in names:
+        what, chain = RECIPES[name]
+        src = paths["hybrid-attn-0.33" if name.endswith("attn-0.33") else "hybrid"]
+        cum = {"seconds": 0.0, "steps": 0, "tokens": 0}
+        for k, (kind, settings) in enumerate(chain):
+            dst = out / name / f"{k}-{kind}"
+            timing = dst.parent / f"{k}-{kind}.timing.json"
+            if not timing.exists():
+                log(f"{name}: stage {k} ({kind}) ...")
+                t = run_stage(kind, settings, src, dst, paths, bf16)
+                timing.write_text(json.dumps(t))
+            t = json.loads(timing.read_text())
+            cum = {"seconds": cum["seconds"] + t["seconds"], "steps": cum["steps"] + t["steps"],
+                   "tokens": cum["tokens"] + (t["tokens"] or 0)}
+            if (name, k) not in finished(results):
+                log(f"{name}: evaluating after stage {k} ...")
+                row = {"recipe": name, "what": what, "stage_index": k, "stage": kind, "settings": settings,
+                       **{f"train_{a}": b for a, b in cum.items()}, **evaluate(dst, paths, out)}
+                with open(results, "a") as f:
+                    f.write(json.dumps(row) + "\n")
+                    f.flush()
+                    os.fsync(f.fileno())
+                log(f"{name} after stage {k}: pass@1 {row['pass1']:.1f}  hard {row['pass1_hard']:.1f}  "
+                    f"KL {row['completion_kl']['kl']:.3f} (digits {row['completion_kl']['kl_digits']:.3f})")
+            src = dst
+
+
+def report(out: Path, dest: Path) -> None:
+    """Markdown table + accuracy-vs-training-seconds plot of the results so far."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(x) for x in (out / "results.jsonl").read_text().splitlines() if x.strip()]
+    dest.mkdir(parents=True, exist_ok=True)
+    lines = ["| recipe | after stage | train s | steps | tokens | pass@1 arith (95% CI) | pass@1 steps=3 | "
+             "KL completion | KL digits | decode tok/s |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name in dict.fromkeys(r["recipe"] for r in rows):
+        rs = sorted((r for r in rows if r["recipe"] == name), key=lambda r: r["stage_index"])
+        ax.plot([0] + [r["train_seconds"] for r in rs], [0] + [r["pass1"] for r in rs], marker="o", label=name)
+        for r in rs:
+            lo, hi = r["pass1_ci"]
+            ck = r["completion_kl"]
+            lines.append(f"| {name} | {r['stage_index']} {r['stage']} | {r['train_seconds']:.0f} | {r['train_steps']} | "
+                         f"{r['train_tokens']:,} | {r['pass1']:.1f} [{lo:.0f}, {hi:.0f}] | {r['pass1_hard']:.1f} | "
+                         f"{ck['kl']:.3f} | {ck['kl_digits']:.3f} | {r['decode_tok_s']:.1f} |")
+    ax.set_xlabel("seconds of training (2-core CPU)")
+    ax.set_ylabel(f"pass@1 on held-out {TASK} (%)")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(dest / "accuracy_vs_seconds.png", dpi=110)
+    (dest / "table.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default="runs/recipes", help="work and results directory (resumable)")
+    ap.add_argument("--only", default=None, help=f"comma-separated recipes (default all: {', '.join(RECIPES)})")
+    ap.add_argument("--bf16", default="auto", choices=["auto", "on", "off"],
+                    help="bf16 autocast for training (auto: on where the CPU/GPU has bf16 matmuls)")
+    ap.add_argument("--report", default=None, help="write table.md and accuracy_vs_seconds.png here and stop")
+    a = ap.parse_args()
+    out = Path(a.out)
+    if a.report:
+        return report(out, Path(a.report))
+    names = a.only.split(",") if a.only else list(RECIPES)
+    unknown = [n for n in names if n not in RECIPES]
+    if unknown:
+        sys.exit(f"error: unknown recipe(s) {', '.join(unknown)}; known: {', '.join(RECIPES)}")
+    bf16 = a.bf16
+    if bf16 == "auto":
+        from m1.training import cpu_bf16_supported, resolve_precision
+
+        bf16 = "on" if (resolve_precision("auto") or cpu_bf16_supported()) else "off"
+    run(out, names, bf16)
+
+
+if __name__ == "__main__":
+    main()
