@@ -63,10 +63,11 @@ BUDGETS = {
                     eval_problems=4, eval_n=2, eval_ks=(1, 2), max_new_tokens=12, gsm8k_problems=2,
                     bench_batches=(1, 4), bench_prompt_len=8, bench_gen_lens=(16,), batch_size=4, ppl_texts=4),
     # the README's main job: SmolLM2-135M on 2 CPU cores, 44 min measured from a fresh clone (AMX CPU, bf16)
-    "small": Budget(teacher="smollm2-135m", task="arith:steps=2,digits=1", distill_steps=120, distill_seq_len=256,
-                    distill_align_steps=40,
+    # the hybrid: 30 align + 100 kd + 20 on-policy steps on the task, from the teacher after GRPO
+    "small": Budget(teacher="smollm2-135m", task="arith:steps=2,digits=1", distill_steps=100, distill_seq_len=256,
+                    distill_align_steps=30, distill_onpolicy_steps=20,
                     sft_steps=40, sft_examples=2000, grpo_steps=12, grpo_prompts=4, grpo_generations=4,
-                    eval_problems=20, eval_n=4, eval_ks=(1, 2, 4), max_new_tokens=96, gsm8k_problems=10,
+                    eval_problems=20, eval_n=4, eval_ks=(1, 2, 4), max_new_tokens=96, gsm8k_problems=50,
                     bench_batches=(1, 16), bench_prompt_len=128, bench_gen_lens=(256,)),
     # a GPU: longer training, more samples
     "full": Budget(teacher="smollm2-135m", task="arith:steps=3,digits=2", distill_steps=2000, distill_seq_len=1024,
@@ -94,9 +95,9 @@ class Demo:
         self.bf16_flag = " --bf16 on" if self.bf16 else " --bf16 off"
         if budget == "small" and not self.bf16:
             # float32 training steps are ~2x slower: keep the hour by distilling and RL-ing less
-            self.b = replace(self.b, distill_steps=40, grpo_steps=6)
+            self.b = replace(self.b, distill_steps=50, distill_onpolicy_steps=10, grpo_steps=6)
             self.log("[demo] no bf16 matmuls on this machine: float32 training, small budget cut to "
-                     "40 kd + 6 GRPO steps to stay near an hour")
+                     "50 kd + 10 on-policy + 6 GRPO steps to stay near an hour")
 
     # ------------------------------------------------------------------------------- plumbing
     def _stage(self, name: str, path: Path, command: str, fn) -> Path:

@@ -501,7 +501,7 @@ class Rollouts:
             prompt = self.prompts[i]
             for c in out.completions:
                 seqs.append(list(prompt) + list(c.token_ids))
-                spans.append((0, len(prompt) - 1))  # MUTANT
+                spans.append(loss_span(len(seqs[-1]), len(prompt)))
                 gen += len(c.token_ids)
         return seqs, spans, {"onpolicy": True, "gen_tokens": gen, "gen_s": round(time.perf_counter() - t0, 3)}
 

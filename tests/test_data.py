@@ -120,3 +120,39 @@ def test_collate_right_pads():
     ids, mask = collate([[5, 6, 7], [8]], pad_id=0)
     assert ids.tolist() == [[5, 6, 7], [8, 0, 0]]
     assert mask.tolist() == [[1, 1, 1], [1, 0, 0]]
+
+
+def test_split_spec_keeps_task_options_together():
+    from m1.data import split_spec
+
+    assert split_spec("gsm8k-train,arith:steps=2,digits=1,x.jsonl") == ["gsm8k-train", "arith:steps=2,digits=1",
+                                                                          "x.jsonl"]
+    assert split_spec("arith:steps=1,digits=1,n=20") == ["arith:steps=1,digits=1,n=20"]
+    assert split_spec(" a.jsonl , ,arith ,b.jsonl") == ["a.jsonl", "arith", "b.jsonl"]
+    assert split_spec("arith:n=3,dir/k=v.jsonl") == ["arith:n=3", "dir/k=v.jsonl"]  # a path is never an option
+
+
+def test_task_rows_know_their_prompt(tmp_path, tok):
+    """Task rows: ids = the chat template's prompt + completion, prompt_lens = where the completion starts
+    (the prompt alone ends in the generation prompt); text rows have prompt_len 0; seq_len cuts both."""
+    from m1.data import render_prompt_completion, task_rows
+
+    rows = task_rows("arith:steps=1,digits=1,n=6", seed=1)  # the seed picks the generated problems
+    f = _write(tmp_path / "t.jsonl", [json.dumps({"text": "Tom has 12 apples."})])
+    data = load_data(f"arith:steps=1,digits=1,n=6,{f}", tok, seq_len=4096, heldout=2, seed=1)
+    assert data.sources == ["arith:steps=1,digits=1,n=6", str(f)]
+    assert len(data.train) == len(data.prompt_lens) == 5 and len(data.heldout_prompt_lens) == 2
+    rendered = {tuple(render_prompt_completion(tok, r.prompt, r.completion)[0]): r for r in rows}
+    for ids, n in zip(data.train + data.heldout_ids, data.prompt_lens + data.heldout_prompt_lens):
+        if n == 0:
+            assert tok.decode(ids) == "Tom has 12 apples."
+            continue
+        r = rendered[tuple(ids)]
+        prompt_ids = tok.apply_chat_template(r.prompt, add_generation_prompt=True, tokenize=True,
+                                             return_dict=True)["input_ids"]
+        assert ids[:n] == list(prompt_ids)
+        assert tok.decode(ids[n:]) == r.completion + "<|im_end|>\n"
+    assert sum(n == 0 for n in data.prompt_lens + data.heldout_prompt_lens) == 1
+    short = load_data(f"arith:steps=1,digits=1,n=6,{f}", tok, seq_len=50, heldout=2, seed=1)
+    assert all(len(r) <= 50 for r in short.train) and all(n <= 50 for n in short.prompt_lens)
+    assert [min(n, 50) for n in data.prompt_lens] == short.prompt_lens

@@ -56,6 +56,7 @@ def test_small_budget_follows_the_hardware(monkeypatch, tmp_path):
     said = []
     slow = Demo("small", tmp_path, log=said.append)
     assert not slow.bf16 and slow.bf16_flag == " --bf16 off"
-    assert (slow.b.distill_steps, slow.b.grpo_steps, slow.b.distill_align_steps) == (40, 6, 40)
+    assert (slow.b.distill_steps, slow.b.distill_onpolicy_steps, slow.b.grpo_steps) == (50, 10, 6)
+    assert slow.b.distill_align_steps == BUDGETS["small"].distill_align_steps
     assert any("float32" in m for m in said)
     assert Demo("smoke", tmp_path, log=lambda m: None).b == BUDGETS["smoke"]  # smoke is never cut

@@ -621,7 +621,6 @@ def test_onpolicy_lowers_kl_on_the_students_own_samples(sharp_pair, tmp_path):
                     seq_len=256, batch_size=4, micro_batch_size=4, heldout=SHARP_HELDOUT, eval_batch_size=8,
                     checkpoint_every=1000, lr=1e-3, max_new_tokens=SHARP_NEW))
     after = _kl_on_own_samples(res.out, teacher)
-    print("KLMEASURE", before, after, before / after)
     assert after * 3 <= before, (before, after)
     m = _metrics(res.out)
     assert len(m) == 20 and all(r["onpolicy"] is True and r["stage"] == "onpolicy" for r in m)

@@ -225,3 +225,29 @@ def test_two_process_accelerate_launch(tiny_hybrid, tmp_path):
     assert p.stdout.count("sft: 2 steps") == 1  # only the main process reports
     assert [json.loads(x)["step"] for x in (out / "sft_metrics.jsonl").read_text().splitlines()
             if "loss" in json.loads(x)] == [1, 2]
+
+
+def test_distill_task_data_is_what_sft_trains_on(tiny_hybrid, tmp_path):
+    """m1 distill --data arith:... tokenizes each problem exactly as TRL's SFTTrainer does in m1 sft:
+    the same input_ids row by row, and the completion (TRL's labels != -100) starts at prompt_len."""
+    from m1.data import load_data
+    from m1.sft import load_policy
+
+    spec = "arith:steps=1,digits=1,n=20"
+    model, tok = load_policy(Path(tiny_hybrid), lambda m: None)
+    trainer = build_sft_trainer(SFTSettings(model=str(tiny_hybrid), max_steps=1, batch_size=2), {}, model, tok,
+                                to_dataset(load_sft_examples(spec)), tmp_path / "w", [])
+    ds = trainer.train_dataset
+    data = load_data(spec, tok, seq_len=4096, heldout=0)  # heldout 0: the rows in task order
+    assert len(ds) == len(data.train) == 20
+    for i in range(20):
+        ids, labels = ds[i]["input_ids"], ds[i]["labels"]
+        assert data.train[i] == list(ids), i
+        n = data.prompt_lens[i]
+        assert 0 < n < len(ids)
+        assert all(x == -100 for x in labels[:n]), i  # TRL: the prompt carries no loss
+        assert list(labels[n:]) == list(ids[n:]), i  # ... and every completion token does
+    # the same held-out prompt is what distill's onpolicy stage samples from and m1 eval feeds the model
+    held = load_data(spec, tok, seq_len=4096, heldout=5)
+    assert all(tok.decode(r[:n]).endswith("<|im_start|>assistant\n") for r, n in
+               zip(held.heldout_ids, held.heldout_prompt_lens))
