@@ -373,6 +373,8 @@ def kd_micro_loss(cfg, student, teacher, s_hidden, t_hidden, ids, mask, kd_norm:
     real = mask.bool()
     next_real = torch.zeros_like(real)
     next_real[:, :-1] = real[:, 1:]  # positions that predict a real token (cross-entropy)
+    if loss_mask is not None:
+        next_real &= loss_mask.bool()  # completion-only: the cross-entropy too
     use_ce = cfg.ce_weight > 0
     kd_pos = real if loss_mask is None else (loss_mask.bool() & real)
     rows = (real | next_real) if use_ce else kd_pos  # the head runs only where a loss is taken
@@ -804,7 +806,8 @@ def _distill(cfg, resume, force, log, progress, on_step) -> DistillResult:
                     extra = {"onpolicy": False}
             blen = [len(x) for x in seqs]
             n_tok = sum(hi - lo for lo, hi in spans)  # loss positions of the global batch
-            n_ce = max(1, sum(blen) - len(seqs))  # positions with a next token (cross-entropy)
+            # positions with a next token (cross-entropy), inside the loss spans
+            n_ce = max(1, sum(max(0, min(hi, n - 1) - lo) for (lo, hi), n in zip(spans, blen)))
             # this process's share; each micro-loss is (sum over its tokens) / (global count / world)
             # so that DDP's gradient *average* over processes is the global token mean
             share = micro_batches(list(range(len(seqs))), blen, micro, world, rank)
