@@ -38,22 +38,22 @@ TEACHER = "smollm2-135m"
 # name -> (what it tests, [(stage kind, settings)]); distill settings are DistillConfig fields, and
 # teacher "base" means the original (not fine-tuned) teacher
 RECIPES = {
-    "today": ("the demo's recipe before this study: base teacher, GSM8K chats, then SFT on arith",
-              [("distill", dict(teacher="base", data="gsm8k-train", stage="both", align_steps=30, steps=40)),
+    "today": ("the demo's recipe before this study, scaled down: base teacher, GSM8K chats, then SFT on arith",
+              [("distill", dict(teacher="base", data="gsm8k-train", stage="both", align_steps=20, steps=20)),
                ("sft", dict(max_steps=40))]),
     "kd-task": ("kd from the SFT'd teacher on arith solutions, completion tokens only",
-                [("distill", dict(stage="align,kd", align_steps=30, steps=100, loss_on="completion"))]),
+                [("distill", dict(stage="align,kd", align_steps=30, steps=60, loss_on="completion"))]),
     "onpolicy": ("kd then on-policy distillation (student samples, teacher scores; reverse KL)",
-                 [("distill", dict(stage="align,kd", align_steps=30, steps=50, loss_on="completion")),
-                  ("distill", dict(stage="onpolicy", steps=30, num_samples=2, max_new_tokens=96))]),
+                 [("distill", dict(stage="align,kd", align_steps=30, steps=30, loss_on="completion")),
+                  ("distill", dict(stage="onpolicy", steps=20, num_samples=2, max_new_tokens=96))]),
     "kd-task-mamba-lr": ("kd-task with a 5x higher learning rate for the Mamba mixers than for the copied MLPs",
-                         [("distill", dict(stage="align,kd", align_steps=30, steps=100, loss_on="completion",
+                         [("distill", dict(stage="align,kd", align_steps=30, steps=60, loss_on="completion",
                                            mamba_lr=5e-4))]),
     "kd-task-frozen-mlp": ("kd-task training only the Mamba mixers (MLPs, attention, embeddings frozen)",
-                           [("distill", dict(stage="align,kd", align_steps=30, steps=100, loss_on="completion",
+                           [("distill", dict(stage="align,kd", align_steps=30, steps=60, loss_on="completion",
                                              trainable="mamba", lr=5e-4))]),
     "kd-task-attn-0.33": ("kd-task on a hybrid with 10 of 30 layers attention (--attn-fraction 0.33)",
-                          [("distill", dict(stage="align,kd", align_steps=30, steps=100, loss_on="completion"))]),
+                          [("distill", dict(stage="align,kd", align_steps=30, steps=60, loss_on="completion"))]),
 }
 COMMON = dict(seq_len=256, batch_size=8, bf16="auto", heldout=16, checkpoint_every=25, lr=1e-4)
 
@@ -62,13 +62,19 @@ def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
-def setup(out: Path, bf16: str) -> dict:
-    """The shared starting points (built once): converted hybrids and the SFT'd teacher."""
+def setup(out: Path, bf16: str, demo: Path | None = None) -> dict:
+    """The shared starting points (built once): converted hybrids and the SFT'd teacher. With ``demo``
+    (an `m1 demo` output directory), its teacher/base, teacher/sft and hybrid/base are linked instead
+    of being made again: the same commands, already run."""
     from m1.convert import convert
     from m1.sft import sft
 
     paths = {"teacher-base": out / "teacher-base", "teacher-sft": out / "teacher-sft",
              "hybrid": out / "hybrid", "hybrid-attn-0.33": out / "hybrid-attn-0.33"}
+    if demo is not None:
+        for key, sub in (("teacher-base", "teacher/base"), ("teacher-sft", "teacher/sft"), ("hybrid", "hybrid/base")):
+            if not paths[key].exists() and (demo / sub / "config.json").exists():
+                paths[key].symlink_to((demo / sub).resolve())
     if not (paths["teacher-base"] / "config.json").exists():
         convert(TEACHER, paths["teacher-base"], attn_layers="all", log=log)
     if not (paths["hybrid"] / "config.json").exists():
@@ -93,9 +99,11 @@ def run_stage(kind: str, settings: dict, src: Path, dst: Path, paths: dict, bf16
         return {"seconds": time.time() - t0, "steps": res.steps, "tokens": res.tokens}
     from m1.sft import sft
 
-    res = sft(str(src), TASK, dst, limit=2000, batch_size=8, learning_rate=5e-5, save_steps=10, max_length=256,
-              bf16=bf16, force=True, log=log, **settings)
-    return {"seconds": time.time() - t0, "steps": settings["max_steps"], "tokens": getattr(res, "tokens", None)}
+    from m1.demo_report import training_budget
+
+    sft(str(src), TASK, dst, limit=2000, batch_size=8, learning_rate=5e-5, save_steps=10, max_length=256,
+        bf16=bf16, force=True, log=log, **settings)
+    return {"seconds": time.time() - t0, "steps": settings["max_steps"], "tokens": training_budget(dst)["tokens"]}
 
 
 def teacher_answers(paths: dict, out: Path, n: int = 40) -> tuple[list[list[int]], list[int]]:
@@ -151,9 +159,9 @@ def finished(results: Path) -> set[tuple[str, int]]:
     return {(r["recipe"], r["stage_index"]) for r in map(json.loads, results.read_text().splitlines()) if r}
 
 
-def run(out: Path, names: list[str], bf16: str) -> None:
+def run(out: Path, names: list[str], bf16: str, demo: Path | None = None) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    paths = setup(out, bf16)
+    paths = setup(out, bf16, demo)
     results = out / "results.jsonl"
     for name in names:
         what, chain = RECIPES[name]
@@ -200,7 +208,8 @@ def report(out: Path, dest: Path) -> None:
         for r in rs:
             lo, hi = r["pass1_ci"]
             ck = r["completion_kl"]
-            lines.append(f"| {name} | {r['stage_index']} {r['stage']} | {r['train_seconds']:.0f} | {r['train_steps']} | "
+            stage = r["settings"].get("stage", r["stage"]) if r["stage"] == "distill" else r["stage"]
+            lines.append(f"| {name} | {r['stage_index']} {stage} | {r['train_seconds']:.0f} | {r['train_steps']} | "
                          f"{r['train_tokens']:,} | {r['pass1']:.1f} [{lo:.0f}, {hi:.0f}] | {r['pass1_hard']:.1f} | "
                          f"{ck['kl']:.3f} | {ck['kl_digits']:.3f} | {r['decode_tok_s']:.1f} |")
     ax.set_xlabel("seconds of training (2-core CPU)")
@@ -214,13 +223,19 @@ def report(out: Path, dest: Path) -> None:
 
 
 def main() -> None:
+    global TEACHER
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="runs/recipes", help="work and results directory (resumable)")
     ap.add_argument("--only", default=None, help=f"comma-separated recipes (default all: {', '.join(RECIPES)})")
     ap.add_argument("--bf16", default="auto", choices=["auto", "on", "off"],
                     help="bf16 autocast for training (auto: on where the CPU/GPU has bf16 matmuls)")
     ap.add_argument("--report", default=None, help="write table.md and accuracy_vs_seconds.png here and stop")
+    ap.add_argument("--teacher", default="smollm2-135m",
+                    help="teacher spec (default smollm2-135m; a tiny teacher dir tries the script in a minute)")
+    ap.add_argument("--from-demo", default=None,
+                    help="an `m1 demo --budget small` output dir whose converted models and SFT'd teacher to reuse")
     a = ap.parse_args()
+    TEACHER = a.teacher
     out = Path(a.out)
     if a.report:
         return report(out, Path(a.report))
@@ -233,7 +248,7 @@ def main() -> None:
         from m1.training import cpu_bf16_supported, resolve_precision
 
         bf16 = "on" if (resolve_precision("auto") or cpu_bf16_supported()) else "off"
-    run(out, names, bf16)
+    run(out, names, bf16, Path(a.from_demo) if a.from_demo else None)
 
 
 if __name__ == "__main__":
