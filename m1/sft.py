@@ -57,7 +57,8 @@ from typing import Callable
 from .checkpoint import check_model_dir, write_json_atomic
 from .errors import M1Error
 from .training import (CHECKPOINTS, METRICS_FILE, barrier, base_dtype, find_checkpoints, finalize, lineage_record,
-                       load_policy, make_metrics_callback, model_fingerprint, on_cuda, prepare_run, quiet_trainer,
+                       load_policy, make_divergence_guard, make_metrics_callback, model_fingerprint, on_cuda,
+                       prepare_run, quiet_trainer, train_guarded,
                        quiet_transformers, read_metrics, resolve_precision, run_state, set_mamba_chunk_size, step_of,
                        truncate_metrics, unknown_options, with_checkpoint_marker, work_dir)
 
@@ -372,10 +373,11 @@ def _sft(cfg, settings, base, out, ckpt, force, keep_checkpoints, log, callbacks
     state.wait_for_everyone()
 
     metrics_cb = make_metrics_callback(work / METRICS_FILE, say, SFT_COLUMNS)
+    guard = make_divergence_guard()
     trainer = build_sft_trainer(cfg, settings, model, tokenizer, to_dataset(kept), work,
-                                [metrics_cb, *callbacks], say)
+                                [metrics_cb, guard, *callbacks], say)
     t0 = time.perf_counter()
-    result = trainer.train(resume_from_checkpoint=str(ckpt) if ckpt is not None else None)
+    result = train_guarded(trainer, guard, work, SFT_CONFIG_FILE, ckpt)
     seconds = time.perf_counter() - t0
     rows = read_metrics(work / METRICS_FILE)
     section = {"settings": settings, "data": {"spec": cfg.data, "examples": len(kept), "dropped_too_long": dropped,

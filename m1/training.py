@@ -186,10 +186,77 @@ def with_checkpoint_marker(trainer_cls, marker: str, payload: Callable[[Any], di
                 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
                 ckpt = Path(self._get_output_dir(trial=trial)) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
-                write_json_atomic(ckpt / marker, {**payload(self), "step": self.state.global_step})
+                if weights_finite(model):  # a checkpoint of broken weights never counts as good
+                    write_json_atomic(ckpt / marker, {**payload(self), "step": self.state.global_step})
 
     Marked.__name__ = f"M1{trainer_cls.__name__}"
     return Marked
+
+
+def weights_finite(model) -> bool:
+    """True when every parameter of ``model`` is finite."""
+    import torch
+
+    with torch.no_grad():
+        return all(bool(torch.isfinite(p).all()) for p in model.parameters())
+
+
+def make_divergence_guard():
+    """A ``TrainerCallback`` that stops a run at the first non-finite logged loss / gradient norm or
+    non-finite weight after a step, before that step can be saved; ``guard.bad`` then says what and
+    where, and :func:`train_guarded` turns it into an error."""
+    import math
+
+    from transformers import TrainerCallback
+
+    class DivergenceGuard(TrainerCallback):
+        def __init__(self):
+            self.bad: tuple[int, str, Any] | None = None
+
+        def _stop(self, state, control, what, value):
+            if self.bad is None:
+                self.bad = (state.global_step, what, value)
+            control.should_training_stop = True
+            control.should_save = False
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            for key in ("loss", "grad_norm"):
+                v = (logs or {}).get(key)
+                if isinstance(v, (int, float)) and not math.isfinite(v):
+                    self._stop(state, control, key.replace("_", " "), v)
+
+        def on_step_end(self, args, state, control, model=None, **kwargs):
+            if model is not None and not weights_finite(model):
+                self._stop(state, control, "weights", "non-finite")
+
+    return DivergenceGuard()
+
+
+def train_guarded(trainer, guard, work: Path, marker: str, resume_from: Path | None, lr_flag: str = "--lr"):
+    """``trainer.train()``, except that a run that diverged raises :class:`M1Error` (exit status 1)
+    instead of finishing: a non-finite loss, gradient norm or weight (``guard``), or the sampler's
+    error on the non-finite probabilities of blown-up weights (GRPO). The work directory and its
+    last good checkpoint are kept; nothing is finalised."""
+    def diverged(step, what, value):
+        last, _ = find_checkpoints(work, marker)
+        kept = f"the last good checkpoint ({last.name}) is kept in {work}" if last else \
+            f"no good checkpoint had been written yet ({work} is kept)"
+        return M1Error(f"training diverged: the {what} became {value} at step {step}; stopped without writing the "
+                       f"output; {kept}. Try a lower {lr_flag}")
+
+    try:
+        result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from is not None else None)
+    except RuntimeError as e:
+        msg = str(e)
+        if "inf" in msg or "nan" in msg:
+            bad = "weights" if not weights_finite(trainer.model) else "sampling probabilities"
+            raise diverged(trainer.state.global_step, bad, f"non-finite ({msg.splitlines()[0][:120]})") from None
+        raise
+    if guard.bad is not None:
+        raise diverged(*guard.bad)
+    if not weights_finite(trainer.model):
+        raise diverged(trainer.state.global_step, "weights", "non-finite")
+    return result
 
 
 def lineage_record(base_dir: Path, stage: str, section: dict) -> dict:

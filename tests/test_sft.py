@@ -251,3 +251,18 @@ def test_distill_task_data_is_what_sft_trains_on(tiny_hybrid, tmp_path):
     held = load_data(spec, tok, seq_len=4096, heldout=5)
     assert all(tok.decode(r[:n]).endswith("<|im_start|>assistant\n") for r, n in
                zip(held.heldout_ids, held.heldout_prompt_lens))
+
+
+def test_diverged_run_stops_with_an_error_and_keeps_the_last_finite_checkpoint(tiny_hybrid, tmp_path):
+    """`m1 sft --lr 1e9` used to exit 0 with a finished checkpoint of NaN weights and delete its work dir."""
+    from safetensors.torch import load_file
+
+    out = tmp_path / "sft"
+    opts = {**RUN, "learning_rate": 1e9, "max_steps": 6, "save_steps": 2}
+    with pytest.raises(M1Error, match=r"training diverged: the (weights|loss|grad norm) became .* at step \d.*--lr"):
+        sft(tiny_hybrid, "arith:steps=1,digits=1", out, **opts, **QUIET)
+    assert not out.exists()  # nothing finalised
+    ckpt, _ = find_checkpoints(work_dir(out), SFT_CONFIG_FILE)
+    assert ckpt is not None  # the work dir and its last counted checkpoint survive
+    weights = load_file(str(ckpt / "model.safetensors"))
+    assert all(bool(t.isfinite().all()) for t in weights.values())  # a checkpoint of broken weights never counts
