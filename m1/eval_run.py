@@ -77,6 +77,10 @@ def run_eval(cfg: EvalConfig, out: str | Path, budget_seconds: float | None = No
             diff = {k: (old.get("identity", {}).get(k), v) for k, v in cfg.identity().items()
                     if old.get("identity", {}).get(k) != v}
             raise M1Error(f"{out} holds an eval with other settings {diff}: use another --out, or delete it")
+    elif results.exists() and results.stat().st_size > 0:
+        # samples drawn with unknown settings must not count as finished work of this eval
+        raise M1Error(f"{out} holds a results.jsonl but no eval_config.json, so its settings are unknown: use another "
+                      "--out, or delete the results file")
     write_json_atomic(cfg_path, {"identity": cfg.identity(), "ks": list(cfg.ks)})
     finished = load_finished(results)
     todo = [(i, p) for i, p in enumerate(problems) if any((p.id, j) not in finished for j in range(cfg.n))]

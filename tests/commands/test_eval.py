@@ -85,6 +85,15 @@ def test_model_eval_writes_results_and_resumes(tiny_hybrid, tmp_path, capsys):
     cfg = json.loads((bf / "eval_config.json").read_text())["identity"]
     assert cfg["dtype"] == "bfloat16" and "dtype" not in json.loads((out / "eval_config.json").read_text())["identity"]
     assert len(_rows(bf / "results.jsonl")) == 6
+    # samples without their settings file are not reused as finished work
+    capsys.readouterr()
+    orphan = tmp_path / "orphan"
+    orphan.mkdir()
+    (orphan / "results.jsonl").write_text((out / "results.jsonl").read_text())
+    assert main([*argv[:-3], "--out", str(orphan), "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert "no eval_config.json" in err and len(err.strip().splitlines()) == 1
+    assert len(_rows(orphan / "results.jsonl")) == 6 and not (orphan / "eval_config.json").exists()
 
 
 def test_k_larger_than_n_is_refused(tiny_hybrid, tmp_path, capsys):
