@@ -240,6 +240,10 @@ def _top_p_threshold(x, p):
     return thr
 
 
+class NonFiniteLogits(M1Error):
+    """Raised instead of sampling from NaN/inf logits (token ids out of range, or silently wrong text)."""
+
+
 def sample_tokens(logits, temperature, top_k, top_p, min_p, generators):
     """One token per row: greedy where temperature == 0, else a draw from the filtered softmax.
 
@@ -253,6 +257,9 @@ def sample_tokens(logits, temperature, top_k, top_p, min_p, generators):
 
     rows, vocab = logits.shape
     dev = logits.device
+    if not bool(torch.isfinite(logits.amax(dim=-1)).all()):  # a NaN/+inf anywhere in a row shows in its max
+        raise NonFiniteLogits("the model's next-token logits are not finite (NaN or inf): its weights are "
+                              "broken (a diverged training run?) -- nothing sampled from them")
     temps = torch.as_tensor(temperature, dtype=torch.float32, device=dev)
     if temps.dim() == 0:
         temps = temps.expand(rows)

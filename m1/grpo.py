@@ -61,7 +61,8 @@ from typing import Callable
 from .checkpoint import check_model_dir, write_json_atomic
 from .errors import M1Error
 from .training import (CHECKPOINTS, METRICS_FILE, barrier, base_dtype, default_micro_batch, find_checkpoints,
-                       finalize, lineage_record, load_policy, make_metrics_callback, model_fingerprint, on_cuda,
+                       finalize, lineage_record, load_policy, make_divergence_guard, make_metrics_callback,
+                       model_fingerprint, on_cuda, train_guarded,
                        prepare_run, quiet_trainer, quiet_transformers, read_metrics, resolve_precision, run_state,
                        set_mamba_chunk_size, step_of, truncate_metrics, unknown_options, with_checkpoint_marker, work_dir)
 
@@ -716,11 +717,12 @@ def _grpo(cfg, settings, base, out, ckpt, force, keep_checkpoints, reward_funcs,
 
     os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")  # rollout_func (--rollout engine) is "experimental"
     metrics_cb = make_metrics_callback(work / METRICS_FILE, say, GRPO_COLUMNS, stats=stats.as_dict)
+    guard = make_divergence_guard()
     trainer = build_grpo_trainer(cfg, settings, model, tokenizer, dataset, work, rewards=rewards, weights=weights,
                                  rollout=rollout, num_processes=state.num_processes,
-                                 callbacks=[metrics_cb, *callbacks])
+                                 callbacks=[metrics_cb, guard, *callbacks])
     t0 = time.perf_counter()
-    trainer.train(resume_from_checkpoint=str(ckpt) if ckpt is not None else None)
+    train_guarded(trainer, guard, work, GRPO_CONFIG_FILE, ckpt)
     seconds = time.perf_counter() - t0
     rows = read_metrics(work / METRICS_FILE)
     totals = stats.as_dict()

@@ -244,13 +244,17 @@ def train_guarded(trainer, guard, work: Path, marker: str, resume_from: Path | N
         return M1Error(f"training diverged: the {what} became {value} at step {step}; stopped without writing the "
                        f"output; {kept}. Try a lower {lr_flag}")
 
+    from .engine import NonFiniteLogits
+
     try:
         result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from is not None else None)
-    except RuntimeError as e:
+    except (RuntimeError, NonFiniteLogits) as e:
+        # GRPO's rollouts sample from the weights being trained: blown-up (even finite) weights give NaN/inf
+        # logits, which transformers' sampler reports as a RuntimeError and m1's engine as NonFiniteLogits
         msg = str(e)
-        if "inf" in msg or "nan" in msg:
-            bad = "weights" if not weights_finite(trainer.model) else "sampling probabilities"
-            raise diverged(trainer.state.global_step, bad, f"non-finite ({msg.splitlines()[0][:120]})") from None
+        if isinstance(e, NonFiniteLogits) or "inf" in msg or "nan" in msg:
+            bad = "weights" if not weights_finite(trainer.model) else "next-token logits of the rollouts"
+            raise diverged(trainer.state.global_step, bad, "non-finite") from None
         raise
     if guard.bad is not None:
         raise diverged(*guard.bad)

@@ -346,3 +346,13 @@ def test_two_process_accelerate_launch(tiny_hybrid, tmp_path):
     assert rec["grpo"]["processes"] == 2 and rec["grpo"]["steps"] == 2
     assert rec["grpo"]["session_counts"]["completions_total"] == 16  # 2 steps x 2 problems x 4, both processes
     assert p.stdout.count("grpo: 2 steps") == 1
+
+
+@pytest.mark.parametrize("rollout", ["engine", "hf"])
+def test_diverged_run_is_one_error_not_a_sampler_traceback(tiny_hybrid, tmp_path, rollout):
+    """`m1 grpo --lr 1e9` used to die in transformers' sampler with a 58-line traceback."""
+    out = tmp_path / "g"
+    opts = {**RUN, "learning_rate": 1e9, "max_steps": 4, "rollout": rollout}
+    with pytest.raises(M1Error, match=r"training diverged: the .* at step \d.*--lr"):
+        grpo(tiny_hybrid, "arith:steps=1,digits=1", out, **opts, **QUIET)
+    assert not out.exists() and work_dir(out).exists()
