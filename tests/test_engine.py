@@ -582,3 +582,21 @@ def test_vllm_backend_missing_is_one_error(tiny_hybrid, monkeypatch):
     monkeypatch.setitem(sys.modules, "vllm", None)  # import vllm -> ImportError
     with pytest.raises(M1Error, match="needs the vllm package"):
         Engine.from_pretrained(tiny_hybrid, backend="vllm")
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_non_finite_logits_are_refused_not_sampled(tiny_hybrid, temperature):
+    """NaN weights used to give greedy text silently, or token ids past the vocabulary when sampling."""
+    from m1.checkpoint import load_model
+    from m1.engine import NonFiniteLogits
+
+    model, tok = load_model(tiny_hybrid)
+    with torch.no_grad():
+        model.get_output_embeddings().weight[5, 0] = float("nan")
+    with pytest.raises(NonFiniteLogits, match="not finite"):
+        Engine(model, tok).generate(PROMPTS[:2], SamplingParams(max_new_tokens=4, temperature=temperature, seed=0))
+    logits = torch.zeros(2, 7)
+    logits[1, 3] = float("inf")
+    with pytest.raises(NonFiniteLogits):
+        sample_tokens(logits, 1.0, 0, 1.0, 0.0, [torch.Generator().manual_seed(i) for i in range(2)])
+    assert sample_tokens(torch.zeros(2, 7), 0.0, 0, 1.0, 0.0, [None, None]).tolist() == [0, 0]
