@@ -18,6 +18,8 @@ SUPPORTED_ARCHS = ("llama", "qwen2")  # what `m1 convert` converts
 # what `m1 distill` learns from: also any m1 checkpoint (e.g. the teacher after `m1 sft`)
 KD_TEACHER_ARCHS = SUPPORTED_ARCHS + ("granitemoehybrid",)
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
+
 # name -> (python package that ships the file, file name inside it, install hint)
 BUILTIN_TEACHERS = {
     "smollm2-135m": (
@@ -79,6 +81,10 @@ def load_teacher(spec: str, dtype=None, archs: tuple[str, ...] = SUPPORTED_ARCHS
     if gguf_file is None:
         config = read_config(directory)
         check_architecture(config.get("model_type"), where, archs)
+        if not any((directory / f).is_file() for f in TOKENIZER_FILES):
+            # transformers 5.x would return an empty tokenizer here, and everything downstream sees 0 tokens
+            raise M1Error(f"{where} has no tokenizer files ({', '.join(TOKENIZER_FILES)}): copy the teacher's "
+                          "tokenizer into it")
     else:
         _check_gguf(directory / gguf_file)
     kwargs = {"gguf_file": gguf_file} if gguf_file else {}
@@ -91,6 +97,8 @@ def load_teacher(spec: str, dtype=None, archs: tuple[str, ...] = SUPPORTED_ARCHS
         tokenizer = AutoTokenizer.from_pretrained(directory, **kwargs)
     except Exception as e:
         raise M1Error(f"cannot load the tokenizer of {where}: {_short(e)}. The teacher directory needs its tokenizer files.") from None
+    if len(tokenizer) == 0:
+        raise M1Error(f"the tokenizer of {where} is empty: the teacher directory needs its tokenizer files")
     model.eval()
     return Teacher(model=model, tokenizer=tokenizer, spec=spec, path=where)
 

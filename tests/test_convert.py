@@ -196,3 +196,19 @@ def test_attention_init_beats_random_init_on_heldout_gsm8k(smollm2_teacher):
     att = heldout_loss(build_hybrid(smollm2_teacher.model, layers, calibration=cal).eval(), tok, texts, max_len=128)
     rnd = heldout_loss(build_hybrid(smollm2_teacher.model, layers, init="random").eval(), tok, texts, max_len=128)
     assert att.nll < rnd.nll - 1.0, (att.nll, rnd.nll)
+
+
+def test_teacher_dir_without_tokenizer_is_one_clear_error(tiny_teachers, tmp_path):
+    """transformers 5.x returns an empty tokenizer for such a dir; convert then died with KeyError: 0."""
+    import shutil
+
+    from m1.convert import convert
+    from m1.errors import M1Error
+
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for f in ("config.json", "model.safetensors"):
+        shutil.copy(tiny_teachers["llama_tied"] / f, bare / f)
+    with pytest.raises(M1Error, match="no tokenizer files"):
+        convert(str(bare), tmp_path / "out", log=lambda m: None)
+    assert not (tmp_path / "out").exists()
