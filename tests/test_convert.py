@@ -212,3 +212,17 @@ def test_teacher_dir_without_tokenizer_is_one_clear_error(tiny_teachers, tmp_pat
     with pytest.raises(M1Error, match="no tokenizer files"):
         convert(str(bare), tmp_path / "out", log=lambda m: None)
     assert not (tmp_path / "out").exists()
+
+
+def test_bad_layout_syntax_fails_before_the_teacher_loads(monkeypatch, tmp_path):
+    import m1.teachers
+    from m1.convert import convert
+    from m1.errors import M1Error
+
+    def never(*a, **k):
+        raise AssertionError("the teacher was loaded before the layout was checked")
+
+    monkeypatch.setattr(m1.teachers, "load_teacher", never)
+    for spec in ("a,b", ",", "1,1"):
+        with pytest.raises(M1Error):
+            convert("smollm2-135m", tmp_path / "o", attn_layers=spec, log=lambda m: None)
