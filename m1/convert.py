@@ -367,7 +367,8 @@ def convert(teacher: str, out: str | Path, attn_layers=None, attn_fraction: floa
         raise M1Error(f"--init must be one of {', '.join(INITS)}, got '{init}'")
     if out.exists() and not force:
         raise M1Error(f"output directory {out} already exists: pass --force to replace it, or choose another --out")
-    parse_layout(attn_layers, 1 << 30, attn_fraction)  # its syntax fails now, not after loading the teacher
+    if isinstance(attn_layers, str) and attn_layers.strip().lower() not in ("", "all", "none"):
+        parse_layout(attn_layers, 1 << 30, attn_fraction)  # its syntax fails now, not after loading the teacher
     t = load_teacher(teacher)
     _teacher_dims(t.model.config)
     n = t.model.config.num_hidden_layers

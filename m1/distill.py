@@ -41,11 +41,11 @@ import random
 import shutil
 import time
 from dataclasses import asdict, dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 
 from .checkpoint import M1_RECORD, atomic_dir, check_model_dir, read_record, write_json_atomic
 from .errors import M1Error
+from .training import METRICS_FILE, config_diff, truncate_metrics, work_dir
 
 STAGE_NAMES = ("align", "kd", "onpolicy")  # run in the order given: --stage align,kd,onpolicy
 STAGES = STAGE_NAMES + ("both",)  # both = align,kd
@@ -184,11 +184,6 @@ class DistillResult:
 
 
 # ------------------------------------------------------------------------------ small pieces
-def work_dir(out: str | Path) -> Path:
-    out = Path(out)
-    return out.parent / f"{out.name}.work"
-
-
 def lr_lambda(stage_steps: int, warmup: float, min_ratio: float):
     """Multiplier of the peak lr at stage step k: linear warm-up, then cosine down to ``min_ratio``."""
     w = int(round(warmup * stage_steps))
@@ -246,11 +241,6 @@ def _find_checkpoint(work: Path) -> Path | None:
         if (old / "state.json").is_file():
             return old
     return None
-
-
-def _config_diff(saved: dict, now: dict) -> list[str]:
-    keys = sorted((set(saved) | set(now)) - set(RESUME_NEUTRAL))
-    return [f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in keys if saved.get(k) != now.get(k)]
 
 
 def _load_student(directory, dtype):
@@ -603,7 +593,7 @@ def _distill(cfg, resume, force, log, progress, on_step) -> DistillResult:
         if ckpt is None:
             raise M1Error(f"nothing to resume: no checkpoint in {work} (start without --resume)")
         saved = json.loads((ckpt / CONFIG_FILE).read_text())
-        diff = _config_diff(saved, asdict(cfg))
+        diff = config_diff(saved, asdict(cfg), RESUME_NEUTRAL)
         if diff:
             raise M1Error(f"--resume: the checkpoint in {work} was made with different settings ({'; '.join(diff)}); "
                           "rerun with the original settings, or drop --resume and pass --force to start over")
@@ -711,10 +701,7 @@ def _distill(cfg, resume, force, log, progress, on_step) -> DistillResult:
         say(f"resuming at step {step} of {total_steps} from {ckpt}")
         before = json.loads((work / "report_before.json").read_text())
         if main:  # drop metrics logged after the checkpoint by the killed run
-            mpath = work / "metrics.jsonl"
-            if mpath.exists():
-                keep = [ln for ln in mpath.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
-                mpath.write_text("".join(ln + "\n" for ln in keep))
+            truncate_metrics(work / METRICS_FILE, step)
     else:
         before = _report(acc, student, t_model, tokenizer, data, cfg, layers if "align" in stages_wanted else [])
         if main:
@@ -861,7 +848,7 @@ def _distill(cfg, resume, force, log, progress, on_step) -> DistillResult:
             else:
                 m["layer_mse"] = [sums[3 + k].item() for k in range(len(layers))]
             if main:
-                with open(work / "metrics.jsonl", "a") as f:
+                with open(work / METRICS_FILE, "a") as f:
                     f.write(json.dumps(m) + "\n")
             if bar is not None:
                 post = {"loss": f"{loss_value:.4f}"}
@@ -885,29 +872,24 @@ def _distill(cfg, resume, force, log, progress, on_step) -> DistillResult:
     say(format_report(before, after))
     seconds = time.perf_counter() - t_start
     if main:
-        from .convert import versions
+        from .training import lineage_record
 
-        rec = dict(record)  # the parent's record (layout, teacher) updated for this stage, like m1.sft
-        for k in ("sft", "grpo", "distill"):  # earlier stages' settings stay in their own checkpoints
-            rec.pop(k, None)
-        rec.update(stage="distill", dtype="float32", versions=versions(), base_model=str(student_dir),
-                   created=datetime.now(timezone.utc).isoformat(timespec="seconds"))
-        rec.setdefault("teacher", teacher_spec)
-        rec["distill"] = {"student": str(student_dir), "teacher": teacher_spec, "teacher_path": teacher.path,
-                          "settings": asdict(cfg), "stages": [asdict(s) for s in stages], "steps": step,
-                          "tokens": tokens_done, "seconds": round(seconds, 1), "processes": world,
-                          "precision": "bf16 autocast" if bf16 else "float32",
-                          "report": {"before": before, "after": after}}
-        rec["history"] = list(record.get("history", [])) + [
-            {"stage": record.get("stage", "hf"), "created": record.get("created"), "path": str(student_dir)}]
+        rec = lineage_record(student_dir, "distill", {
+            "student": str(student_dir), "teacher": teacher_spec, "teacher_path": teacher.path,
+            "settings": asdict(cfg), "stages": [asdict(s) for s in stages], "steps": step, "tokens": tokens_done,
+            "seconds": round(seconds, 1), "processes": world, "precision": "bf16 autocast" if bf16 else "float32",
+            "report": {"before": before, "after": after}})
+        rec["dtype"] = "float32"
+        if rec.get("teacher") in (None, "?"):  # the model it was converted from; a plain HF student has none
+            rec["teacher"] = teacher_spec
         with atomic_dir(out, force=force) as tmp:
             student.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
             write_json_atomic(tmp / M1_RECORD, rec)
             write_json_atomic(tmp / CONFIG_FILE, asdict(cfg))
             write_json_atomic(tmp / "distill_report.json", {"before": before, "after": after})
-            if (work / "metrics.jsonl").exists():
-                shutil.copyfile(work / "metrics.jsonl", tmp / "distill_metrics.jsonl")
+            if (work / METRICS_FILE).exists():
+                shutil.copyfile(work / METRICS_FILE, tmp / "distill_metrics.jsonl")
         shutil.rmtree(work, ignore_errors=True)
         say(f"wrote {out}")
     acc.wait_for_everyone()

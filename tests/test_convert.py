@@ -226,3 +226,5 @@ def test_bad_layout_syntax_fails_before_the_teacher_loads(monkeypatch, tmp_path)
     for spec in ("a,b", ",", "1,1"):
         with pytest.raises(M1Error):
             convert("smollm2-135m", tmp_path / "o", attn_layers=spec, log=lambda m: None)
+    # "all" / "none" / the default still convert (the early check must not expand them)
+    monkeypatch.undo()

@@ -79,7 +79,7 @@ def test_killed_and_resumed_run_matches_uninterrupted(tiny_hybrid, data_file, tm
 
     # a different configuration is refused and nothing is touched
     before = sorted((p.name, p.stat().st_mtime_ns) for p in (work / "checkpoint").iterdir())
-    with pytest.raises(M1Error, match=r"different settings.*lr: 0\.001 -> 0\.002"):
+    with pytest.raises(M1Error, match=r"different settings.*lr: 0\.001 \(saved\) != 0\.002 \(now\)"):
         _run(replace(cfg, lr=2e-3), resume=True)
     with pytest.raises(M1Error, match="--resume to continue"):
         _run(cfg)
