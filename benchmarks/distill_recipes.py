@@ -62,7 +62,7 @@ def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
-def setup(out: Path, bf16: str, demo: Path | None = None) -> dict:
+def setup(out: Path, bf16: str, demo: Path | None = None, names: list[str] = ()) -> dict:
     """The shared starting points (built once): converted hybrids and the SFT'd teacher. With ``demo``
     (an `m1 demo` output directory), its teacher/base, teacher/sft and hybrid/base are linked instead
     of being made again: the same commands, already run."""
@@ -79,7 +79,7 @@ def setup(out: Path, bf16: str, demo: Path | None = None) -> dict:
         convert(TEACHER, paths["teacher-base"], attn_layers="all", log=log)
     if not (paths["hybrid"] / "config.json").exists():
         convert(TEACHER, paths["hybrid"], log=log)
-    if not (paths["hybrid-attn-0.33"] / "config.json").exists():
+    if any(n.endswith("attn-0.33") for n in names) and not (paths["hybrid-attn-0.33"] / "config.json").exists():
         convert(TEACHER, paths["hybrid-attn-0.33"], attn_fraction=0.33, log=log)
     if not (paths["teacher-sft"] / "config.json").exists():
         sft(str(paths["teacher-base"]), TASK, paths["teacher-sft"], max_steps=40, limit=2000, batch_size=8,
@@ -122,7 +122,9 @@ def teacher_answers(paths: dict, out: Path, n: int = 40) -> tuple[list[list[int]
                                                  return_dict=True)["input_ids"] for p in probs]
     outs = eng.generate(prompts, SamplingParams(max_new_tokens=96, temperature=0.0))
     rows = [list(p) + list(o.completions[0].token_ids) for p, o in zip(prompts, outs)]
-    cache.write_text(json.dumps({"rows": rows, "prompt_lens": [len(p) for p in prompts]}))
+    from m1.checkpoint import write_json_atomic
+
+    write_json_atomic(cache, {"rows": rows, "prompt_lens": [len(p) for p in prompts]})
     return rows, [len(p) for p in prompts]
 
 
@@ -161,7 +163,7 @@ def finished(results: Path) -> set[tuple[str, int]]:
 
 def run(out: Path, names: list[str], bf16: str, demo: Path | None = None) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    paths = setup(out, bf16, demo)
+    paths = setup(out, bf16, demo, names)
     results = out / "results.jsonl"
     for name in names:
         what, chain = RECIPES[name]
