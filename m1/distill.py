@@ -518,6 +518,19 @@ def _report(acc, student, teacher, tokenizer, data, cfg, align_layers) -> dict:
     rep = HeldoutReport(kl=vec[0].item() / n, student_nll=vec[1].item() / n, teacher_nll=vec[2].item() / n,
                         tokens=int(vec[3].item())).as_dict()
     rep["texts"] = len(data.heldout_texts)
+    if any(n > 0 for n in data.heldout_prompt_lens):
+        # task rows: the KL where the answer is written (the reference completion), and on its digit tokens
+        from .heldout import completion_report
+
+        idx = [i for i, n in enumerate(data.heldout_prompt_lens) if n > 0][rank::world]
+        part = completion_report(student, teacher, tokenizer, [data.heldout_ids[i] for i in idx],
+                                 [data.heldout_prompt_lens[i] for i in idx], cfg.eval_batch_size) if idx else {}
+        vec = torch.tensor([part.get("kl", 0.0) * part.get("tokens", 0), part.get("tokens", 0),
+                            part.get("kl_digits", 0.0) * part.get("digit_tokens", 0), part.get("digit_tokens", 0)],
+                           dtype=torch.float64, device=acc.device)
+        vec = acc.reduce(vec, reduction="sum")
+        rep.update(kl_completion=vec[0].item() / max(vec[1].item(), 1.0), completion_tokens=int(vec[1].item()),
+                   kl_digits=vec[2].item() / max(vec[3].item(), 1.0), digit_tokens=int(vec[3].item()))
     if align_layers:
         ids_list = data.heldout_ids[rank::world]
         pad = tokenizer.pad_token_id or 0
@@ -542,6 +555,9 @@ def format_report(before: dict, after: dict | None = None) -> str:
         if after:
             line += f"{fmt.format(after[key]):>12}"
         lines.append(line)
+    for label, key in (("KL on completions", "kl_completion"), ("KL on digit tokens", "kl_digits")):
+        if key in before:
+            lines.append(f"{label:24}{before[key]:>12.4f}" + (f"{after[key]:>12.4f}" if after and key in after else ""))
     if "layer_mse" in before:
         b = before["layer_mse"]
         a = (after or {}).get("layer_mse", {})

@@ -762,3 +762,24 @@ def test_cli_onpolicy_flags(capsys, tiny_hybrid, tmp_path, monkeypatch):
     code, lines = _cli(capsys, "distill", "--student", str(tiny_hybrid), "--out", str(tmp_path / "o2"),
                        "--data", ARITH, "--stage", "onpolicy", "--steps", "1", "--lambda", "2", "--no-progress")
     assert code == 1 and len(lines) == 1 and lines[0].startswith("error: --lambda")
+
+
+def test_report_of_task_data_has_completion_and_digit_kl(tiny_hybrid, tmp_path):
+    from m1.checkpoint import load_model
+    from m1.data import load_data
+    from m1.heldout import completion_report
+
+    res = _run(_cfg(tiny_hybrid, "arith:steps=1,digits=1,n=40", tmp_path / "c", stage="kd", steps=2, seq_len=256,
+                    loss_on="completion", heldout=4))
+    after = res.after
+    assert after["completion_tokens"] > 0 and after["digit_tokens"] > 0
+    assert after["digit_tokens"] < after["completion_tokens"] < after["tokens"]
+    student, tok = load_model(res.out)
+    from m1.teachers import KD_TEACHER_ARCHS, load_teacher
+
+    t = load_teacher(  # the teacher the student's m1.json names (the tiny llama it was converted from)
+        json.loads((Path(tiny_hybrid) / "m1.json").read_text())["teacher"], archs=KD_TEACHER_ARCHS)
+    data = load_data("arith:steps=1,digits=1,n=40", tok, 256, 4, 0)
+    direct = completion_report(student.eval(), t.model, tok, data.heldout_ids, data.heldout_prompt_lens)
+    assert direct["tokens"] == after["completion_tokens"]
+    assert abs(direct["kl"] - after["kl_completion"]) < 1e-5 and abs(direct["kl_digits"] - after["kl_digits"]) < 1e-5
