@@ -45,7 +45,7 @@ from pathlib import Path
 
 from .checkpoint import M1_RECORD, atomic_dir, check_model_dir, read_record, write_json_atomic
 from .errors import M1Error
-from .training import METRICS_FILE, config_diff, truncate_metrics, work_dir
+from .training import METRICS_FILE, config_diff, truncate_metrics, weights_finite, work_dir
 
 STAGE_NAMES = ("align", "kd", "onpolicy")  # run in the order given: --stage align,kd,onpolicy
 STAGES = STAGE_NAMES + ("both",)  # both = align,kd
@@ -792,9 +792,8 @@ def _distill(cfg, resume, force, log, progress, on_step) -> DistillResult:
             # the global batch: token rows and, per row, the positions [lo, hi) that carry the kd loss
             extra = {}
             if stage.name == "onpolicy" and rollouts.on_policy(step):
-                # NaN/inf weights would make the sampler draw token ids outside the vocabulary (an
-                # IndexError in the engine) before any loss could show the NaN
-                if not bool(torch.stack([torch.isfinite(p).all() for p in student.parameters()]).all()):
+                # NaN/inf weights: the engine would refuse to sample, before any loss could show the NaN
+                if not weights_finite(student):
                     stop_nonfinite("student's weights", "non-finite")
                 seqs, spans, extra = rollouts.sample(step)
                 student.train()
