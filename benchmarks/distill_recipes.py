@@ -54,7 +54,13 @@ RECIPES = {
                                              trainable="mamba", lr=5e-4))]),
     "kd-task-attn-0.33": ("kd-task on a hybrid with 10 of 30 layers attention (--attn-fraction 0.33)",
                           [("distill", dict(stage="align,kd", align_steps=30, steps=60, loss_on="completion"))]),
+    "kd-task-attn-0.5": ("kd-task on a hybrid with 15 of 30 layers attention (--attn-fraction 0.5)",
+                         [("distill", dict(stage="align,kd", align_steps=30, steps=60, loss_on="completion"))]),
+    "gsm8k-then-task": ("general distillation first (today's first stage), then kd from the SFT'd teacher on arith",
+                        [("distill", dict(teacher="base", data="gsm8k-train", stage="both", align_steps=20, steps=20)),
+                         ("distill", dict(stage="kd", steps=40, loss_on="completion"))]),
 }
+FRACTIONS = {"attn-0.33": 0.33, "attn-0.5": 0.5}  # recipe-name suffix -> the hybrid it starts from
 COMMON = dict(seq_len=256, batch_size=8, bf16="auto", heldout=16, checkpoint_every=25, lr=1e-4)
 
 
@@ -69,8 +75,8 @@ def setup(out: Path, bf16: str, demo: Path | None = None, names: list[str] = ())
     from m1.convert import convert
     from m1.sft import sft
 
-    paths = {"teacher-base": out / "teacher-base", "teacher-sft": out / "teacher-sft",
-             "hybrid": out / "hybrid", "hybrid-attn-0.33": out / "hybrid-attn-0.33"}
+    paths = {"teacher-base": out / "teacher-base", "teacher-sft": out / "teacher-sft", "hybrid": out / "hybrid",
+             **{f"hybrid-{k}": out / f"hybrid-{k}" for k in FRACTIONS}}
     if demo is not None:
         for key, sub in (("teacher-base", "teacher/base"), ("teacher-sft", "teacher/sft"), ("hybrid", "hybrid/base")):
             if not paths[key].exists() and (demo / sub / "config.json").exists():
@@ -79,8 +85,9 @@ def setup(out: Path, bf16: str, demo: Path | None = None, names: list[str] = ())
         convert(TEACHER, paths["teacher-base"], attn_layers="all", log=log)
     if not (paths["hybrid"] / "config.json").exists():
         convert(TEACHER, paths["hybrid"], log=log)
-    if any(n.endswith("attn-0.33") for n in names) and not (paths["hybrid-attn-0.33"] / "config.json").exists():
-        convert(TEACHER, paths["hybrid-attn-0.33"], attn_fraction=0.33, log=log)
+    for k, frac in FRACTIONS.items():
+        if any(n.endswith(k) for n in names) and not (paths[f"hybrid-{k}"] / "config.json").exists():
+            convert(TEACHER, paths[f"hybrid-{k}"], attn_fraction=frac, log=log)
     if not (paths["teacher-sft"] / "config.json").exists():
         sft(str(paths["teacher-base"]), TASK, paths["teacher-sft"], max_steps=40, limit=2000, batch_size=8,
             learning_rate=5e-5, save_steps=10, max_length=256, bf16=bf16, force=True, log=log)
@@ -136,7 +143,7 @@ def evaluate(model: Path, paths: dict, out: Path) -> dict:
 
     res = {}
     for key, task, n in (("pass1", TASK, 4), ("pass1_hard", HARD, 2)):
-        ev = model.parent / f"{model.name}-eval-{key}"
+        ev = model.parent / f"{model.name}-eval-{key}"  # shared stages share their evals too
         summ = run_eval(EvalConfig(model=str(model), task=task, n=n, ks=(1,), limit=40, temperature=0.7,
                                    max_new_tokens=96, seed=0), ev, progress=False, log=lambda m: None)
         per = {}
@@ -167,11 +174,16 @@ def run(out: Path, names: list[str], bf16: str, demo: Path | None = None) -> Non
     results = out / "results.jsonl"
     for name in names:
         what, chain = RECIPES[name]
-        src = paths["hybrid-attn-0.33" if name.endswith("attn-0.33") else "hybrid"]
+        src = paths[next((f"hybrid-{k}" for k in FRACTIONS if name.endswith(k)), "hybrid")]
         cum = {"seconds": 0.0, "steps": 0, "tokens": 0}
         for k, (kind, settings) in enumerate(chain):
-            dst = out / name / f"{k}-{kind}"
-            timing = dst.parent / f"{k}-{kind}.timing.json"
+            # a stage is named by what it starts from and its settings: recipes that share a first
+            # stage (today, gsm8k-then-task) train it once
+            import hashlib
+
+            key = hashlib.sha256(json.dumps([str(src), kind, settings], sort_keys=True).encode()).hexdigest()[:10]
+            dst = out / "stages" / f"{kind}-{key}"
+            timing = dst.parent / f"{kind}-{key}.timing.json"
             if not timing.exists():
                 log(f"{name}: stage {k} ({kind}) ...")
                 t = run_stage(kind, settings, src, dst, paths, bf16)
