@@ -70,9 +70,12 @@ def write_report(demo, stages: dict, evals: dict, gsm: dict, bench: dict, ppl: d
     task = b.task
     lines = [f"# m1 demo ({demo.name})", "",
              f"Teacher: `{b.teacher}`; task: `{task}` ({b.eval_problems} held-out problems, {b.eval_n} samples "
-             f"each at temperature 0.7, {b.max_new_tokens} new tokens at most). The teacher is fine-tuned (SFT) "
-             "and trained with GRPO; the hybrid is distilled from that final teacher on the task's solutions "
-             "(align, kd on completion tokens, on-policy), then gets the same GRPO budget.", ""]
+             f"each at temperature 0.7, {b.max_new_tokens} new tokens at most). " + (
+                 "The teacher is fine-tuned (SFT) and trained with GRPO; the hybrid is distilled from that final "
+                 "teacher on the task's solutions (align, kd on completion tokens, on-policy), then gets the same "
+                 "GRPO budget." if b.recipe == "from-teacher" else
+                 "Both models get the same SFT and GRPO budget on the same data; the hybrid is first distilled "
+                 "from the base teacher on GSM8K chats (align, then kd)."), ""]
     # accuracy after each stage
     lines += ["## Accuracy after each stage", "",
               "pass@1 (%) = mean correctness over all samples, with a 95% bootstrap interval over problems.", "",

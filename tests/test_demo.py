@@ -7,22 +7,30 @@ import re
 from m1.cli import main
 
 
-def test_smoke_demo_end_to_end_and_resume(tmp_path, capsys):
+import pytest
+
+
+@pytest.mark.parametrize("recipe", ["general", "from-teacher"])
+def test_smoke_demo_end_to_end_and_resume(tmp_path, capsys, recipe):
     out = tmp_path / "demo"
-    assert main(["demo", "--budget", "smoke", "--out", str(out), "--no-progress"]) == 0
+    argv = ["demo", "--budget", "smoke", "--out", str(out), "--no-progress", "--recipe", recipe]
+    assert main(argv) == 0
+    general = recipe == "general"
     report = (out / "report.md").read_text()
     for png in ("accuracy_vs_k.png", "accuracy_vs_seconds.png", "bench/bench.png"):
         assert (out / png).stat().st_size > 1000, png
     number = r"\d+\.\d \[\d+, \d+\]"
-    for stage in ("base", "grpo"):
+    for stage in ("base", "sft", "grpo") if general else ("base", "grpo"):
         assert re.search(rf"^\| {stage} \| {number} \| {number} \|$", report, re.M), stage
     assert re.search(rf"^\| distill \| — \| {number} \|$", report, re.M)
-    assert re.search(rf"^\| sft \| {number} \| — \|$", report, re.M)  # the hybrid learns from the teacher instead
+    if not general:
+        assert re.search(rf"^\| sft \| {number} \| — \|$", report, re.M)  # the hybrid learns from the teacher
     # every model's training budget, and generality before/after
     for who in ("teacher", "hybrid"):
         assert re.search(rf"^\| \*\*{who}\*\* \| \*\*total\*\* \| \*\*\d+\*\* \| \*\*[\d,]+\*\* \| \*\*\d+\*\* \|$",
                          report, re.M), who
-    assert re.search(r"^\| hybrid \| distill \| 8 \| [\d,]+ \| \d+ \|$", report, re.M)  # 3 align + 3 kd + 2 onpolicy
+    # 3 align + 3 kd (+ 2 onpolicy)
+    assert re.search(rf"^\| hybrid \| distill \| {6 if general else 8} \| [\d,]+ \| \d+ \|$", report, re.M)
     for who in ("teacher base", "teacher", "hybrid"):
         assert re.search(rf"^\| {who} \| 2 \| {number} \|$", report, re.M), who
     for who in ("teacher base", "teacher", "hybrid distill", "hybrid"):
@@ -30,16 +38,18 @@ def test_smoke_demo_end_to_end_and_resume(tmp_path, capsys):
     assert re.search(r"^\| hybrid \| [\d.]+ \| [\d.]+ \| [\d.]+ \| [\d.]+ \|$", report, re.M)  # pass@k/maj@k
     assert re.search(r"^\| hybrid \| 4 \| 16 \| [\d.]+ \| [\d.]+ \| [\d.]+ \| [\d.]+ \|", report, re.M)
     assert "m1 distill --student" in report and "m1 grpo --model" in report and "m1 bench --model" in report
-    for d in ("teacher/base", "hybrid/base", "hybrid/distill", "teacher/sft", "teacher/grpo", "hybrid/grpo"):
+    for d in ("teacher/base", "hybrid/base", "hybrid/distill", "teacher/sft", "teacher/grpo", "hybrid/grpo") + (
+            ("hybrid/sft",) if general else ()):
         assert (out / d / "config.json").exists() and (out / d / "m1.json").exists(), d
     wall = report.split("## Wall time and memory")[1].split("## Reproduce")[0]
     peaks = [float(g) for g in re.findall(r"^\| [^|]+ \| \d+ \| ([\d.]+) \|$", wall, re.M)]
-    assert len(peaks) == 17 and peaks[0] > 0.1 and peaks == sorted(peaks)  # one process: its peak only grows
+    n_stages = 19 if general else 17
+    assert len(peaks) == n_stages and peaks[0] > 0.1 and peaks == sorted(peaks)  # one process: its peak only grows
     capsys.readouterr()
     # a rerun finds every stage done and only rewrites the report
-    assert main(["demo", "--budget", "smoke", "--out", str(out), "--no-progress"]) == 0
+    assert main(argv) == 0
     err = capsys.readouterr().err
-    assert err.count("done already") == 17 and "distill hybrid ..." not in err
+    assert err.count("done already") == n_stages and "distill hybrid ..." not in err
 
 
 def test_small_budget_follows_the_hardware(monkeypatch, tmp_path):
@@ -51,12 +61,11 @@ def test_small_budget_follows_the_hardware(monkeypatch, tmp_path):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(training, "cpu_bf16_supported", lambda: True)
     fast = Demo("small", tmp_path, log=lambda m: None)
-    assert fast.bf16 and fast.b == BUDGETS["small"] and fast.b.distill_steps == BUDGETS["small"].distill_steps
+    assert fast.bf16 and fast.b == BUDGETS["small"] and fast.b.distill_steps == 120 and fast.b.recipe == "general"
     monkeypatch.setattr(training, "cpu_bf16_supported", lambda: False)
     said = []
     slow = Demo("small", tmp_path, log=said.append)
     assert not slow.bf16 and slow.bf16_flag == " --bf16 off"
-    assert (slow.b.distill_steps, slow.b.distill_onpolicy_steps, slow.b.grpo_steps) == (50, 10, 6)
-    assert slow.b.distill_align_steps == BUDGETS["small"].distill_align_steps
+    assert (slow.b.distill_steps, slow.b.grpo_steps, slow.b.distill_align_steps) == (40, 6, 40)
     assert any("float32" in m for m in said)
     assert Demo("smoke", tmp_path, log=lambda m: None).b == BUDGETS["smoke"]  # smoke is never cut

@@ -18,6 +18,10 @@ def register(sub) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--budget", default="small", choices=["smoke", "small", "full"])
     p.add_argument("--out", default=None, help="run directory (default runs/demo-<budget>)")
+    p.add_argument("--recipe", default=None, choices=["general", "from-teacher"],
+                   help="how the hybrid is trained: general = distil from the base teacher on GSM8K chats, then the "
+                        "teacher's SFT + GRPO (the default: measured better on CPU); from-teacher = distil from "
+                        "the teacher after SFT + GRPO on the task (align, kd, on-policy), then GRPO")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=run)
 
@@ -25,5 +29,5 @@ def register(sub) -> None:
 def run(a) -> None:
     from ..demo import run_demo
 
-    report = run_demo(a.budget, a.out, progress=not a.no_progress)
+    report = run_demo(a.budget, a.out, progress=not a.no_progress, recipe=a.recipe)
     print(report)
