@@ -75,7 +75,8 @@ def task_rows(spec: str, seed: int = 0) -> list[Row]:
     """Prompt + reference-solution rows of a training task: the examples ``m1 sft`` trains on."""
     from .sft import load_sft_examples
 
-    return [Row(prompt=e.prompt, completion=e.solution, where=e.where) for e in load_sft_examples(spec, seed=seed)]
+    examples = load_sft_examples(spec, seed=seed, needs="distillation")
+    return [Row(prompt=e.prompt, completion=e.solution, where=e.where) for e in examples]
 
 
 def split_spec(spec: str) -> list[str]:

@@ -160,7 +160,7 @@ def read_sft_jsonl(path: Path) -> list[SFTExample]:
     return out
 
 
-def load_sft_examples(data: str, limit: int | None = None, seed: int = 0) -> list[SFTExample]:
+def load_sft_examples(data: str, limit: int | None = None, seed: int = 0, needs: str = "SFT") -> list[SFTExample]:
     """Training pairs for ``--data`` (see the module docstring)."""
     from .data import is_file_spec, task_train_problems
     from .tasks.prompts import build_messages
@@ -171,7 +171,7 @@ def load_sft_examples(data: str, limit: int | None = None, seed: int = 0) -> lis
     if is_file_spec(data):
         examples = read_sft_jsonl(Path(data).expanduser())
         return examples if limit is None else examples[:limit]
-    name, problems = task_train_problems(data, "--data", limit, seed, DEFAULT_ARITH_EXAMPLES, needs="SFT")
+    name, problems = task_train_problems(data, "--data", limit, seed, DEFAULT_ARITH_EXAMPLES, needs=needs)
     out = []
     for p in problems:
         where = f"{name}:{p.id}"
