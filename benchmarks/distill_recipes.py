@@ -214,7 +214,7 @@ def report(out: Path, dest: Path) -> None:
     rows = [json.loads(x) for x in (out / "results.jsonl").read_text().splitlines() if x.strip()]
     dest.mkdir(parents=True, exist_ok=True)
     lines = ["| recipe | after stage | train s | steps | tokens | pass@1 arith (95% CI) | pass@1 steps=3 | "
-             "KL completion | KL digits | decode tok/s |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "KL completion | KL digits | tok/s per sample (eval) |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for name in dict.fromkeys(r["recipe"] for r in rows):
         rs = sorted((r for r in rows if r["recipe"] == name), key=lambda r: r["stage_index"])
