@@ -26,20 +26,12 @@ class HeldoutLoss:
 
 def _batches(tokenizer, texts: list[str], max_len: int, batch_size: int, device):
     """Right-padded (ids, mask) batches of the texts, tokenized without special tokens."""
-    import torch
-
-    for i in range(0, len(texts), batch_size):
-        enc = [tokenizer(t, add_special_tokens=False).input_ids[:max_len] for t in texts[i:i + batch_size]]
-        width = max(len(e) for e in enc)
-        ids = torch.full((len(enc), width), tokenizer.pad_token_id or 0, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for r, e in enumerate(enc):  # right padding: positions start at 0 for every row
-            ids[r, :len(e)] = torch.tensor(e)
-            mask[r, :len(e)] = 1
-        yield ids.to(device), mask.to(device)
+    enc = [tokenizer(t, add_special_tokens=False).input_ids[:max_len] for t in texts]
+    yield from _id_batches(enc, tokenizer.pad_token_id or 0, batch_size, device)
 
 
 def _id_batches(ids_list: list[list[int]], pad: int, batch_size: int, device):
+    """Right-padded (ids, mask) batches of token lists (positions start at 0 in every row)."""
     from .data import collate
 
     for i in range(0, len(ids_list), batch_size):
@@ -149,10 +141,8 @@ def completion_report(student, teacher, tokenizer, rows: list[list[int]], prompt
     digits = digit_token_mask(tokenizer).to(device)
     sums = {"kl": 0.0, "kl_digits": 0.0, "student_nll": 0.0, "teacher_nll": 0.0}
     n_all = n_dig = 0
-    for i in range(0, len(rows), batch_size):
-        from .data import collate
-
-        ids, mask = (t.to(device) for t in collate(rows[i:i + batch_size], tokenizer.pad_token_id or 0))
+    batches = _id_batches(rows, tokenizer.pad_token_id or 0, batch_size, device)
+    for i, (ids, mask) in zip(range(0, len(rows), batch_size), batches):
         pos = torch.arange(ids.shape[1] - 1, device=device)
         lens = mask.sum(1, keepdim=True)
         plen = torch.tensor(prompt_lens[i:i + batch_size], device=device).unsqueeze(1)
@@ -160,11 +150,11 @@ def completion_report(student, teacher, tokenizer, rows: list[list[int]], prompt
         target = ids[:, 1:]
         dig = comp & digits[target.clamp(max=digits.numel() - 1)]
         with torch.no_grad():
-            s_logits = student(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
-            t_logits = teacher(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
-        k = forward_kl_per_token(s_logits, t_logits)
-        s_nll, _ = _nll(torch.nn.functional.pad(s_logits, (0, 0, 0, 1)), ids, mask)
-        t_nll, _ = _nll(torch.nn.functional.pad(t_logits, (0, 0, 0, 1)), ids, mask)
+            s_logits = student(input_ids=ids, attention_mask=mask).logits.float()
+            t_logits = teacher(input_ids=ids, attention_mask=mask).logits.float()
+        k = forward_kl_per_token(s_logits[:, :-1], t_logits[:, :-1])
+        s_nll, _ = _nll(s_logits, ids, mask)
+        t_nll, _ = _nll(t_logits, ids, mask)
         sums["kl"] += k[comp].double().sum().item()
         sums["kl_digits"] += k[dig].double().sum().item()
         sums["student_nll"] += s_nll[comp].double().sum().item()
