@@ -33,6 +33,10 @@ SHAPES = {
     "llama-3.2-3b": dict(hidden_size=3072, num_hidden_layers=28, num_attention_heads=24, num_key_value_heads=8,
                          intermediate_size=8192, vocab_size=128256, tie_word_embeddings=True,
                          max_position_embeddings=131072, rope_theta=500000.0),
+    # not a public model: a few-MB shape for tests and `benchmarks/gpu_check.sh --cpu-dry-run`
+    "tiny": dict(hidden_size=128, num_hidden_layers=5, num_attention_heads=4, num_key_value_heads=2,
+                 intermediate_size=256, vocab_size=1024, tie_word_embeddings=True,
+                 max_position_embeddings=4096, rope_theta=10000.0),
 }
 
 
@@ -116,12 +120,13 @@ def step_bytes_per_row(cfg, context: int, esize: int, ssm_esize: int = 4) -> int
     return state_bytes_per_row(cfg, context, esize, ssm_esize) + conv * esize + ssm * ssm_esize
 
 
-def largest_batch(engine, prompt_len: int, gen_len: int) -> int:
+def largest_batch(engine, prompt_len: int, gen_len: int, memory_bytes: int | None = None) -> int:
     """Most sequences of ``prompt_len + gen_len`` tokens whose decode state fits the free memory.
 
     Counts what the engine allocates per row (K/V at full capacity, Mamba state) plus the step's
     per-row temporaries (logits in the model dtype and float32, float32 attention scores), and keeps
-    8% of the device (at least 2 GiB) for the allocator, prefill and libraries."""
+    8% of the device (at least 2 GiB) for the allocator, prefill and libraries. ``memory_bytes``: fit into a device of that size instead (what is in use
+    now counted against it), e.g. an 80 GB H100's batch on a 141 GB H200, or tiny dry runs."""
     import torch
 
     model = engine.model
@@ -134,6 +139,9 @@ def largest_batch(engine, prompt_len: int, gen_len: int) -> int:
         free, total = torch.cuda.mem_get_info(dev)
     else:
         free = total = _available_ram()
+    if memory_bytes is not None:
+        used = (total - free) if dev.type == "cuda" else weight_bytes(model)
+        free, total = min(free, memory_bytes - used), memory_bytes
     heads = cfg.num_attention_heads
     per_row = (engine._row_bytes(cap) + cfg.vocab_size * (esize + 8) + heads * cap * (4 + 2 * esize)
                + 4 * cfg.intermediate_size * esize)
@@ -165,6 +173,19 @@ def weight_bytes(model) -> int:
     return total
 
 
+def _step_and_state_bytes(engine, batch: int, step_context: int, final_length: int) -> tuple[float, int]:
+    """(bytes one decode step of ``batch`` rows moves at ``step_context`` tokens: the weights once plus
+    each row's state read (and Mamba state written back), the batch's state at ``final_length``
+    tokens). The one byte accounting of both modes, so their byte-limit ratios compare."""
+    import torch
+
+    model = engine.model
+    esize = next(model.parameters()).element_size()
+    ssm_esize = getattr(engine, "ssm_dtype", torch.float32).itemsize
+    per_step = weight_bytes(model) + batch * step_bytes_per_row(model.config, step_context, esize, ssm_esize)
+    return float(per_step), batch * state_bytes_per_row(model.config, final_length, esize, ssm_esize)
+
+
 def measure(engine, name: str, batch: int, prompt_len: int, gen_len: int, bandwidth: float | None) -> BenchRow:
     import torch
 
@@ -193,10 +214,7 @@ def measure(engine, name: str, batch: int, prompt_len: int, gen_len: int, bandwi
     ttft = run(1)
     total = run(gen_len)
     decode = max(total - ttft, 1e-9)
-    esize = next(model.parameters()).element_size()
-    ssm_esize = getattr(engine, "ssm_dtype", torch.float32).itemsize
-    mean_ctx = prompt_len + gen_len / 2
-    per_step = weight_bytes(model) + batch * step_bytes_per_row(model.config, int(mean_ctx), esize, ssm_esize)
+    per_step, state = _step_and_state_bytes(engine, batch, int(prompt_len + gen_len / 2), prompt_len + gen_len)
     step_s = decode / max(gen_len - 1, 1)
     peak = None
     if dev.type == "cuda":
@@ -208,9 +226,240 @@ def measure(engine, name: str, batch: int, prompt_len: int, gen_len: int, bandwi
     return BenchRow(
         model=name, batch=batch, prompt_len=prompt_len, gen_len=gen_len, ttft_s=round(ttft, 4),
         decode_tokens_per_s=round(batch * (gen_len - 1) / decode, 2), step_ms=round(step_s * 1000, 3),
-        state_bytes=batch * state_bytes_per_row(model.config, prompt_len + gen_len, esize, ssm_esize),
-        peak_memory_bytes=peak, bytes_per_step=float(per_step),
+        state_bytes=state, peak_memory_bytes=peak, bytes_per_step=per_step,
         roofline_fraction=round(per_step / step_s / bandwidth, 4) if bandwidth else None)
+
+
+# --------------------------------------------------------------------------- decode at a given context
+@dataclass
+class ContextRow:
+    """Decode at a fixed context (``--context``): one point per L, plus the generation average.
+
+    Per-L rows (``context`` set): every row of the batch holds ``context`` tokens when the ``steps``
+    timed decode steps start. The integrated row (``context`` None, ``gen_len`` set): the decode
+    throughput of a ``prompt_len + gen_len`` generation estimated from the per-L points (see
+    :func:`integrate_generation`), comparable to :class:`BenchRow`'s ``decode_tokens_per_s``."""
+    model: str
+    batch: int
+    context: int | None
+    steps: int  # timed decode steps (per-L rows) / measured points used (integrated row)
+    step_ms: float  # per-L: mean of the timed steps; integrated: mean over the generation's steps
+    decode_tokens_per_s: float
+    bytes_per_step: float  # weights + the batch's state read at the mean context of those steps
+    state_bytes: int
+    prefill_s: float | None = None  # per-L: one prompt of L tokens (batch-1 time to first token)
+    prompt_len: int | None = None  # integrated row: the generation it stands for
+    gen_len: int | None = None
+    extrapolated: bool = False  # integrated row: part of the generation lies outside the measured L
+    peak_memory_bytes: int | None = None
+    roofline_fraction: float | None = None
+    at_max_batch: bool = False
+    ratio: float | None = None
+    byte_limit_ratio: float | None = None
+    fraction_of_limit: float | None = None
+
+    @property
+    def cell(self) -> tuple:
+        """What this row measured; :func:`_add_ratios` pairs hybrid and baseline rows on it."""
+        what = ("context", self.context) if self.context is not None else ("gen", self.prompt_len, self.gen_len)
+        return self.model, "max" if self.at_max_batch else self.batch, what
+
+
+def integrate_generation(points, prompt_len: int, gen_len: int) -> tuple[float, bool]:
+    """Seconds the ``gen_len - 1`` decode steps of a generation after a ``prompt_len`` prompt take,
+    from seconds per step measured at a few contexts; returns (seconds, extrapolated).
+
+    ``points``: (context, seconds per step) pairs, the context being the mean write column of the
+    timed steps (``L + (K - 1) / 2``). Seconds per step s(c) is taken piecewise linear through the
+    points and continued beyond the first and last point along the end segments (a decode step's
+    bytes are affine in the context; one point alone: constant). Like :func:`measure`, the first
+    token comes from the prefill and the decode steps write columns ``P .. P + G - 2``; their time
+    is the integral of s over ``[P - 1/2, P + G - 3/2]`` (for affine s exactly the sum over those
+    columns), computed by the trapezoid rule on the measured points inside that range plus its two
+    ends (exact for a piecewise linear s). tok/s of the generation is then ``batch (G - 1) / seconds``.
+    """
+    pts = sorted((float(c), float(s)) for c, s in points)
+    if not pts:
+        raise M1Error("no measured contexts to integrate over")
+    if gen_len < 2:
+        raise M1Error(f"a generation of {gen_len} token(s) has no decode step to integrate")
+    if len({c for c, _ in pts}) != len(pts):
+        raise M1Error(f"measured contexts must be distinct, got {[c for c, _ in pts]}")
+    lo, hi = prompt_len - 0.5, prompt_len + gen_len - 1.5
+
+    def s(c: float) -> float:
+        if len(pts) == 1:
+            return pts[0][1]
+        i = 1
+        while i < len(pts) - 1 and c > pts[i][0]:
+            i += 1
+        (c0, s0), (c1, s1) = pts[i - 1], pts[i]
+        return s0 + (s1 - s0) * (c - c0) / (c1 - c0)
+
+    xs = [lo] + [c for c, _ in pts if lo < c < hi] + [hi]
+    secs = sum((x1 - x0) * (s(x0) + s(x1)) / 2 for x0, x1 in zip(xs, xs[1:]))
+    return secs, lo < pts[0][0] or hi > pts[-1][0]
+
+
+def _timer(device):
+    """(start, stop) -> seconds: CUDA events on CUDA (device time between the two marks), else
+    perf_counter. ``stop`` waits for the device, so the steps' work is inside the interval."""
+    import torch
+
+    if device.type == "cuda":
+        def start():
+            e = torch.cuda.Event(enable_timing=True)
+            e.record()
+            return e
+
+        def stop(e0):
+            e1 = torch.cuda.Event(enable_timing=True)
+            e1.record()
+            e1.synchronize()
+            return e0.elapsed_time(e1) / 1000
+        return start, stop
+    return time.perf_counter, lambda t0: time.perf_counter() - t0
+
+
+# rows filled from the one prefill at a time: st.fill copies its prompt's K/V row per destination
+# row (index_select), ~16 GB at once for 490 rows x 8k tokens of one llama-3.2-3b attention layer
+_FILL_BYTES = 1 << 30
+
+
+def context_state(engine, batch: int, ids: list[int], capacity: int, time_prefill: bool = False):
+    """The engine's decode state for ``batch`` rows that all hold the prompt ``ids`` (one prefill,
+    its state copied to every row: decode speed does not depend on the values), with capacity for
+    ``capacity`` tokens. Returns (state, first logits (batch, vocab) float32, prefill seconds).
+
+    Mirrors ``Engine._fast_start`` for one prompt sampled ``batch`` times (same buffers, the same
+    reuse of a static state and its CUDA graphs), but fills the rows in chunks to bound the copy.
+    With ``time_prefill`` the prefill runs twice and the second is timed (the first pays kernel
+    compilation and autotuning)."""
+    import torch
+
+    from .engine import _FastState
+
+    if engine.backend != "fast":
+        raise M1Error("--context needs the engine's fast backend (this model runs on the hf backend)")
+    dev, lp = engine.device, len(ids)
+    st = engine._state
+    if st is not None and st.rows == batch and st.cap == -(-capacity // 256) * 256:
+        st.reset(lp)
+    else:
+        engine._state = st = None  # free the old buffers (and graphs) before allocating new ones
+        st = _FastState(engine.arch, batch, lp, capacity, engine.dtype, dev, engine.ssm_dtype,
+                        static=bool(engine._static))
+        if engine._static:
+            engine._state = st
+    st.nb = batch
+    secs = None
+    if time_prefill:
+        engine._prefill([ids])
+        start, stop = _timer(dev)
+        t0 = start()
+        cache, last, mask, lengths = engine._prefill([ids])
+        secs = stop(t0)
+    else:
+        cache, last, mask, lengths = engine._prefill([ids])
+    chunk = max(1, _FILL_BYTES // max(1, engine._row_bytes(lp)))
+    for i in range(0, batch, chunk):
+        j = min(batch, i + chunk)
+        st.fill(cache, engine.arch, torch.arange(i, j, device=dev), torch.zeros(j - i, dtype=torch.long, device=dev),
+                mask, lengths)
+    del cache
+    a = engine.arch
+    if a.rotary is not None and a.n_attn and st.cos is None:  # as _fast_start: one table per buffers
+        cos, sin = a.rotary(torch.empty(1, dtype=engine.dtype, device=dev), torch.arange(st.cap, device=dev)[None])
+        st.cos, st.sin = cos[0], sin[0]
+    return st, last.expand(batch, -1).contiguous(), secs
+
+
+def _rewind(st, context: int) -> None:
+    """Back to the moment every row held ``context`` tokens, for the timed pass after the warm-up.
+    Only the counters and the padding bias need it: the K/V columns past ``context`` are rewritten by
+    the next steps, and the Mamba state's values do not change what a step costs."""
+    st.col = context
+    st.pos[:st.nb].fill_(context)
+    if st.static:
+        st.col_t.fill_(context)
+    if st.bias is not None:
+        st.bias[:, context:].fill_(st.neg)
+
+
+def _decode_steps(engine, st, toks, n: int, temps):
+    """``n`` decode steps as ``Engine._run_group`` takes them for greedy rows: the step (CUDA graph /
+    compiled / eager), sampling, and the host reading the tokens (the engine does, every step, for
+    its stop rules and streaming)."""
+    from .engine import sample_tokens
+
+    for _ in range(n):
+        if engine._static:
+            logits = engine._static_run(st, toks)
+        else:
+            logits = engine._fast_step(st, toks).float()
+        toks = sample_tokens(logits, temps, None, None, None, None)
+        toks.tolist()
+    return toks
+
+
+def measure_at_context(engine, name: str, batch: int, context: int, steps: int, bandwidth: float | None) -> ContextRow:
+    """Decode speed of ``batch`` rows at ``context`` tokens: bring every row there (one prefill of a
+    random prompt of ``context`` tokens, copied to every row; that prefill is timed as the batch-1
+    time to first token), run ``steps`` decode steps as a warm-up (CUDA graphs captured for every key
+    length the timed steps use, kernels compiled), rewind to ``context`` and time ``steps`` steps
+    (CUDA events on CUDA, perf_counter on CPU)."""
+    import torch
+
+    model = engine.model
+    dev = engine.device
+    cfg = model.config
+    g = torch.Generator().manual_seed(context)
+    ids = torch.randint(3, cfg.vocab_size, (context,), generator=g).tolist()
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+    with torch.inference_mode():
+        st, logits, prefill_s = context_state(engine, batch, ids, context + steps, time_prefill=True)
+        temps = torch.zeros(batch, dtype=torch.float32, device=dev)  # greedy
+        from .engine import sample_tokens
+
+        first = sample_tokens(logits, temps, None, None, None, None)
+        _decode_steps(engine, st, first, steps, temps)  # warm-up over the same columns
+        _rewind(st, context)
+        start, stop = _timer(dev)
+        t0 = start()
+        _decode_steps(engine, st, first, steps, temps)
+        secs = stop(t0)
+    del st
+    if dev.type == "cuda":
+        peak = int(torch.cuda.max_memory_allocated(dev))
+    else:
+        import resource
+
+        peak = int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+    step_s = secs / steps
+    per_step, state = _step_and_state_bytes(engine, batch, context + steps // 2, context + steps)
+    return ContextRow(
+        model=name, batch=batch, context=context, steps=steps, step_ms=round(step_s * 1000, 4),
+        decode_tokens_per_s=round(batch / step_s, 2), bytes_per_step=per_step, state_bytes=state,
+        prefill_s=round(prefill_s, 4), peak_memory_bytes=peak,
+        roofline_fraction=round(per_step / step_s / bandwidth, 4) if bandwidth else None)
+
+
+def generation_row(engine, rows: list[ContextRow], prompt_len: int, gen_len: int,
+                   bandwidth: float | None) -> ContextRow:
+    """One model's integrated row from its per-L rows (one batch): the generation of ``gen_len``
+    tokens after ``prompt_len``, timed by :func:`integrate_generation`, its bytes per step charged as
+    :func:`measure` charges a generation (the state at the mean context ``prompt_len + gen_len / 2``)."""
+    pts = [(r.context + (r.steps - 1) / 2, r.step_ms / 1000) for r in rows]
+    secs, extrapolated = integrate_generation(pts, prompt_len, gen_len)
+    r0 = rows[0]
+    per_step, state = _step_and_state_bytes(engine, r0.batch, int(prompt_len + gen_len / 2), prompt_len + gen_len)
+    step_s = secs / (gen_len - 1)
+    return ContextRow(
+        model=r0.model, batch=r0.batch, context=None, steps=len(rows), step_ms=round(step_s * 1000, 4),
+        decode_tokens_per_s=round(r0.batch * (gen_len - 1) / secs, 2), bytes_per_step=per_step,
+        state_bytes=state, prompt_len=prompt_len, gen_len=gen_len, extrapolated=extrapolated,
+        at_max_batch=r0.at_max_batch, roofline_fraction=round(per_step / step_s / bandwidth, 4) if bandwidth else None)
 
 
 def measure_bandwidth(device) -> float | None:
@@ -249,13 +498,21 @@ def run_bench(shape: str | None = None, model: str | None = None, baseline: str 
               dtype: str = "float32", device: str = "cpu", json_path=None, plot_path=None, log=print,
               labels: tuple[str, str] | None = None, cuda_graphs: bool = True,
               fused_decode: bool = False, compile: bool = False, ssm_dtype: str = "float32",
-              resume: bool = False) -> list[BenchRow]:
+              resume: bool = False, contexts=None, steps: int = 32,
+              memory_gib: float | None = None) -> list:
     """Benchmark a --shape pair or a --model [--baseline] pair; ``labels`` names the two in the output.
 
     ``batches`` may hold ``"max"``: each model at the largest batch whose state fits (see
-    :func:`largest_batch`), the ratio then compares the two maxima. Rows are written to ``json_path``
-    (atomically) as they are measured; with ``resume`` the rows already there for the same settings
-    are kept and only the missing (model, batch, length) cells are measured."""
+    :func:`largest_batch`; ``memory_gib``: into a device of that size), the ratio then compares the
+    two maxima. Rows are written to ``json_path`` (atomically) as they are measured; with ``resume``
+    the rows already there for the same settings are kept and only the missing (model, batch,
+    length) cells are measured.
+
+    ``contexts`` (``--context``): decode at those contexts instead of over whole generations: for
+    each batch, :func:`measure_at_context` at every L (``steps`` timed steps), then one integrated
+    row per model for the generation ``prompt_len + gen_lens[0]`` (:func:`generation_row`); rows are
+    :class:`ContextRow`. A max batch is the one that fits that generation (and the longest L + steps),
+    so the integrated figure stands for the same run as a full-generation ``--batch max`` row."""
     import torch
 
     from .engine import Engine
@@ -268,6 +525,19 @@ def run_bench(shape: str | None = None, model: str | None = None, baseline: str 
         raise M1Error(f"--prompt-len must be positive, got {prompt_len}")
     if any(b != "max" and b <= 0 for b in batches) or any(g <= 0 for g in gen_lens):
         raise M1Error("--batch and --gen-len values must be positive")
+    if memory_gib is not None and memory_gib <= 0:
+        raise M1Error(f"--memory-gib must be positive, got {memory_gib}")
+    if contexts is not None:
+        contexts = sorted(set(contexts))
+        if not contexts or any(c <= 0 for c in contexts):
+            raise M1Error(f"--context must be positive token counts, got {contexts}")
+        if steps < 1:
+            raise M1Error(f"--steps must be at least 1, got {steps}")
+        if len(gen_lens) != 1 or gen_lens[0] < 2:
+            raise M1Error("with --context, --gen-len is the one generation (>= 2 tokens) to integrate over; "
+                          f"got {','.join(map(str, gen_lens))}")
+        if resume:
+            raise M1Error("--resume is for whole-generation runs; a --context run is short: run it again")
     tdtype = getattr(torch, dtype)
     from .kernels import enable as enable_fast_scan
     from .kernels import scan_backend
@@ -282,6 +552,7 @@ def run_bench(shape: str | None = None, model: str | None = None, baseline: str 
         models = {f"{shape} {layout}": (lambda: shape_model(shape, layout_layers(layout, n), tdtype, device)),
                   f"{shape} all-attention": (lambda: shape_model(shape, list(range(n)), tdtype, device))}
         context = SHAPES[shape]["max_position_embeddings"]
+        _check_contexts(contexts, steps, context)
         if prompt_len + max(gen_lens) > context:
             raise M1Error(f"--prompt-len {prompt_len} + --gen-len {max(gen_lens)} exceeds the model context of {context} tokens")
     else:
@@ -292,11 +563,21 @@ def run_bench(shape: str | None = None, model: str | None = None, baseline: str 
         if baseline:
             models[names[1]] = lambda: load_model(baseline, dtype=tdtype, device=device)[0]
         context = None
+        if contexts is not None:  # from config.json, before any weights are loaded
+            from .checkpoint import check_model_dir, read_config
+
+            for d in filter(None, (model, baseline)):
+                _check_contexts(contexts, steps, read_config(check_model_dir(d)).get("max_position_embeddings"))
     # what the JSON records and a --resume must match (as the engine will run: "model" = the weights' dtype)
     settings = {"device": device, "dtype": dtype, "ssm_dtype": "float32" if ssm_dtype == "float32" else dtype,
                 "decode": "torch.compile" if compile else ("cuda graphs" if cuda_graphs and device.startswith("cuda")
                                                           else "eager"),
                 "mamba_state_step": "mamba_state_step_fused" if fused_decode else "mamba_state_step"}
+    if contexts is not None:
+        settings.update(mode="context", contexts=contexts, steps=steps, prompt_len=prompt_len, gen_len=gen_lens[0])
+    if memory_gib is not None:
+        settings["memory_gib"] = memory_gib
+    memory = None if memory_gib is None else int(memory_gib * 2**30)
     rows: list[BenchRow] = []
     if resume:
         if not json_path:
@@ -319,6 +600,15 @@ def run_bench(shape: str | None = None, model: str | None = None, baseline: str 
                         cuda_graphs=cuda_graphs and device.startswith("cuda"), fused_decode=fused_decode,
                         compile=compile, ssm_dtype=ssm_dtype,
                         max_batch_size=max([b for b in batches if b != "max"], default=1))
+        if contexts is not None:
+            _context_runs(engine, name, batches, contexts, steps, prompt_len, gen_lens[0], memory, bandwidth,
+                          rows, list(models), log, lambda: json_path and _write_json(
+                              json_path, settings, bandwidth, scan_backend(device), rows))
+            del m, engine
+            gc.collect()
+            if device.startswith("cuda"):
+                torch.cuda.empty_cache()
+            continue
         for g in gen_lens:
             for b in batches:
                 if (name, b, g) in kept:
@@ -326,7 +616,7 @@ def run_bench(shape: str | None = None, model: str | None = None, baseline: str 
                 at_max = b == "max"
                 if at_max:
                     engine._state = None  # free the last run's buffers before measuring what fits
-                    b = largest_batch(engine, prompt_len, g)
+                    b = largest_batch(engine, prompt_len, g, memory)
                     engine.max_batch_size = max(engine.max_batch_size, b)
                     log(f"{name}: largest batch that fits at {prompt_len}+{g} tokens: {b}")
                 row = measure(engine, name, b, prompt_len, g, bandwidth)
@@ -342,9 +632,50 @@ def run_bench(shape: str | None = None, model: str | None = None, baseline: str 
         gc.collect()  # the engine holds bound methods of itself (a cycle): free its buffers and graphs now
         if device.startswith("cuda"):
             torch.cuda.empty_cache()
-    if plot_path:
+    if plot_path and contexts is None:
         plot(rows, plot_path)
     return rows
+
+
+def _check_contexts(contexts, steps: int, max_positions) -> None:
+    """Each L plus its timed steps must fit the model's positions (the steps write columns L .. L+K-1)."""
+    if contexts is None or not max_positions:
+        return
+    too_long = [c for c in contexts if c + steps > max_positions]
+    if too_long:
+        raise M1Error(f"--context {','.join(map(str, too_long))} + --steps {steps} exceeds the model's "
+                      f"{max_positions} positions")
+
+
+def _context_runs(engine, name: str, batches, contexts, steps: int, prompt_len: int, gen_len: int, memory,
+                  bandwidth, rows: list, names: list[str], log, save) -> None:
+    """--context for one model: per batch, a row per L and the integrated row (appended to ``rows``)."""
+    for b in batches:
+        at_max = b == "max"
+        if at_max:
+            engine._state = None  # free the last run's buffers before measuring what fits
+            longest = max(prompt_len + gen_len, contexts[-1] + steps)
+            b = largest_batch(engine, prompt_len, longest - prompt_len, memory)
+            log(f"{name}: largest batch that fits at {longest} tokens: {b}")
+        per_l = []
+        for c in contexts:
+            engine._state = None  # each L has its own capacity: free the previous one's buffers first
+            r = measure_at_context(engine, name, b, c, steps, bandwidth)
+            r.at_max_batch = at_max
+            per_l.append(r)
+            rows.append(r)
+            log(f"{name:32s} batch {b:4d} context {c:6d}: {r.decode_tokens_per_s:10.1f} tok/s, "
+                f"step {r.step_ms:.2f} ms, prefill(1 x {c}) {r.prefill_s:.3f}s"
+                + (f", roofline {r.roofline_fraction:.0%}" if r.roofline_fraction else ""))
+            _add_ratios(rows, names)
+            save()
+        engine._state = None
+        g = generation_row(engine, per_l, prompt_len, gen_len, bandwidth)
+        rows.append(g)
+        _add_ratios(rows, names)
+        log(f"{name:32s} batch {b:4d} gen {prompt_len}+{gen_len} (integrated over {len(per_l)} contexts"
+            f"{', extrapolated' if g.extrapolated else ''}): {g.decode_tokens_per_s:10.1f} tok/s")
+        save()
 
 
 def _rows_to_keep(path, settings: dict, names: list[str], prompt_len: int, batches, gen_lens) -> list[BenchRow]:
@@ -392,7 +723,9 @@ def _add_ratios(rows: list[BenchRow], names: list[str]) -> None:
         r.fraction_of_limit = round(r.ratio / r.byte_limit_ratio, 3)
 
 
-def markdown_table(rows: list[BenchRow]) -> str:
+def markdown_table(rows: list) -> str:
+    if rows and isinstance(rows[0], ContextRow):
+        return context_table(rows)
     head = ("| model | batch | gen | tok/s | TTFT s | state MiB | ratio | byte-limit ratio | of limit | roofline |\n"
             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     fmt = lambda v, f: "" if v is None else format(v, f)  # noqa: E731
@@ -400,6 +733,20 @@ def markdown_table(rows: list[BenchRow]) -> str:
         f"| {r.model} | {r.batch}{' (max)' if r.at_max_batch else ''} | {r.gen_len} | {r.decode_tokens_per_s:.1f} | {r.ttft_s:.3f} | "
         f"{r.state_bytes / 2**20:.1f} | {fmt(r.ratio, '.2f')} | {fmt(r.byte_limit_ratio, '.2f')} | "
         f"{fmt(r.fraction_of_limit, '.0%')} | {fmt(r.roofline_fraction, '.0%')} |" for r in rows]
+    return "\n".join(lines)
+
+
+def context_table(rows: list[ContextRow]) -> str:
+    head = ("| model | batch | context | tok/s | step ms | prefill 1xL s | ratio | byte-limit ratio | of limit | roofline |\n"
+            "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    fmt = lambda v, f: "" if v is None else format(v, f)  # noqa: E731
+    lines = [head]
+    for r in rows:
+        what = (str(r.context) if r.context is not None else
+                f"gen {r.prompt_len}+{r.gen_len}, integrated{' (extrapolated)' if r.extrapolated else ''}")
+        lines.append(f"| {r.model} | {r.batch}{' (max)' if r.at_max_batch else ''} | {what} | {r.decode_tokens_per_s:.1f} | "
+                     f"{r.step_ms:.2f} | {fmt(r.prefill_s, '.3f')} | {fmt(r.ratio, '.2f')} | "
+                     f"{fmt(r.byte_limit_ratio, '.2f')} | {fmt(r.fraction_of_limit, '.0%')} | {fmt(r.roofline_fraction, '.0%')} |")
     return "\n".join(lines)
 
 

@@ -135,3 +135,172 @@ def test_bad_input(capsys, argv, needle):
     assert main(["bench", *argv]) == 1
     err = capsys.readouterr().err
     assert err.startswith("error: ") and needle in err and len(err.strip().splitlines()) == 1
+
+
+# ------------------------------------------------------------------------------- --context mode
+def test_context_mode_rows(tmp_path):
+    """Per-L rows and one integrated row per model, paired for ratios, written as JSON."""
+    from m1.bench import ContextRow, run_bench
+
+    out = tmp_path / "ctx.json"
+    rows = run_bench(shape="tiny", batches=(2,), prompt_len=8, gen_lens=(24,), contexts=[16, 8, 24], steps=3,
+                     json_path=out, log=lambda m: None)
+    assert all(isinstance(r, ContextRow) for r in rows) and len(rows) == 8
+    hyb, base = rows[:4], rows[4:]
+    assert [r.context for r in hyb] == [8, 16, 24, None] and [r.model for r in base] == ["tiny all-attention"] * 4
+    for r in hyb[:3]:
+        assert r.steps == 3 and r.batch == 2 and r.decode_tokens_per_s > 0 and r.prefill_s > 0
+        assert r.decode_tokens_per_s == pytest.approx(2 / (r.step_ms / 1000), rel=1e-3)
+        assert r.ratio is not None and r.byte_limit_ratio is not None and r.fraction_of_limit is not None
+    g = hyb[3]
+    assert (g.prompt_len, g.gen_len, g.steps, g.extrapolated) == (8, 24, 3, True)  # 7.5 .. 30.5 vs 9 .. 25
+    assert g.ratio is not None and base[3].ratio is None
+    data = json.loads(out.read_text())
+    assert data["mode"] == "context" and data["steps"] == 3 and data["contexts"] == [8, 16, 24]
+    assert len(data["rows"]) == 8 and data["rows"][3]["gen_len"] == 24
+    table = markdown_table(rows)
+    assert "| tiny m1 | 2 | 16 |" in table and "gen 8+24, integrated (extrapolated)" in table
+
+
+def test_context_state_holds_L_tokens_in_every_row(tiny_hybrid):
+    """The one prefill copied to every row gives the state the engine's own n-samples start gives."""
+    import torch
+
+    from m1.bench import _NullTokenizer, context_state
+    from m1.checkpoint import load_model
+    from m1.engine import Engine, SamplingParams, _Request, _Row
+
+    model, _ = load_model(tiny_hybrid)
+    eng = Engine(model, _NullTokenizer())
+    ids = list(range(3, 40))  # L = 37
+    with torch.inference_mode():
+        st, logits, secs = context_state(eng, 3, ids, len(ids) + 5, time_prefill=True)
+        params = SamplingParams(n=3, max_new_tokens=5, temperature=0.0)
+        ref, ref_logits = eng._fast_start([_Request(0, ids, ids, params)], [0], [_Row(0, j, j, params, 5) for j in range(3)])
+    assert st.col == 37 and st.pos.tolist() == [37] * 3 and st.cap == ref.cap and secs > 0
+    assert bool((st.bias[:, :37] == 0).all()) and bool((st.bias[:, 37:] == st.neg).all())
+    assert st.k[0][:, :, 36].abs().sum() > 0  # (columns past L are uninitialised in eager mode, as in the engine)
+    for a, b in zip(st.k + st.v, ref.k + ref.v):
+        assert torch.equal(a[:, :, :37], b[:, :, :37])
+    for a, b in zip(st.conv + st.ssm + [st.pos, st.bias], ref.conv + ref.ssm + [ref.pos, ref.bias]):
+        assert torch.equal(a, b)
+    assert torch.equal(logits, ref_logits)
+
+
+def test_context_mode_times_K_steps_after_a_warm_up_over_the_same_columns(tiny_hybrid, monkeypatch):
+    import m1.bench as bench
+    from m1.checkpoint import load_model
+    from m1.engine import Engine
+
+    model, _ = load_model(tiny_hybrid)
+    eng = Engine(model, bench._NullTokenizer())
+    cols, real = [], eng._fast_step
+    monkeypatch.setattr(eng, "_fast_step", lambda st, toks: cols.append((st.col, int(st.pos[0]))) or real(st, toks))
+    timed = []
+
+    def fake_timer(device):  # every timed interval lasts 0.5 s; records how many steps ran inside it
+        return (lambda: len(cols)), (lambda t0: timed.append(len(cols) - t0) or 0.5)
+    monkeypatch.setattr(bench, "_timer", fake_timer)
+    row = bench.measure_at_context(eng, "t", 2, 10, 5, bandwidth=None)
+    assert cols == [(c, c) for c in range(10, 15)] * 2  # warm-up, rewind to L, the same columns timed
+    assert timed == [0, 5]  # the prefill (no decode step inside), then exactly K = 5 steps
+    assert row.step_ms == 100.0 and row.decode_tokens_per_s == 20.0 and row.prefill_s == 0.5
+    assert row.context == 10 and row.steps == 5
+
+
+def test_integration_equals_the_sum_over_the_generation_steps():
+    from m1.bench import ContextRow, generation_row, integrate_generation
+
+    s = lambda c: 0.01 + 2e-5 * c  # noqa: E731  (seconds per step, affine in the context)
+    P, G = 100, 900
+    direct = sum(s(c) for c in range(P, P + G - 1))  # the G - 1 decode steps write columns P .. P+G-2
+    for xs in ([300.0, 700.0], [50.0, 400.0, 1200.0], [100.0, 250.0, 500.0, 998.0]):
+        secs, extra = integrate_generation([(x, s(x)) for x in xs], P, G)
+        assert secs == pytest.approx(direct, rel=1e-12)
+        assert extra == (xs[0] > P - 0.5 or xs[-1] < P + G - 1.5)
+    # a kinked profile: the trapezoid on the points equals a fine numerical integral of the interpolant
+    pts = [(200.0, 0.02), (500.0, 0.05), (600.0, 0.03)]
+
+    def interp(c):
+        (c0, s0), (c1, s1) = (pts[0], pts[1]) if c <= 500 else (pts[1], pts[2])
+        return s0 + (s1 - s0) * (c - c0) / (c1 - c0)
+    lo, hi, n = P - 0.5, P + G - 1.5, 200000
+    fine = sum(interp(lo + (i + 0.5) * (hi - lo) / n) for i in range(n)) * (hi - lo) / n
+    assert integrate_generation(pts, P, G)[0] == pytest.approx(fine, rel=1e-6)
+    assert integrate_generation([(400.0, 0.02)], P, G) == (pytest.approx(0.02 * (G - 1)), True)
+    with pytest.raises(M1Error, match="distinct"):
+        integrate_generation([(1.0, 0.1), (1.0, 0.2)], P, G)
+
+    class Eng:  # what generation_row reads off an engine: weights and dtypes for the byte accounting
+        import torch
+        model = torch.nn.Linear(4, 4, bias=False)
+        model.config = type("C", (), {"to_dict": lambda self: {"num_hidden_layers": 1, "hidden_size": 4,
+                                                                 "num_attention_heads": 1, "layer_types": ["full_attention"]}})()
+        ssm_dtype = torch.float32
+    rows = [ContextRow(model="m", batch=8, context=int(x), steps=1, step_ms=s(x) * 1000, decode_tokens_per_s=0,
+                       bytes_per_step=0, state_bytes=0) for x in (300, 700)]
+    g = generation_row(Eng(), rows, P, G, None)
+    assert g.decode_tokens_per_s == pytest.approx(8 * (G - 1) / direct, abs=0.005) and g.gen_len == G  # rounded
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["--shape", "tiny", "--context", "5000"], "exceeds the model's 4096 positions"),
+    (["--shape", "tiny", "--context", "4090", "--steps", "8"], "4090 + --steps 8 exceeds"),
+    (["--shape", "tiny", "--context", "64", "--steps", "0"], "--steps must be at least 1"),
+    (["--shape", "tiny", "--context", ","], "--context must be"),
+    (["--shape", "tiny", "--context", "64,x"], "--context must be"),
+    (["--shape", "tiny", "--context", "64", "--gen-len", "64,128"], "the one generation"),
+    (["--shape", "tiny", "--context", "64", "--json", "x.json", "--resume"], "--resume is for"),
+    (["--shape", "tiny", "--batch", "max", "--memory-gib", "0"], "--memory-gib must be positive"),
+])
+def test_context_bad_input_before_any_model_is_built(capsys, monkeypatch, argv, needle):
+    import m1.bench as bench
+
+    monkeypatch.setattr(bench, "shape_model", lambda *a, **k: pytest.fail("built a model before checking input"))
+    assert main(["bench", *argv]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and needle in err and len(err.strip().splitlines()) == 1
+
+
+def test_context_beyond_a_checkpoints_positions_fails_before_loading(tiny_hybrid, capsys, monkeypatch):
+    import m1.checkpoint
+
+    monkeypatch.setattr(m1.checkpoint, "load_model", lambda *a, **k: pytest.fail("loaded the weights"))
+    assert main(["bench", "--model", str(tiny_hybrid), "--context", "1000000"]) == 1
+    err = capsys.readouterr().err
+    assert "exceeds the model's" in err and len(err.strip().splitlines()) == 1
+
+
+def test_max_batch_in_a_smaller_device(tiny_hybrid, monkeypatch):
+    """--memory-gib: the batch that fits a device of that size (what is in use counted against it)."""
+    import m1.bench as bench
+    from m1.checkpoint import load_model
+    from m1.engine import Engine
+
+    model, _ = load_model(tiny_hybrid)
+    eng = Engine(model, bench._NullTokenizer())
+    monkeypatch.setattr(bench, "_available_ram", lambda: 40 << 30)
+    full = bench.largest_batch(eng, 64, 64)
+    small = bench.largest_batch(eng, 64, 64, memory_bytes=(2 << 30) + (1 << 28))  # 2 GiB are kept free
+    assert 0 < small < full
+    assert small == bench.largest_batch(eng, 64, 64, memory_bytes=(2 << 30) + (1 << 28))  # depends on the size, not on RAM
+
+
+def test_gpu_check_dry_run_machinery(tmp_path):
+    """benchmarks/gpu_check.sh --cpu-dry-run, its cheapest stage (the whole dry run takes minutes on a
+    shared 2-core CPU; docs/benchmarks.md has the command): the log, results.json and stage times."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "OUT": str(tmp_path / "out"), "GPU_CHECK_WORK": str(tmp_path), "PYTHON": sys.executable}
+    r = subprocess.run(["bash", "benchmarks/gpu_check.sh", "--cpu-dry-run", "env", "no-such-stage"], cwd=repo, env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 1, r.stdout[-2000:] + r.stderr[-2000:]  # the unknown stage fails the run
+    res = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert res["cpu_dry_run"] is True and [s["stage"] for s in res["stages"]] == ["env", "no-such-stage"]
+    assert res["stages"][0]["rc"] == 0 and res["stages"][1]["rc"] == 2
+    log = (tmp_path / "out" / "gpu_check.log").read_text()
+    assert "=== env: rc 0 in" in log and "=== stage times" in log and "unknown stage no-such-stage" in log
