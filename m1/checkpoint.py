@@ -19,10 +19,76 @@ from .errors import M1Error
 
 M1_RECORD = "m1.json"
 
+# Layer-type names in config.json. transformers 5.x names a GraniteMoeHybrid layer "full_attention" or
+# "linear_attention" in memory and writes those names back, but llama.cpp's converter counts a layer as
+# attention only where config.json says "attention" (a "full_attention" layer silently becomes Mamba),
+# and transformers 4.x knows only "attention"/"mamba". transformers 5.x and vLLM map the older pair to
+# the new names when they load a config, so m1 writes the older pair and reads both.
+WRITTEN_LAYER_TYPE = {"full_attention": "attention", "linear_attention": "mamba"}
+MAMBA_LAYER_TYPES = ("mamba", "linear_attention")
+ATTENTION_LAYER_TYPES = ("attention", "full_attention")
+# transformers 5.x writes tokenizer_class "TokenizersBackend", a name transformers 4.x and llama.cpp's
+# converter do not know; "PreTrainedTokenizerFast" is what 5.x itself maps that class's old name to.
+WRITTEN_TOKENIZER_CLASS = {"TokenizersBackend": "PreTrainedTokenizerFast"}
+
+
+def mamba_layer_mask(cfg) -> list[bool]:
+    """Per layer of config ``cfg`` (a config.json dict or a transformers config): is it a Mamba layer?
+
+    The one place m1 decides this from a config, for either spelling of the layer types. A
+    GraniteMoeHybrid config without layer types is all Mamba (transformers' default); other
+    architectures have attention only.
+    """
+    cfg = cfg if isinstance(cfg, dict) else cfg.to_dict()
+    n = cfg["num_hidden_layers"]
+    if cfg.get("model_type") != "granitemoehybrid":
+        return [False] * n
+    types = cfg.get("layer_types") or cfg.get("layers_block_type") or ["mamba"] * n
+    unknown = sorted({str(t) for t in types} - set(MAMBA_LAYER_TYPES + ATTENTION_LAYER_TYPES))
+    if unknown:
+        raise M1Error(f"config layer_types has {', '.join(map(repr, unknown))}: m1 knows "
+                      f"{'/'.join(ATTENTION_LAYER_TYPES)} and {'/'.join(MAMBA_LAYER_TYPES)} layers")
+    if len(types) != n:
+        raise M1Error(f"config layer_types names {len(types)} layers but num_hidden_layers is {n}")
+    return [t in MAMBA_LAYER_TYPES for t in types]
+
+
+def saved_dtype(cfg: dict) -> str | None:
+    """The weights' dtype a config.json records ("float32", ...): ``dtype`` in transformers 5.x,
+    ``torch_dtype`` before; None when it records neither."""
+    d = cfg.get("dtype") or cfg.get("torch_dtype")
+    return str(d).replace("torch.", "") if d else None
+
+
+def make_portable(directory: str | os.PathLike) -> None:
+    """Rewrite a saved checkpoint's config.json and tokenizer_config.json with the names every reader
+    knows (see WRITTEN_LAYER_TYPE); the weights and every other setting stay as saved."""
+    d = Path(directory)
+    if (d / "config.json").is_file():
+        cfg = read_config(d)
+        types = cfg.get("layer_types")
+        if cfg.get("model_type") == "granitemoehybrid" and isinstance(types, list):
+            written = [WRITTEN_LAYER_TYPE.get(t, t) for t in types]
+            if written != types:
+                cfg["layer_types"] = written
+                write_json_atomic(d / "config.json", cfg)
+    tok = d / "tokenizer_config.json"
+    if tok.is_file() and (d / "tokenizer.json").is_file():  # PreTrainedTokenizerFast reads tokenizer.json
+        try:
+            tc = json.loads(tok.read_text())
+        except ValueError as e:
+            raise M1Error(f"{tok} is not valid JSON: {e}") from None
+        if tc.get("tokenizer_class") in WRITTEN_TOKENIZER_CLASS:
+            tc["tokenizer_class"] = WRITTEN_TOKENIZER_CLASS[tc["tokenizer_class"]]
+            write_json_atomic(tok, tc)
+
 
 @contextlib.contextmanager
 def atomic_dir(out: str | os.PathLike, force: bool = False):
-    """Yield a temporary directory that becomes ``out`` only if the block finishes without error."""
+    """Yield a temporary directory that becomes ``out`` only if the block finishes without error.
+
+    Every m1 checkpoint is written through here, so this is also where its config gets the names
+    all readers understand (:func:`make_portable`; a no-op for directories without a config)."""
     out = Path(out)
     if out.exists() and not force:
         raise M1Error(f"output directory {out} already exists: pass --force to replace it, or choose another --out")
@@ -32,6 +98,11 @@ def atomic_dir(out: str | os.PathLike, force: bool = False):
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    try:
+        make_portable(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

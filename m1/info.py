@@ -11,7 +11,7 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .checkpoint import check_model_dir, read_config, read_record
+from .checkpoint import check_model_dir, mamba_layer_mask, read_config, read_record, saved_dtype
 from .errors import M1Error
 
 BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8}
@@ -38,11 +38,8 @@ class ModelInfo:
 
 
 def layer_types(cfg: dict) -> list[str]:
-    n = cfg["num_hidden_layers"]
-    if cfg.get("model_type") == "granitemoehybrid":
-        types = cfg.get("layer_types") or cfg.get("layers_block_type") or ["linear_attention"] * n
-        return ["mamba" if t in ("linear_attention", "mamba") else "attention" for t in types]
-    return ["attention"] * n
+    """"mamba" or "attention" per layer, whichever spelling the config uses."""
+    return ["mamba" if m else "attention" for m in mamba_layer_mask(cfg)]
 
 
 def mamba_state_sizes(cfg: dict) -> tuple[int, int]:
@@ -83,7 +80,7 @@ def model_info(directory) -> ModelInfo:
     d = check_model_dir(directory)
     cfg = read_config(d)
     types = layer_types(cfg)
-    dtype = str(cfg.get("dtype") or cfg.get("torch_dtype") or "float32")
+    dtype = saved_dtype(cfg) or "float32"
     kv, mamba = state_sizes(cfg)
     nbytes = BYTES.get(dtype, 4)
     return ModelInfo(

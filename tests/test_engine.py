@@ -543,7 +543,7 @@ def test_vllm_backend_maps_requests_and_outputs(tiny_hybrid, models, fake_vllm):
     fake = fake_vllm(tok)
     eng = Engine.from_pretrained(tiny_hybrid, backend="vllm", gpu_memory_utilization=0.5, max_batch_size=8)
     assert eng.backend == "vllm"
-    assert fake.llm_kw == {"model": str(tiny_hybrid), "dtype": "auto", "gpu_memory_utilization": 0.5}
+    assert fake.llm_kw == {"model": str(tiny_hybrid), "dtype": "float32", "gpu_memory_utilization": 0.5}
     fast = Engine(model, tok, backend="fast")
 
     sp = SamplingParams(n=3, temperature=0.7, top_p=0.9, top_k=0, min_p=0.05, seed=11, max_new_tokens=20,
