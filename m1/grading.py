@@ -41,12 +41,22 @@ label error in the fixture (``\boxed{10000}`` for gold ``10{,}000``).
 
 Extraction policy (:func:`extract_answer`)
 ------------------------------------------
-1. The **last** ``\boxed{...}`` / ``\fbox{...}`` / ``\framebox{...}`` with
-   correct brace nesting (escaped ``\{ \}`` do not count).  A box that is
-   never closed (truncated output) is skipped.  Only the last box counts,
-   also when an answer is split over several boxes.
-2. Otherwise the last of: a ``#### N`` line (GSM8K), "The (final) answer
-   is X", or an ``A: X`` / ``Answer: X`` / ``Final Answer: X`` line.
+0. The Minerva few-shot ending, "Final Answer: The final answer is X. I hope
+   it is correct.", wins over everything (as in math-verify).
+1. The **last** complete ``\boxed{...}`` / ``\fbox{...}`` / ``\framebox{...}``
+   (correct brace nesting; escaped ``\{ \}`` do not count; a box never closed
+   is skipped), joined with the boxes just before it when only connectors
+   (commas, "and"/"or", ``\quad``) stand between them, since several boxes
+   may together be the answer; or the last "final answer ... is X", whichever
+   comes later.
+2. Otherwise the last of: a ``#### N`` line (GSM8K), "The answer is X", an
+   ``A: X`` / ``Answer: X`` / ``Final Answer: X`` line, or a LaTeX math
+   environment within 50 characters after the word "answer"
+   (``Answer \[ 9 \]``).  A line answer is cut at its first sentence, and a
+   leading environment is taken for its content (``$\frac34$. So...``).
+2b. Otherwise the last LaTeX math environment in the last 5,000 characters
+   (with environments joined to it by connectors), unless it reads as prose
+   (``$5 for apples and $`` in a GSM8K solution).
 3. Otherwise, only if ``last_number=True``: the last number in the text.  Off
    by default, because on truncated or rambling output it produces lucky
    hits; turn it on for base models prompted without a boxed format.
@@ -127,6 +137,7 @@ __all__ = [
     "check_many",
     "gold_parses",
     "close_default_checker",
+    "LIST_POLICIES",
 ]
 
 MAX_TEXT_CHARS = 100_000
@@ -156,6 +167,26 @@ _ANSWER_IS_RE = re.compile(
 _ANSWER_LINE_RE = re.compile(
     r"(?im)^[ \t*#>]*(?:A|Answer|Final Answer)[ \t*]*:[ \t*]*([^\n]*)")
 _LAST_NUMBER_RE = re.compile(r"-?\d[\d,]*(?:\.\d+)?|-?\.\d+")
+# the Minerva few-shot ending, "The final answer is $X$. I hope it is correct."
+_MINERVA_RE = re.compile(r"(?i)final\s+answer\s+is\s*:?[ \t]*([^\n]{1,1000}?)\s*\.?\s*I\s+hope\s+it\s+is\s+correct")
+# "the final answer to part (b) is X" (math-verify allows 100 characters between)
+_FINAL_IS_RE = re.compile(r"(?i)\bfinal\s+answer\b[^\n]{0,100}?\s+is\s*:?[ \t]*([^\n]*)")
+_ANSWER_WORD_RE = re.compile(r"(?i)\banswer\b")
+# LaTeX math environments, as math-verify's extraction knows them; bounded
+# lengths keep the scan linear on hostile input
+_ENV_RE = re.compile(
+    r"(?<!\\)\$\$((?:[^$]|\$(?!\$)){1,2000}?)(?<!\\)\$\$"
+    r"|(?<!\\)\\\[((?:[^\\]|\\(?!\])){1,2000}?)\\\]"
+    r"|(?<![\\\d])\$((?:\\\$|[^\n$]){1,1000}?)(?<!\\)\$"
+    r"|(?<!\\)\\\(((?:[^\\\n]|\\(?!\))){1,1000}?)\\\)", re.DOTALL)
+# what may stand between the parts of one answer split over several
+# environments or boxes: "$2$ and $3$", "\boxed{(2,2)} \quad\text{and}\quad \boxed{(6,2)}"
+_JOIN_RE = re.compile(
+    r"(?:\s|,|;|&|\$|\\[,;:! ]|\\q?quad\b|\\[()\[\]]|\b(?:and|or)\b"
+    r"|\\(?:text|mbox|textrm)\s*\{\s*(?:,?\s*(?:and|or)|,)?\s*\})*")
+_JOIN_TAIL_RE = re.compile(_JOIN_RE.pattern + r"\Z")
+_ENV_TAIL_CHARS = 5_000
+"""Unboxed answers are looked for only in the last this-many characters."""
 
 
 def _match_group(s: str, start: int) -> int | None:
@@ -181,26 +212,117 @@ def _match_group(s: str, start: int) -> int | None:
     return None
 
 
-def _boxed_content(text: str) -> str | None:
-    """Content of the last complete ``\\boxed{...}`` in ``text``."""
-    starts = [m.end() for m in _BOX_RE.finditer(text)]
-    for pos in reversed(starts):
-        if pos < len(text) and text[pos] == "{":
-            end = _match_group(text, pos)
-            if end is not None:
-                return text[pos + 1:end - 1]
-        else:  # "\boxed 5" form: one token
-            m = re.match(r"[^\s$]+", text[pos:pos + 200])
-            if m:
-                return m.group(0)
-    return None
+def _box_at(text: str, m: re.Match) -> tuple[int, int, str] | None:
+    """``(start, end, content)`` of the box whose command ``m`` matched."""
+    pos = m.end()
+    if pos < len(text) and text[pos] == "{":
+        end = _match_group(text, pos)
+        return None if end is None else (m.start(), end, text[pos + 1:end - 1])
+    tok = re.match(r"[^\s${}\\]+", text[pos:pos + 200])  # "\boxed 5": one token
+    return (m.start(), pos + tok.end(), tok.group(0)) if tok else None
+
+
+def _unbox(s: str) -> str:
+    """``\\boxed{\\boxed{5}}`` -> ``5``."""
+    for _ in range(10):
+        m = _BOX_RE.match(s)
+        box = _box_at(s, m) if m else None
+        if box is None or box[1] != len(s):
+            break
+        s = box[2].strip()
+    return s
+
+
+def _boxed_answer(text: str) -> tuple[int, str] | None:
+    """``(start, answer)`` of the last complete box, joined with the boxes
+    just before it when only connectors ("and", commas, ``\\quad``) stand
+    between them: several boxes that together are the answer."""
+    matches = list(_BOX_RE.finditer(text))
+    last = None
+    for k in range(len(matches) - 1, -1, -1):
+        last = _box_at(text, matches[k])
+        if last is not None:
+            break
+    if last is None:
+        return None
+    parts, start = [last[2].strip()], last[0]
+    k -= 1
+    while k >= 0 and len(parts) < 10:
+        window = text[max(0, start - 200):start]
+        joint_at = start - (len(window) - _JOIN_TAIL_RE.search(window).start())
+        if not re.search(r"[,;]|\band\b|\bor\b|quad", text[joint_at:start]):
+            break  # boxes with no separator between them are steps, not one answer
+        prev = None
+        while k >= 0 and matches[k].start() >= joint_at - 2 * MAX_ANSWER_CHARS:
+            box = _box_at(text, matches[k])
+            k -= 1
+            if box is not None and box[1] == joint_at:
+                prev = box
+                break
+        if prev is None:
+            break
+        parts.insert(0, prev[2].strip())
+        start = prev[0]
+    parts = [_unbox(p) for p in parts]
+    if len(set(parts)) == 1:  # the same value boxed twice
+        parts = parts[:1]
+    return start, ", ".join(parts)
+
+
+def _env_content(m: re.Match) -> str:
+    return next(g for g in m.groups() if g is not None).strip()
+
+
+def _env_chain(s: str, matches: list[re.Match], last: int) -> tuple[int, list[str]]:
+    """The environment ``matches[last]`` and those joined to it before by
+    connectors only: ``(start, contents)``."""
+    k, parts = last, [_env_content(matches[last])]
+    while k > 0 and len(parts) < 6 and _JOIN_RE.fullmatch(s, matches[k - 1].end(), matches[k].start()):
+        gap = s[matches[k - 1].end():matches[k].start()]
+        if not gap.strip(" \t$"):
+            break  # "$a$$b$": two formulas, not a list
+        k -= 1
+        parts.insert(0, _env_content(matches[k]))
+    return matches[k].start(), parts
+
+
+def _leading_envs(s: str) -> list[str] | None:
+    """Contents of the environments that ``s`` starts with (joined by
+    connectors), when ``s`` is nothing but those and trailing words."""
+    m = _ENV_RE.match(s)
+    if not m:
+        return None
+    parts, pos = [_env_content(m)], m.end()
+    while len(parts) < 6:
+        j = _JOIN_RE.match(s, pos)
+        nxt = _ENV_RE.match(s, j.end()) if j and j.end() > pos else None
+        if not nxt:
+            break
+        parts.append(_env_content(nxt))
+        pos = nxt.end()
+    return parts
 
 
 def _clean_line_answer(s: str) -> str:
     s = s.strip()
-    s = re.sub(r"(?:\*\*|__)", "", s)          # markdown bold
-    s = re.sub(r"[.;:!]+\s*$", "", s).strip()  # trailing sentence punctuation
+    s = re.sub(r"(?is)\.?\s*I\s+hope\s+it\s+is\s+correct.*$", "", s)
+    s = re.sub(r"(?:\*\*|__)", "", s).strip()      # markdown bold
+    envs = _leading_envs(s)
+    if envs:  # "$\frac34$. So we are done" -> \frac34; "$2$ and $3$" -> 2, 3
+        return ", ".join(envs)
+    s = re.split(r"\.\s", s, maxsplit=1)[0]        # first sentence: "42. Let me check" -> 42
+    s = re.sub(r"[.;:!]+\s*$", "", s).strip()    # trailing sentence punctuation
     return s
+
+
+_PROSE_RE = re.compile(r"[A-Za-z]{3,}\s+[A-Za-z]{3,}")
+
+
+def _looks_like_math(s: str) -> bool:
+    """An unanchored environment is taken as the answer only if it is not
+    prose: "$5 for apples and $" (two prices in a GSM8K solution) is not."""
+    bare = re.sub(r"\\(?:text|mbox|mathrm)\s*\{[^{}]*\}|\\[A-Za-z]+", " ", s)
+    return bool(s.strip()) and not _PROSE_RE.search(bare)
 
 
 def extract_answer(text: str | None, *, last_number: bool = False) -> str | None:
@@ -211,25 +333,53 @@ def extract_answer(text: str | None, *, last_number: bool = False) -> str | None
     if not isinstance(text, str) or not text:
         return None
     text = text[-MAX_TEXT_CHARS:]
-    boxed = _boxed_content(text)
-    if boxed is not None:
-        # \boxed{\boxed{5}} -> 5
-        for _ in range(10):
-            inner = _boxed_content(boxed)
-            if inner is None or not _BOX_RE.match(boxed.strip()):
-                break
-            boxed = inner
-        boxed = boxed.strip()
-        if boxed:
-            return boxed
-    best: tuple[int, str] | None = None
+    off = max(0, len(text) - _ENV_TAIL_CHARS)
+    tail = text[off:]
+    # 0: the Minerva ending wins over everything (as in math-verify)
+    ms = list(_MINERVA_RE.finditer(tail))
+    for m in reversed(ms):
+        ans = _clean_line_answer(m.group(1))
+        if ans:
+            return _unbox(ans)
+    # 1: the last box (with the boxes joined to it) or the last "final
+    # answer is", whichever comes later
+    cands: list[tuple[int, str]] = []
+    boxed = _boxed_answer(text)
+    if boxed is not None and boxed[1]:
+        cands.append(boxed)
+    for m in _FINAL_IS_RE.finditer(tail):
+        if _BOX_RE.search(m.group(1)):
+            continue  # the box itself is the candidate
+        ans = _clean_line_answer(m.group(1))
+        if ans:
+            cands.append((off + m.start(), ans))
+    if cands:
+        return max(cands, key=lambda c: c[0])[1]
+    # 2: answer lines ("#### N", "The answer is X", "Answer: X") and an
+    # environment right after the word "answer" ("Answer \[ 9 \]")
+    envs = list(_ENV_RE.finditer(tail))
     for rx in (_HASH_RE, _ANSWER_IS_RE, _ANSWER_LINE_RE):
-        for m in rx.finditer(text):
+        for m in rx.finditer(tail):
             ans = _clean_line_answer(m.group(1))
-            if ans and (best is None or m.start() >= best[0]):
-                best = (m.start(), ans)
-    if best is not None:
-        return best[1]
+            if ans:
+                cands.append((m.start(), ans))
+    ei = 0
+    for m in _ANSWER_WORD_RE.finditer(tail):
+        while ei < len(envs) and envs[ei].start() < m.end():
+            ei += 1
+        if ei < len(envs) and envs[ei].start() - m.end() <= 50:
+            e = envs[ei]
+            parts = _leading_envs(tail[e.start():]) or [_env_content(e)]
+            cands.append((e.start(), ", ".join(parts)))
+    if cands:
+        return max(cands, key=lambda c: c[0])[1]
+    # 3: the last LaTeX environment (math-verify's try_extract_without_anchor)
+    if envs:
+        _, parts = _env_chain(tail, envs, len(envs) - 1)
+        ans = ", ".join(parts)
+        if _looks_like_math(ans):
+            return ans
+    # 4: opt-in last number
     if last_number:
         nums = _LAST_NUMBER_RE.findall(text[-10_000:])
         if nums:
@@ -280,6 +430,119 @@ _WORD_UNITS_RE = re.compile(
     r"^(" + _NUM + r"|\\frac\{\d+\}\{\d+\})\s+(?:[A-Za-z]{2,}\.?\s*){1,3}$")
 
 
+_DOUBLED_CMD_RE = re.compile(
+    r"\\\\(?:[dt]?frac|sqrt|pi|cdot|times|infty|text|mbox|left|right|leq?|geq?|neq|pm|circ|boxed|cup|cap"
+    r"|sin|cos|tan|log|ln|mathrm|begin|alpha|beta|theta|dots|ldots|in)(?![A-Za-z])")
+
+
+def _undouble_backslashes(s: str) -> str:
+    r"""``\\frac{1}{2}`` (LaTeX escaped twice, as in JSON or Python source)
+    -> ``\frac{1}{2}``: only when every run of backslashes has even length
+    and one of them precedes a command name, so a matrix row break ``\\``
+    stays."""
+    if not _DOUBLED_CMD_RE.search(s):
+        return s
+    runs = re.findall(r"\\+", s)
+    if any(len(r) % 2 for r in runs):
+        return s
+    return re.sub(r"\\+", lambda m: "\\" * (len(m.group(0)) // 2), s)
+
+
+_VAR = r"[A-Za-z](?:_\{?\w+\}?)?(?:\([A-Za-z]\))?"
+_LESS = {"<": False, "\\lt": False, "\\le": True, "\\leq": True, "\\leqslant": True, "≤": True}
+_MORE = {">": False, "\\gt": False, "\\ge": True, "\\geq": True, "\\geqslant": True, "≥": True}
+_REL = r"(<|>|≤|≥|\\(?:lt|gt|leqslant|geqslant|leq|geq|le|ge)(?![A-Za-z]))"
+_BOUND = r"([^<>=≤≥]+?)"
+_CHAIN_RE = re.compile(_BOUND + _REL + r"\s?(" + _VAR + r")\s?" + _REL + _BOUND)
+_ONE_SIDED_RE = re.compile(r"(" + _VAR + r")\s?" + _REL + _BOUND)
+
+
+def _is_constant(s: str) -> bool:
+    """No variables: letters only inside commands (``\\pi``, ``\\sqrt``)."""
+    return not re.search(r"[A-Za-z]", re.sub(r"\\[A-Za-z]+", "", s))
+
+
+def _inequality_interval(s: str) -> str:
+    """``0<f(x)<1`` -> ``(0,1)``, ``x\\geq5`` -> ``[5,\\infty)``: a
+    single-variable inequality is the interval it describes."""
+    m = _CHAIN_RE.fullmatch(s)
+    if m:
+        lo, r1, _, r2, hi = m.groups()
+        if r1 in _MORE and r2 in _MORE:  # 5>x>1
+            lo, hi, r1, r2 = hi, lo, r2, r1
+            strict = (_MORE[r1], _MORE[r2])
+        elif r1 in _LESS and r2 in _LESS:
+            strict = (_LESS[r1], _LESS[r2])
+        else:
+            return s
+        if not (_is_constant(lo) and _is_constant(hi)):
+            return s
+        return ("[" if strict[0] else "(") + lo + "," + hi + ("]" if strict[1] else ")")
+    m = _ONE_SIDED_RE.fullmatch(s)
+    if m and _is_constant(m.group(3)):
+        _, rel, b = m.groups()
+        if rel in _MORE:
+            return ("[" if _MORE[rel] else "(") + b + ",\\infty)"
+        return "(-\\infty," + b + ("]" if _LESS[rel] else ")")
+    # "5 < x" / "5 \le x": bound first
+    m = re.fullmatch(_BOUND + _REL + r"\s?(" + _VAR + r")", s)
+    if m and _is_constant(m.group(1)):
+        b, rel, _ = m.groups()
+        if rel in _LESS:
+            return ("[" if _LESS[rel] else "(") + b + ",\\infty)"
+        return "(-\\infty," + b + ("]" if _MORE[rel] else ")")
+    return s
+
+
+_ASSIGN_ITEM_RE = re.compile(r"(" + _VAR + r")=([^=]+)")
+
+
+def _split_top(s: str) -> list[str]:
+    """Split at top-level commas (outside any brackets or braces)."""
+    parts, depth, cur, i = [], 0, [], 0
+    while i < len(s):
+        c = s[i]
+        if c == "\\" and i + 1 < len(s) and s[i + 1] in "{}":
+            depth += 1 if s[i + 1] == "{" else -1
+            cur.append(s[i:i + 2])
+            i += 2
+            continue
+        if c in "([{":
+            depth += 1
+        elif c in ")]}":
+            depth -= 1
+        if c == "," and depth == 0:
+            parts.append("".join(cur))
+            cur = []
+        else:
+            cur.append(c)
+        i += 1
+    parts.append("".join(cur))
+    return parts
+
+
+def _assignments(s: str) -> str:
+    """``x=2,y=3`` -> ``(2,3)`` (distinct variables: an ordered tuple, in
+    the variables' alphabetical order, so ``y=3,x=2`` is the same answer
+    and ``x=3,y=2`` is not); ``x=2,x=3`` -> ``2,3`` (the solutions of one
+    variable: a list); ``(p,q)=(3,2)`` -> ``(3,2)``."""
+    m = re.fullmatch(r"\([A-Za-z](?:,[A-Za-z])+\)=(\(.*\))", s)
+    if m:
+        return m.group(1)
+    items = _split_top(s)
+    if len(items) < 2:
+        return s
+    pairs = [_ASSIGN_ITEM_RE.fullmatch(it) for it in items]
+    if not all(pairs):
+        return s
+    names = [p.group(1) for p in pairs]
+    if len(set(names)) == 1:
+        return ",".join(p.group(2) for p in pairs)
+    if len(set(names)) == len(names):
+        return "(" + ",".join(p.group(2) for p in sorted(pairs, key=lambda p: p.group(1))) + ")"
+    return s
+
+
 def normalize_answer(ans: str | None) -> str:
     """Canonical string form of an answer (see module docstring).
 
@@ -289,6 +552,7 @@ def normalize_answer(ans: str | None) -> str:
     if ans is None:
         return ""
     s = str(ans)[:MAX_ANSWER_CHARS * 2].strip()
+    s = _undouble_backslashes(s)
     s = _strip_outer_box(s)
     # protect LaTeX row breaks "\\" from the single-backslash rules below
     s = s.replace("\x00", "").replace("\\\\", "\x00")
@@ -298,8 +562,11 @@ def normalize_answer(ans: str | None) -> str:
     s = s.replace("\\displaystyle", "")
     s = re.sub(r"\\left\s*|\\right\s*", "", s)
     s = re.sub(r"\\[dt]frac", r"\\frac", s)
+    # \sqrt[3]2 -> \sqrt[3]{2} (math-verify's parser needs the braces)
+    s = re.sub(r"\\sqrt\s*(\[[^\[\]{}]*\])?\s*(\d|[A-Za-z](?![A-Za-z])|\\[A-Za-z]+)", r"\\sqrt\1{\2}", s)
     # thousands separators with thin spaces: 10,\!080  1{,}080  1\,080
     s = re.sub(r"(\d)\s*(?:,\\!|\{,\}|\\,|\\!)\s*(?=\d{3}(?!\d))", r"\1", s)
+    s = re.sub(r"(\d)\{,\}(?=\d)", r"\1,", s)  # 1{,}5: a decimal comma, decided in _fast_compare
     s = s.replace("\\!", "")
     # degrees and percent
     s = re.sub(r"\^\s*\{?\\circ\}?|°|\\degree|\\circ\b", "", s)
@@ -316,6 +583,8 @@ def normalize_answer(ans: str | None) -> str:
     s = re.sub(r"\\[,;: ]|\\quad|\\qquad|~", " ", s)
     s = re.sub(r"\s+", " ", s).strip()
     s = re.sub(r"\s*[.。]$", "", s).strip()  # trailing period
+    # "6 and 8", "x=2 or x=3": a list (not between words: "black and white")
+    s = re.sub(r"(?<=[^\sA-Za-z])\s*,?\s+(?:and|or)\s+(?=[^\sA-Za-z]|[A-Za-z](?![A-Za-z]))", ",", s)
     # "18 dollars", "5 cm" -> value
     m = _WORD_UNITS_RE.match(s)
     if m:
@@ -324,6 +593,10 @@ def normalize_answer(ans: str | None) -> str:
         s = s.replace(",", "")
     # spaces only matter between two letters (e.g. "\pi r")
     s = re.sub(r"(?<![A-Za-z])\s+|\s+(?![A-Za-z])", "", s)
+    if "=" in s:
+        s = _assignments(s)
+    if re.search(r"[<>≤≥]|\\(?:lt|gt|le|ge)", s):
+        s = _inequality_interval(s)
     return s.replace("\x00", "\\\\")
 
 
@@ -459,17 +732,72 @@ def _shape(s: str) -> str:
 _ASSIGN_PREFIX_RE = re.compile(r"^[A-Za-z](?:_\{?\w+\}?)?(?:=|\\in)")
 
 
-def _shape_veto(pred: str, gold: str) -> bool:
-    """True when the outer structure alone proves the answers differ."""
+LIST_POLICIES = ("unordered", "ordered")
+"""How a bare comma list (``3, 1, 5``) compares with another: as a set
+(default, as math-verify does) or in the order given."""
+
+
+def _items(s: str, shape: str) -> list[str]:
+    if shape == "set":
+        return _split_top(s[2:-2])
+    if shape.startswith("paren:"):
+        return _split_top(s[1:-1])
+    return _split_top(s)
+
+
+def _num_equal(a: tuple[Fraction, int | None], b: tuple[Fraction, int | None]) -> bool:
+    (av, ad), (bv, bd) = a, b
+    if av == bv:
+        return True
+    # a decimal with >= 6 places may stand for a non-terminating fraction:
+    # accept it within one unit of its last place (math-verify's float_rounding=6)
+    for dec, places, other, other_places in ((av, ad, bv, bd), (bv, bd, av, ad)):
+        if places is not None and places >= 6 and other_places is None and other.denominator != 1:
+            return abs(dec - other) < Fraction(1, 10 ** places)
+    return False
+
+
+def _structures(pred: str, gold: str, lists: str) -> tuple[bool | None, str, str]:
+    """Compare tuples / intervals / sets / lists by their outer structure.
+
+    Returns ``(verdict or None, pred, gold)``, the strings possibly
+    rewritten for math-verify (a bare list given for an ordered pair gets
+    the gold's parentheses; ordered lists become tuples).
+    """
     gs, ps = _shape(_ASSIGN_PREFIX_RE.sub("", gold)), _shape(_ASSIGN_PREFIX_RE.sub("", pred))
+    # "1, 3" for the pair or open interval (1,3): the same items in order
+    if gs == "paren:()" and ps == "list":
+        pred, ps = "(" + pred + ")", gs
+    elif ps == "paren:()" and gs == "list":
+        gold, gs = "(" + gold + ")", ps
     if gs.startswith("paren:") or ps.startswith("paren:"):
-        return gs != ps
-    unordered = ("set", "list")
-    if gs in unordered and ps in unordered:
-        return False
-    if gs == "list" or ps == "list":
-        return True  # list of >= 2 vs a scalar
-    return False  # set vs scalar: singleton sets are left to math-verify
+        if gs != ps:
+            return False, pred, gold
+    elif "list" in (gs, ps) and "scalar" in (gs, ps):
+        return False, pred, gold  # a list of >= 2 vs a single value
+    elif gs == ps == "list" and lists == "ordered":
+        pred, gold, gs, ps = "(" + pred + ")", "(" + gold + ")", "paren:()", "paren:()"
+    if gs == "scalar" or ps == "scalar":
+        return None, pred, gold  # set vs scalar: singleton sets are left to math-verify
+    gi, pi = _items(gold, gs), _items(pred, ps)
+    gn, pn = [_parse_number(x) for x in gi], [_parse_number(x) for x in pi]
+    if None in gn or None in pn:
+        return None, pred, gold
+    if gs.startswith("paren:"):
+        return len(gn) == len(pn) and all(_num_equal(a, b) for a, b in zip(pn, gn)), pred, gold
+    # unordered: as sets (math-verify's FiniteSet drops repeats too)
+    gset, pset = {v for v, _ in gn}, {v for v, _ in pn}
+    if gset == pset:
+        return True, pred, gold
+    if any(d is not None and d >= 6 for _, d in gn + pn):
+        return None, pred, gold  # rounded decimals: let math-verify decide
+    return False, pred, gold
+
+
+def _check_lists(lists: str) -> str:
+    if lists not in LIST_POLICIES:
+        raise ValueError(f"lists must be one of {', '.join(LIST_POLICIES)}, got {lists!r}")
+    return lists
 
 
 # --------------------------------------------------------------------------
@@ -477,34 +805,30 @@ def _shape_veto(pred: str, gold: str) -> bool:
 # --------------------------------------------------------------------------
 
 _WORDS_RE = re.compile(r"[A-Za-z][A-Za-z ]+")
+_DECIMAL_COMMA_RE = re.compile(r"[+-]?\d+,\d+")
 
 
-def _fast_compare(pred: str, gold: str) -> bool | None:
-    """Decide equivalence without sympy, or None when sympy is needed."""
+def _fast_compare(pred: str, gold: str, lists: str = "unordered") -> tuple[bool | None, str, str]:
+    """Decide equivalence without sympy: ``(verdict, pred, gold)`` with
+    verdict None when sympy is needed (for the strings returned)."""
     if not pred:
-        return False
+        return False, pred, gold
     mc = _mc_letter(gold, strict=True)
     if mc:
-        return _mc_letter(pred, strict=False) == mc
+        return _mc_letter(pred, strict=False) == mc, pred, gold
     if pred == gold:
-        return True
+        return True, pred, gold
     g, p = _parse_number(gold), _parse_number(pred)
     if g is not None and p is not None:
-        (gv, gd), (pv, pd) = g, p
-        if gv == pv:
-            return True
-        # a decimal with >= 6 places may stand for a non-terminating
-        # fraction: accept it within one unit of its last place
-        for dec, places, other, other_places in ((pv, pd, gv, gd), (gv, gd, pv, pd)):
-            if (places is not None and places >= 6 and other_places is None
-                    and other.denominator != 1):
-                return abs(dec - other) < Fraction(1, 10 ** places)
-        return False
+        return _num_equal(p, g), pred, gold
+    # a decimal comma (1,22 for 1.22) -- read so only against a gold that is
+    # a single number with a fractional part, where a list cannot be right
+    if (g is not None and g[0].denominator != 1 and p is None
+            and _DECIMAL_COMMA_RE.fullmatch(pred)):
+        return _num_equal(_parse_number(pred.replace(",", ".")), g), pred, gold
     if _WORDS_RE.fullmatch(gold) and _WORDS_RE.fullmatch(pred):
-        return gold.lower() == pred.lower()
-    if _shape_veto(pred, gold):
-        return False
-    return None
+        return gold.lower() == pred.lower(), pred, gold
+    return _structures(pred, gold, lists)
 
 
 # --------------------------------------------------------------------------
@@ -616,11 +940,12 @@ class Checker:
 
     def __init__(self, workers: int | None = None, *, timeout: float = DEFAULT_TIMEOUT,
                  memory_mb: int = WORKER_MEMORY_MB, last_number: bool = False,
-                 start_method: str = "forkserver"):
+                 lists: str = "unordered", start_method: str = "forkserver"):
         self.n_workers = max(1, workers or os.cpu_count() or 1)
         self.timeout = float(timeout)
         self.memory_mb = memory_mb
         self.last_number = last_number
+        self.lists = _check_lists(lists)
         if start_method not in mp.get_all_start_methods():
             start_method = "spawn"
         self._ctx = mp.get_context(start_method)
@@ -721,15 +1046,16 @@ class Checker:
     # -- checks ------------------------------------------------------------
     def check_many(self, pairs: Iterable[tuple[str | None, str]], *,
                    timeout: float | None = None, extracted: bool = False,
-                   last_number: bool | None = None) -> list[Verdict]:
+                   last_number: bool | None = None, lists: str | None = None) -> list[Verdict]:
         """Check ``(completion, gold)`` pairs; returns one :class:`Verdict` each.
 
         With ``extracted=True`` the first element is already an answer
         string (no extraction, e.g. for comparing two votes).
-        ``last_number`` overrides the checker's extraction fallback.
+        ``last_number`` and ``lists`` override the checker's policies.
         """
         timeout = self.timeout if timeout is None else float(timeout)
         last_number = self.last_number if last_number is None else last_number
+        lists = self.lists if lists is None else _check_lists(lists)
         pairs = list(pairs)
         verdicts: list[Verdict | None] = [None] * len(pairs)
         slow: list[tuple[str, str, str]] = []
@@ -751,7 +1077,7 @@ class Checker:
             if not g:
                 verdicts[i] = Verdict(False, pred, "ok", time.perf_counter() - t0)
                 continue
-            fast = _fast_compare(p, g)
+            fast, p, g = _fast_compare(p, g, lists)
             if fast is not None:
                 verdicts[i] = Verdict(fast, pred, "ok", time.perf_counter() - t0)
                 continue
@@ -825,7 +1151,7 @@ atexit.register(close_default_checker)
 
 def check_many(pairs: Iterable[tuple[str | None, str]], *, timeout: float = DEFAULT_TIMEOUT,
                workers: int | None = None, extracted: bool = False,
-               last_number: bool = False) -> list[Verdict]:
+               last_number: bool = False, lists: str = "unordered") -> list[Verdict]:
     """Check many ``(completion, gold)`` pairs with a shared worker pool.
 
     Plain-number checks are decided in-process (hundreds of thousands per
@@ -833,19 +1159,20 @@ def check_many(pairs: Iterable[tuple[str | None, str]], *, timeout: float = DEFA
     ``timeout`` seconds (hard-killed after ``timeout + KILL_GRACE``).
     """
     return _default_checker(workers).check_many(pairs, timeout=timeout, extracted=extracted,
-                                                last_number=last_number)
+                                                last_number=last_number, lists=lists)
 
 
 def is_correct(text: str | None, gold: str, *, timeout: float = DEFAULT_TIMEOUT,
-               last_number: bool = False) -> bool:
+               last_number: bool = False, lists: str = "unordered") -> bool:
     """Whether the completion ``text`` answers ``gold`` (module policy)."""
-    return check_many([(text, gold)], timeout=timeout, last_number=last_number)[0].correct
+    return check_many([(text, gold)], timeout=timeout, last_number=last_number, lists=lists)[0].correct
 
 
-def answers_match(a: str | None, b: str, *, timeout: float = DEFAULT_TIMEOUT) -> bool:
+def answers_match(a: str | None, b: str, *, timeout: float = DEFAULT_TIMEOUT,
+                  lists: str = "unordered") -> bool:
     """Whether two already-extracted answers are equivalent (``b`` is the
     reference side, as math-verify is not symmetric)."""
-    return check_many([(a, b)], timeout=timeout, extracted=True)[0].correct
+    return check_many([(a, b)], timeout=timeout, extracted=True, lists=lists)[0].correct
 
 
 def gold_parses(golds: Sequence[str | None], *, timeout: float = DEFAULT_TIMEOUT,

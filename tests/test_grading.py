@@ -39,7 +39,7 @@ def checker():
     ("\\boxed 5 is it", "5"),
     ("calc\n#### 1,080", "1,080"),
     ("So the answer is 42.", "42"),
-    ("The final answer is $\\frac{3}{4}$.", "$\\frac{3}{4}$"),
+    ("The final answer is $\\frac{3}{4}$.", "\\frac{3}{4}"),     # the environment's content
     ("blah\nA: 18", "18"),
     ("**Answer:** 7", "7"),
     ("Answer: 5\nThe answer is 6.", "6"),                        # the later one
@@ -135,7 +135,8 @@ EDGE_CASES = [
     (B % "(3, \\frac{\\pi}{2})", "\\left( 3, \\frac{\\pi}{2} \\right)", True),
     (B % "(2,1)", "(1,2)", False),
     (B % "\\{1,2\\}", "(1,2)", False),          # math-verify says True
-    (B % "1,2", "(1,2)", False),                 # math-verify says True
+    (B % "1,2", "(1,2)", True),                  # a bare list for a pair, in order (as math-verify)
+    (B % "2,1", "(1,2)", False),
     (B % "(1,2)", "\\{1,2\\}", False),           # math-verify says True
     (B % "\\{2,1\\}", "\\{1,2\\}", True),
     (B % "3, 1, 5", "1,3,5", True),
