@@ -74,7 +74,9 @@ def test_checkpoint_contents(tiny_hybrid):
     text = tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
     assert text.endswith("<|im_start|>assistant\n")
     cfg = json.loads((tiny_hybrid / "config.json").read_text())
-    assert cfg["layer_types"] == ["linear_attention", "full_attention", "linear_attention", "full_attention"]
+    # the names llama.cpp's converter and transformers 4.x read too (5.x maps them on load)
+    assert cfg["layer_types"] == ["mamba", "attention", "mamba", "attention"]
+    assert json.loads((tiny_hybrid / "tokenizer_config.json").read_text())["tokenizer_class"] == "PreTrainedTokenizerFast"
     assert cfg["router_aux_loss_coef"] == 0.0 and cfg["num_local_experts"] == 0
     assert cfg["position_embedding_type"] == "rope" and cfg["rope_theta"] == 500000.0
 
@@ -238,3 +240,60 @@ def test_bad_layout_syntax_fails_before_the_teacher_loads(monkeypatch, tmp_path)
     for spec in ("all", "none", None):
         with pytest.raises(Reached):
             convert("smollm2-135m", tmp_path / "o", attn_layers=spec, log=lambda m: None)
+
+
+# ------------------------------------------------------------------ --attn-layers auto
+def test_most_sensitive_layers_takes_the_top_fraction_ties_to_the_lower_index():
+    from m1.convert import most_sensitive_layers
+
+    assert most_sensitive_layers([0.1, 0.5, 0.2, 0.5, 0.0], 0.4) == [1, 3]
+    assert most_sensitive_layers([0.3, 0.3, 0.3, 0.3], 0.5) == [0, 1]
+    assert most_sensitive_layers([0.1, 0.9, 0.2], 0.0) == []
+    with pytest.raises(M1Error, match="between 0 and 1"):
+        most_sensitive_layers([0.1], 1.5)
+
+
+def test_layer_sensitivity_equals_the_kl_of_the_one_mamba_layer_hybrid(tiny_teachers):
+    """The hook-based score of layer i against the reference: a hybrid built with only layer i as
+    Mamba (every other layer attention, which is exact), its KL to the teacher on the same tokens."""
+    from transformers import AutoTokenizer
+
+    from m1.convert import calibration_texts, layer_sensitivity
+    from m1.losses import forward_kl_per_token
+
+    teacher = AutoModelForCausalLM.from_pretrained(tiny_teachers["qwen2"]).eval()
+    tok = AutoTokenizer.from_pretrained(tiny_teachers["qwen2"])
+    cal = calibrate(teacher, tok, calibration_texts(4))
+    text = calibration_texts(1)[0]
+    scores = layer_sensitivity(teacher, tok, [text], cal, max_len=10_000)
+    ids = torch.tensor([tok(text, add_special_tokens=False)["input_ids"]])
+    ref = _logits(teacher, ids).float()
+    n = teacher.config.num_hidden_layers
+    assert len(scores) == n
+    for i in range(n):
+        one = build_hybrid(teacher, [j for j in range(n) if j != i], calibration=cal).eval()
+        want = forward_kl_per_token(_logits(one, ids).float(), ref).double().mean().item()
+        assert scores[i] > 0 and abs(scores[i] - want) <= 1e-4 * max(1.0, want), (i, scores[i], want)
+    # the teacher is left as it was: no hook stays behind
+    assert torch.equal(_logits(teacher, ids).float(), ref)
+
+
+def test_convert_auto_keeps_the_most_sensitive_layers(tiny_teachers, tmp_path):
+    from m1.convert import most_sensitive_layers
+
+    out = convert(str(tiny_teachers["llama_untied"]), tmp_path / "h", attn_layers="auto", attn_fraction=0.5,
+                  log=lambda m: None)
+    rec = json.loads((out / "m1.json").read_text())
+    assert len(rec["layer_sensitivity"]) == 4
+    assert rec["attn_layers"] == most_sensitive_layers(rec["layer_sensitivity"], 0.5)
+    assert len(rec["attn_layers"]) == 2
+    cfg = json.loads((out / "config.json").read_text())
+    assert [i for i, t in enumerate(cfg["layer_types"]) if t == "attention"] == rec["attn_layers"]
+
+
+def test_convert_auto_needs_the_attention_init(tmp_path, monkeypatch):
+    import m1.teachers
+
+    monkeypatch.setattr(m1.teachers, "load_teacher", lambda *a, **k: (_ for _ in ()).throw(AssertionError("loaded")))
+    with pytest.raises(M1Error, match="needs --init attention"):
+        convert("smollm2-135m", tmp_path / "o", attn_layers="auto", init="random", log=lambda m: None)
