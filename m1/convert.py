@@ -251,11 +251,9 @@ def layer_sensitivity(teacher_model, tokenizer, texts: list[str], calibration: C
     mixer imitates worst; ``--attn-layers auto`` keeps those layers as attention.
 
     Why this criterion: replacing one layer at a time isolates each layer's damage (one forward per
-    layer, no training), and it can be measured at conversion time. Measured on SmolLM2-135M (arith
-    chat completions): the 6 most sensitive layers were 0,1,14,16,20,23, and the 24-Mamba hybrid that
-    keeps them starts at KL 4.41 (on digit tokens 2.64) against 5.34 (5.23) for the evenly spread
-    default 4,9,14,19,24,29 (docs/distill.md). The swap is done by a forward hook on the teacher's
-    attention module, so the teacher is run as it is and every other layer stays exact.
+    layer, no training), and it can be measured at conversion time (measurements: docs/distill.md).
+    The swap is done by a forward hook on the teacher's attention module, so the teacher is run as it
+    is and every other layer stays exact.
     """
     import torch
 
@@ -434,15 +432,16 @@ def convert(teacher: str, out: str | Path, attn_layers=None, attn_fraction: floa
     if auto and init != "attention":
         raise M1Error("--attn-layers auto ranks layers by how well their attention init imitates them: "
                       "it needs --init attention")
-    if auto and not 0.0 <= attn_fraction <= 1.0:
-        raise M1Error(f"--attn-fraction must be between 0 and 1, got {attn_fraction}")
+    if auto:
+        most_sensitive_layers([], attn_fraction)  # a bad fraction fails now, not after loading the teacher
     if isinstance(attn_layers, str) and not auto and attn_layers.strip().lower() not in ("", "all", "none"):
         parse_layout(attn_layers, 1 << 30, attn_fraction)  # its syntax fails now, not after loading the teacher
     t = load_teacher(teacher)
     _teacher_dims(t.model.config)
     n = t.model.config.num_hidden_layers
+    layers = None if auto else parse_layout(attn_layers, n, attn_fraction)
     calibration, sensitivity = None, []
-    if init == "attention" and (auto or len(parse_layout(attn_layers, n, attn_fraction)) < n):
+    if init == "attention" and (auto or len(layers) < n):
         calibration = calibrate(t.model, t.tokenizer, calibration_texts(calibration_samples))
         log(f"calibrated the attention init on {calibration.tokens} tokens of GSM8K train solutions")
     if auto:
@@ -450,8 +449,6 @@ def convert(teacher: str, out: str | Path, attn_layers=None, attn_fraction: floa
         layers = most_sensitive_layers(sensitivity, attn_fraction)
         log("layer sensitivity (KL when only that layer is Mamba): "
             + " ".join(f"{i}:{v:.3f}" for i, v in enumerate(sensitivity)))
-    else:
-        layers = parse_layout(attn_layers, n, attn_fraction)
     log(f"teacher {t.path}: {t.model.config.model_type}, {n} layers; attention layers: "
         f"{','.join(map(str, layers)) or 'none'}{' (auto: the most sensitive)' if auto else ''}; init={init}")
     with torch.no_grad():

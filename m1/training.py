@@ -18,7 +18,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
 
-from .checkpoint import M1_RECORD, atomic_dir, read_record, write_json_atomic
+from .checkpoint import M1_RECORD, atomic_dir, read_record, saved_dtype, write_json_atomic
 from .errors import M1Error
 
 CHECKPOINTS = "checkpoints"
@@ -505,5 +505,5 @@ def base_dtype(base: Path) -> str | None:
         cfg = json.loads((base / "config.json").read_text())
     except (OSError, ValueError):
         return None
-    d = cfg.get("dtype") or cfg.get("torch_dtype")
+    d = saved_dtype(cfg)
     return d if d in ("float32", "bfloat16", "float16") else None
