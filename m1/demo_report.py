@@ -62,6 +62,19 @@ def training_budget(model_dir: Path) -> dict:
     return {"stage": stage, "steps": sec.get("steps"), "tokens": tokens, "seconds": sec.get("seconds")}
 
 
+def _layout_line(base: Path) -> str:
+    """Which layers the hybrid kept as attention, and how they were chosen (from its m1.json)."""
+    from .checkpoint import read_record
+
+    rec = read_record(base)
+    conv = rec.get("convert", rec)
+    attn, n = conv.get("attn_layers"), conv.get("num_layers")
+    how = ("the most sensitive layers (`--attn-layers auto`)" if conv.get("layer_sensitivity")
+           else "the default spread")
+    return (f"Hybrid layout: attention at layers {','.join(map(str, attn))} of {n} ({len(attn)} attention, "
+            f"{n - len(attn)} Mamba2), chosen as {how}.") if attn is not None and n else "Hybrid layout: unknown."
+
+
 def write_report(demo, stages: dict, evals: dict, gsm: dict, bench: dict, ppl: dict | None = None,
                  models: dict | None = None) -> Path:
     from .bench import BenchRow, markdown_table
@@ -76,6 +89,8 @@ def write_report(demo, stages: dict, evals: dict, gsm: dict, bench: dict, ppl: d
                  "GRPO budget." if b.recipe == "from-teacher" else
                  "Both models get the same SFT and GRPO budget on the same data; the hybrid is first distilled "
                  "from the base teacher on GSM8K chats (align, then kd)."), ""]
+    if models is not None:
+        lines += [_layout_line(models["hybrid"] / "base"), ""]
     # accuracy after each stage
     lines += ["## Accuracy after each stage", "",
               "pass@1 (%) = mean correctness over all samples, with a 95% bootstrap interval over problems.", "",

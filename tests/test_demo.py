@@ -37,6 +37,14 @@ def test_smoke_demo_end_to_end_and_resume(tmp_path, capsys, recipe):
         assert re.search(rf"^\| {who} \| [\d.]+ \| [\d,]+ \|$", report, re.M), who
     assert re.search(r"^\| hybrid \| [\d.]+ \| [\d.]+ \| [\d.]+ \| [\d.]+ \|$", report, re.M)  # pass@k/maj@k
     assert re.search(r"^\| hybrid \| 4 \| 16 \| [\d.]+ \| [\d.]+ \| [\d.]+ \| [\d.]+ \|", report, re.M)
+    # the hybrid's layout is chosen by sensitivity and the report says which layers it kept
+    layout = re.search(r"^Hybrid layout: attention at layers ([\d,]+) of 5 .*`--attn-layers auto`", report, re.M)
+    assert layout, report[:2000]
+    import json
+
+    record = json.loads((out / "hybrid" / "base" / "m1.json").read_text())
+    assert layout.group(1) == ",".join(map(str, record["attn_layers"])) and len(record["layer_sensitivity"]) == 5
+    assert "m1 convert --teacher" in report and "--attn-layers auto" in report
     assert "m1 distill --student" in report and "m1 grpo --model" in report and "m1 bench --model" in report
     for d in ("teacher/base", "hybrid/base", "hybrid/distill", "teacher/sft", "teacher/grpo", "hybrid/grpo") + (
             ("hybrid/sft",) if general else ()):
