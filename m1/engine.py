@@ -714,12 +714,16 @@ class Engine:
     # ----------------------------------------------------------------------------------- public
     def generate(self, prompts, params: SamplingParams | Sequence[SamplingParams] | None = None, *,
                  chat: bool = False, on_token: Callable[[StreamEvent], None] | None = None,
-                 progress: bool = False, deadline: float | None = None) -> list[RequestOutput]:
+                 progress: bool = False, deadline: float | None = None,
+                 on_output: Callable[[RequestOutput], None] | None = None) -> list[RequestOutput]:
         """Sample completions for ``prompts`` (a string, a token-id list, or a list of either).
 
         ``params``: one :class:`SamplingParams` for all prompts or one per prompt. ``on_token`` is
-        called after every generated token of every sample. ``deadline`` (a ``time.perf_counter()``
-        value): stop everything then; unfinished samples end with finish_reason "budget".
+        called after every generated token of every sample. ``on_output`` is called with a prompt's
+        :class:`RequestOutput` the moment its last sample ends, while the rest of the batch decodes
+        (``m1 eval`` grades and saves each problem there, so a kill loses only unfinished problems).
+        ``deadline`` (a ``time.perf_counter()`` value): stop everything then; unfinished samples end
+        with finish_reason "budget".
         """
         import torch
 
@@ -741,6 +745,16 @@ class Engine:
             bar = tqdm(total=len(reqs), file=sys.stderr, unit="prompt", dynamic_ncols=True)
         outputs: list[RequestOutput | None] = [None] * len(reqs)
         pending = {r.index: sp.n for r, sp in zip(reqs, plist)}
+
+        def row_done(row: _Row) -> None:
+            pending[row.req] -= 1
+            if pending[row.req] == 0:
+                outputs[row.req] = self._finish_request(reqs[row.req], rows_by_req[row.req])
+                if bar is not None:
+                    bar.update(1)
+                if on_output is not None:
+                    on_output(outputs[row.req])
+
         try:
             with torch.inference_mode():
                 for group in self._plan(reqs, rows_by_req):
@@ -748,14 +762,9 @@ class Engine:
                         now = time.perf_counter()
                         for row in group:  # the budget is spent before this batch started
                             self._finish(row, FINISH_BUDGET, now, now, None)
+                            row_done(row)
                     else:
-                        self._run_group(reqs, group, on_token, deadline)
-                    for row in group:
-                        pending[row.req] -= 1
-                        if pending[row.req] == 0:
-                            outputs[row.req] = self._finish_request(reqs[row.req], rows_by_req[row.req])
-                            if bar is not None:
-                                bar.update(1)
+                        self._run_group(reqs, group, on_token, deadline, row_done)
         finally:
             if bar is not None:
                 bar.close()
@@ -841,7 +850,8 @@ class Engine:
         return cache, out.logits[:, -1, :].float(), mask, torch.tensor(lens, device=dev)
 
     # ------------------------------------------------------------------------------- one group
-    def _run_group(self, reqs, rows, on_token, deadline) -> None:
+    def _run_group(self, reqs, rows, on_token, deadline, row_done) -> None:
+        """Decode one group of rows to the end; ``row_done(row)`` once for each row, as it ends."""
         import torch
 
         t0 = time.perf_counter()
@@ -865,10 +875,13 @@ class Engine:
                 self._append(row, t, on_token, now, t0)
                 if row.done:
                     finished.append(slot)
+            for slot in finished:
+                row_done(active[slot])
             if deadline is not None and now >= deadline:
                 for row in active:
                     if not row.done:
                         self._finish(row, FINISH_BUDGET, now, t0, on_token)
+                        row_done(row)
                 break
             if finished:
                 alive = [s for s in range(len(active)) if not active[s].done]
@@ -1272,7 +1285,8 @@ class VLLMEngine:
     def tokenize(self, prompt, chat: bool = False) -> list[int]:
         return check_context(self.encode(prompt, chat=chat), self.max_context)
 
-    def generate(self, prompts, params=None, *, chat=False, on_token=None, progress=False, deadline=None):
+    def generate(self, prompts, params=None, *, chat=False, on_token=None, progress=False, deadline=None,
+                 on_output=None):
         import vllm
 
         if on_token is not None or deadline is not None:
@@ -1301,4 +1315,6 @@ class VLLMEngine:
                      for c in o.outputs]
             res.append(RequestOutput(index=i, prompt=pr, prompt_token_ids=list(o.prompt_token_ids), completions=comps,
                                      seconds=dt))
+            if on_output is not None:  # vLLM returns the whole batch at once
+                on_output(res[-1])
         return res

@@ -1,7 +1,8 @@
 """Model-driven half of ``m1 eval``: sample, grade, append results, summarise, report.
 
-Every sample is appended to ``results.jsonl`` as soon as it is graded (``ResultsWriter``: flush +
-fsync), so a killed run loses at most the batch in flight; a rerun with the same settings skips
+Every problem's samples are graded and appended to ``results.jsonl`` the moment its last sample
+ends, while the rest of its batch still decodes (``Engine.generate(on_output=...)``;
+``ResultsWriter``: flush + fsync), so a killed run loses only the problems still decoding; a rerun with the same settings skips
 problems whose samples are all there. Seeds are per problem (``seed`` + the problem's index in the
 task), so a resumed run draws exactly the samples the first run would have drawn.
 """
@@ -117,20 +118,20 @@ def _sample_and_grade(cfg, engine, todo, finished, results, budget_seconds, prog
             prompts = [_render(tok, build_messages(p, few_shot=cfg.few_shot)) for _, p in chunk]
             params = [SamplingParams(n=cfg.n, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
                                      top_p=cfg.top_p, seed=cfg.seed * 1_000_003 + i) for i, _ in chunk]
-            outputs = engine.generate(prompts, params)
-            pairs, meta = [], []
-            for (i, p), o in zip(chunk, outputs):
-                for j, c in enumerate(o.completions):
-                    if (p.id, j) in finished:
-                        continue
-                    pairs.append((c.text, p.answer))
-                    meta.append((p, j, c))
-            verdicts = checker.check_many(pairs)
-            for (p, j, c), v in zip(meta, verdicts):
-                writer.write(result_row(p.id, j, c.text, p.answer, v, tokens=c.num_tokens,
-                                        seconds=round(c.seconds, 4), finish_reason=c.finish_reason,
-                                        **{k: p.meta[k] for k in ("level", "subject") if k in p.meta}))
-            bar.update(len(chunk))
+
+            def save(o, chunk=chunk):
+                """Grade and append one problem's samples as soon as they are drawn (the rest of the
+                batch is still decoding), so a kill loses only the problems not yet finished."""
+                p = chunk[o.index][1]
+                todo_samples = [(j, c) for j, c in enumerate(o.completions) if (p.id, j) not in finished]
+                verdicts = checker.check_many([(c.text, p.answer) for _, c in todo_samples])
+                for (j, c), v in zip(todo_samples, verdicts):
+                    writer.write(result_row(p.id, j, c.text, p.answer, v, tokens=c.num_tokens,
+                                            seconds=round(c.seconds, 4), finish_reason=c.finish_reason,
+                                            **{k: p.meta[k] for k in ("level", "subject") if k in p.meta}))
+                bar.update(1)
+
+            engine.generate(prompts, params, on_output=save)
     bar.close()
 
 

@@ -227,6 +227,25 @@ def test_streaming_callback_reassembles_the_text(models):
             assert evs[-1].finished and evs[-1].finish_reason == c.finish_reason
 
 
+@pytest.mark.parametrize("backend", ["fast", "hf"])
+def test_on_output_fires_when_a_prompt_ends_mid_batch(models, backend):
+    """A prompt whose samples end early is handed over while the others still decode, once, whole."""
+    model, tok = models["hybrid"]
+    eng = Engine(model, tok, backend=backend)
+    tokens_so_far, handed = [0], []
+    params = [SamplingParams(n=2, max_new_tokens=m, temperature=1.0, seed=3, ignore_eos=True) for m in (10, 2, 6)]
+
+    def on_token(e):
+        tokens_so_far[0] += 1
+
+    outs = eng.generate(PROMPTS[:3], params, on_token=on_token,
+                        on_output=lambda o: handed.append((o.index, tokens_so_far[0], o)))
+    assert [i for i, _, _ in handed] == [1, 2, 0]  # in the order they ended
+    assert [t for _, t, _ in handed] == [6 * 2, 6 * 2 + 4 * 4, 6 * 2 + 4 * 4 + 2 * 4]  # rows x steps
+    for i, _, o in handed:
+        assert o is outs[i] and [c.num_tokens for c in o.completions] == [params[i].max_new_tokens] * 2
+
+
 def test_bad_sampling_params():
     for kw, msg in [({"n": 0}, "n "), ({"temperature": -0.1}, "temperature"), ({"top_p": 0.0}, "top_p"),
                     ({"top_p": 1.5}, "top_p"), ({"top_k": -1}, "top_k"), ({"min_p": 2.0}, "min_p"),

@@ -100,3 +100,52 @@ def test_k_larger_than_n_is_refused(tiny_hybrid, tmp_path, capsys):
     assert main(["eval", "--model", str(tiny_hybrid), "--task", "arith", "-n", "2", "--k", "4",
                  "--out", str(tmp_path / "e")]) == 1
     assert "larger than -n" in capsys.readouterr().err
+
+
+class _KilledAfter:
+    """A real engine whose run dies (KeyboardInterrupt) right after its k-th problem is handed over,
+    while the rest of the batch is still decoding; counts the prompts it is asked for."""
+
+    def __init__(self, engine, k=None):
+        self.engine, self.k, self.prompts = engine, k, 0
+        self.tokenizer = engine.tokenizer
+
+    def generate(self, prompts, params, on_output=None, **kw):
+        self.prompts += len(prompts)
+        handed = []
+
+        def hook(o):
+            on_output(o)
+            handed.append(o.index)
+            if len(handed) == self.k:
+                raise KeyboardInterrupt
+
+        return self.engine.generate(prompts, params, on_output=hook, **kw)
+
+
+def test_kill_mid_batch_keeps_every_problem_graded_before_it(tiny_hybrid, tmp_path):
+    from m1.engine import Engine
+    from m1.eval_run import EvalConfig, run_eval
+
+    cfg = EvalConfig(model=str(tiny_hybrid), task="arith:steps=1,digits=1", n=2, ks=(1, 2), limit=6,
+                     temperature=1.0, max_new_tokens=8, batch_problems=8)  # all six problems in one batch
+    engine = Engine.from_pretrained(tiny_hybrid)
+    whole = run_eval(cfg, tmp_path / "whole", progress=False, engine=engine, log=lambda m: None)
+    ref = {(r["problem_id"], r["sample_idx"]): r for r in _rows(tmp_path / "whole" / "results.jsonl")}
+
+    out = tmp_path / "killed"
+    with pytest.raises(KeyboardInterrupt):
+        run_eval(cfg, out, progress=False, engine=_KilledAfter(engine, k=4), log=lambda m: None)
+    kept = _rows(out / "results.jsonl")
+    # the four problems handed over before the kill are on disk, graded, both samples each
+    assert len(kept) == 8 and len({r["problem_id"] for r in kept}) == 4
+    for r in kept:
+        assert r == {**ref[(r["problem_id"], r["sample_idx"])], "seconds": r["seconds"]}
+    logs = []
+    resumed = _KilledAfter(engine)
+    again = run_eval(cfg, out, progress=False, engine=resumed, log=logs.append)
+    assert resumed.prompts == 2 and "resuming: 4 of 6 problems already done" in logs
+    rows = _rows(out / "results.jsonl")
+    assert len(rows) == 12 and {(r["problem_id"], r["sample_idx"], r["completion"], r["correct"]) for r in rows} == {
+        (r["problem_id"], r["sample_idx"], r["completion"], r["correct"]) for r in ref.values()}
+    assert again["pass@1"] == whole["pass@1"] and again["pass@2"] == whole["pass@2"]
