@@ -131,17 +131,18 @@ def read_samples(path: str | os.PathLike) -> list[dict]:
 # Scoring
 # --------------------------------------------------------------------------
 
-def vote_labels(preds: Sequence[str | None], correct: Sequence[bool], checker: Checker | None = None,
+def vote_labels(preds: Sequence[str | None], correct: Sequence[bool] | None = None, checker: Checker | None = None,
                 *, timeout: float | None = None) -> list[int | None]:
-    """Vote groups for one problem's samples.
+    """Vote groups for one problem's samples: the one grouping behind every vote in m1
+    (``m1 eval``'s maj@k here, ``m1 generate --vote`` through :func:`m1.scaling.majority_vote`).
 
-    Samples that match the gold are all equivalent to it, hence to each
-    other: group 0.  Wrong answers are grouped by :func:`~m1.grading.answer_key`,
-    and, with a ``checker``, distinct wrong answers the checker calls
-    equivalent are merged.  No answer -> ``None`` (does not vote).
+    Samples that match the gold (``correct``, when known) are all equivalent to it, hence to each
+    other: one group.  The other answers are grouped by :func:`~m1.grading.answer_key`,
+    and, with a ``checker``, distinct answers the checker calls equivalent are merged.
+    No answer -> ``None`` (does not vote).
     """
     keys: list[Any] = []
-    for p, ok in zip(preds, correct):
+    for p, ok in zip(preds, correct if correct is not None else [False] * len(preds)):
         keys.append(("gold",) if ok else (answer_key(p) if p is not None else None))
     if checker is not None:
         reps: dict[str, str] = {}

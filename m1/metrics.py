@@ -36,7 +36,7 @@ from statistics import mean
 from typing import Any, Callable, Hashable, Iterable, Sequence
 
 __all__ = [
-    "pass_at_k", "group_labels", "maj_at_k", "best_of_k", "weighted_maj_at_k",
+    "pass_at_k", "group_labels", "vote_winner", "maj_at_k", "best_of_k", "weighted_maj_at_k",
     "subsets", "wilson_interval", "bootstrap_interval", "mean_of", "breakdown",
     "accuracy_vs_k", "accuracy_vs_seconds", "accuracy_at_budget",
 ]
@@ -97,9 +97,10 @@ def subsets(n: int, k: int, *, max_exact: int = MAX_EXACT_SUBSETS,
     return [tuple(sorted(rng.sample(range(n), k))) for _ in range(num_subsets)]
 
 
-def _vote(labels: Sequence[int | None], idx: Iterable[int],
-          weights: Sequence[float] | None = None) -> int | None:
-    """Index of the first member of the winning group, or None."""
+def vote_winner(labels: Sequence[int | None], idx: Iterable[int],
+                weights: Sequence[float] | None = None) -> int | None:
+    """Index of the first member of the winning group among samples ``idx`` (the largest count, or
+    summed ``weights``; ties to the group seen first), or None when no sample has an answer."""
     tally: dict[int, float] = defaultdict(float)
     first: dict[int, int] = {}
     for i in idx:
@@ -136,7 +137,7 @@ def maj_at_k(answers: Sequence[Hashable | None], correct: Sequence[bool], k: int
     subs = subsets(len(answers), k, max_exact=max_exact, num_subsets=num_subsets, seed=seed)
     hits = 0
     for sub in subs:
-        w = _vote(labels, sub)
+        w = vote_winner(labels, sub)
         hits += bool(w is not None and correct[w])
     return hits / len(subs)
 
@@ -152,7 +153,7 @@ def weighted_maj_at_k(answers: Sequence[Hashable | None], correct: Sequence[bool
     subs = subsets(len(answers), k, max_exact=max_exact, num_subsets=num_subsets, seed=seed)
     hits = 0
     for sub in subs:
-        w = _vote(labels, sub, scores)
+        w = vote_winner(labels, sub, scores)
         hits += bool(w is not None and correct[w])
     return hits / len(subs)
 

@@ -1,8 +1,8 @@
 """Test-time scaling: majority vote, verifier-weighted vote, best-of-N, and sampling to a time budget.
 
 * :func:`majority_vote` -- extract each sample's final answer (:func:`m1.grading.extract_answer`),
-  group equal answers (:func:`m1.grading.answer_key`, so ``1,080`` and ``1080`` are one vote), and
-  return the largest group. Ties go to the answer seen first; samples without an answer do not vote.
+  group equal answers (:func:`m1.grading.answer_key`, so ``1,080`` and ``1080`` are one vote; with a
+  checker also answers it calls equivalent, as ``m1 eval``'s maj@k does), and return the largest group. Ties go to the answer seen first; samples without an answer do not vote.
 * :func:`weighted_vote` -- the same groups, each weighted by the sum of its samples' verifier scores.
 * :func:`best_of_n` -- the single sample with the highest verifier score (ties: the first).
 * Verifiers: :class:`RewardModel` (an ``AutoModelForSequenceClassification`` directory with a scalar
@@ -54,51 +54,50 @@ def extract_answers(texts: Sequence[str]) -> list[str | None]:
     return [extract_answer(t) for t in texts]
 
 
-def _answer_key(ans: str) -> str:
+def _vote(answers: Sequence[str | None], weights: Sequence[float], checker=None) -> Vote:
+    """Groups from :func:`m1.evaluate.vote_labels` and the winner from :func:`m1.metrics.vote_winner`:
+    the same grouping and tie rule as ``m1 eval``'s maj@k, so both elect the same answer."""
+    from .evaluate import vote_labels
     from .grading import answer_key
+    from .metrics import vote_winner
 
-    return answer_key(ans)
-
-
-def _vote(answers: Sequence[str | None], weights: Sequence[float]) -> Vote:
-    groups: dict[str, VoteGroup] = {}
-    for i, (a, w) in enumerate(zip(answers, weights)):
-        if a is None:
-            continue
-        k = _answer_key(a)
-        g = groups.get(k)
+    labels = vote_labels(list(answers), None, checker)
+    groups: dict[int, VoteGroup] = {}
+    for i, (a, g, w) in enumerate(zip(answers, labels, weights)):
         if g is None:
-            g = groups[k] = VoteGroup(answer=a, key=k, count=0, weight=0.0, first=i)
-        g.count += 1
-        g.weight += float(w)
-        g.members.append(i)
-    ordered = sorted(groups.values(), key=lambda g: g.first)
-    if not ordered:
+            continue
+        if g not in groups:
+            groups[g] = VoteGroup(answer=a, key=answer_key(a), count=0, weight=0.0, first=i)
+        groups[g].count += 1
+        groups[g].weight += float(w)
+        groups[g].members.append(i)
+    ordered = sorted(groups.values(), key=lambda grp: grp.first)
+    win = vote_winner(labels, range(len(labels)), list(weights))
+    if win is None:
         return Vote(None, 0, 0.0, [], list(answers))
-    best = ordered[0]
-    for g in ordered[1:]:  # strictly greater wins, so ties stay with the first-seen answer
-        if g.weight > best.weight:
-            best = g
+    best = groups[labels[win]]
     return Vote(best.answer, best.count, best.weight, ordered, list(answers))
 
 
-def majority_vote(texts: Sequence[str] | None = None, *, answers: Sequence[str | None] | None = None) -> Vote:
-    """Most common final answer among ``texts`` (or already extracted ``answers``); ties -> first seen."""
+def majority_vote(texts: Sequence[str] | None = None, *, answers: Sequence[str | None] | None = None,
+                  checker=None) -> Vote:
+    """Most common final answer among ``texts`` (or already extracted ``answers``); ties -> first seen.
+    With a :class:`m1.grading.Checker`, answers it calls equivalent (``x+1``, ``1+x``) are one vote."""
     if answers is None:
         if texts is None:
             raise ValueError("give texts or answers")
         answers = extract_answers(texts)
-    return _vote(answers, [1.0] * len(answers))
+    return _vote(answers, [1.0] * len(answers), checker)
 
 
 def weighted_vote(texts: Sequence[str] | None, scores: Sequence[float], *,
-                  answers: Sequence[str | None] | None = None) -> Vote:
+                  answers: Sequence[str | None] | None = None, checker=None) -> Vote:
     """Answer with the largest total verifier score; ``count`` is still the number of its samples."""
     if answers is None:
         answers = extract_answers(texts or [])
     if len(scores) != len(answers):
         raise M1Error(f"got {len(scores)} scores for {len(answers)} samples")
-    return _vote(answers, scores)
+    return _vote(answers, scores, checker)
 
 
 def best_of_n(texts: Sequence[str], scores: Sequence[float]) -> tuple[int, str, float]:
@@ -250,12 +249,12 @@ class BudgetResult:
         t = self.budget_seconds if at is None else at
         return [s for s in self.samples if s.finish_reason != "budget" and s.arrival <= t]
 
-    def vote(self, at: float | None = None) -> Vote:
+    def vote(self, at: float | None = None, checker=None) -> Vote:
         """Majority vote over the samples that had arrived ``at`` seconds after the start."""
-        return majority_vote(answers=[s.answer for s in self.completed(at)])
+        return majority_vote(answers=[s.answer for s in self.completed(at)], checker=checker)
 
-    def as_dict(self) -> dict:
-        v = self.vote()
+    def as_dict(self, checker=None) -> dict:
+        v = self.vote(checker=checker)
         return {"budget_seconds": self.budget_seconds, "elapsed": round(self.elapsed, 4), "rounds": self.rounds,
                 "vote": v.answer, "votes": {g.answer: g.count for g in v.groups},
                 "completions": [s.text for s in self.samples], "answers": [s.answer for s in self.samples],

@@ -45,6 +45,25 @@ def test_majority_vote_groups_equivalent_spellings():
     assert majority_vote(answers=[None, "x", "y", "y"]).answer == "y"
 
 
+def test_generate_vote_and_eval_maj_elect_the_same_answer():
+    """One vote: with the checker, m1 generate's majority vote merges what the checker calls
+    equivalent, exactly as m1 eval's maj@k grouping does, and both elect the same sample."""
+    from m1.evaluate import vote_labels
+    from m1.grading import Checker
+    from m1.metrics import vote_winner
+
+    answers = ["7", "x+1", "1+x", "2x", "2*x", "x*2", None]
+    assert majority_vote(answers=answers).answer == "7"  # without the checker: seven singletons, first wins
+    with Checker(1) as checker:
+        v = majority_vote(answers=answers, checker=checker)
+        assert (v.answer, v.count) == ("2x", 3)
+        assert [(g.answer, g.count) for g in v.groups] == [("7", 1), ("x+1", 2), ("2x", 3)]
+        labels = vote_labels(answers, [False] * len(answers), checker)
+        assert answers[vote_winner(labels, range(len(answers)))] == v.answer
+        w = weighted_vote(None, [5.0, 2.0, 2.0, 1.0, 1.0, 1.0, 9.0], answers=answers, checker=checker)
+        assert (w.answer, w.weight) == ("7", 5.0)  # a sample without an answer has no weight
+
+
 def test_weighted_vote_and_best_of_n():
     texts = ["\\boxed{3}", "\\boxed{5}", "\\boxed{5}", "\\boxed{3}", "\\boxed{9}"]
     scores = [0.9, 0.2, 0.3, 0.8, 0.95]

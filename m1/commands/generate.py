@@ -179,6 +179,11 @@ def _run(a) -> None:
         out = ResultsWriter(a.output)
     else:
         out = sys.stdout
+    checker = None  # votes merge answers the checker calls equivalent, as m1 eval's maj@k does
+    if a.vote or verifier is not None or a.budget_seconds is not None:
+        from ..grading import Checker
+
+        checker = Checker(timeout=5.0)
     bar = None
     if len(todo) > 1:
         from tqdm import tqdm
@@ -191,9 +196,9 @@ def _run(a) -> None:
             for i in todo:
                 r = rows[i]
                 res = sample_until_budget(engine, r["prompt"], a.budget_seconds, params, chat=chat)
-                row = {"index": i, **r, **res.as_dict()}
+                row = {"index": i, **r, **res.as_dict(checker=checker)}
                 if verifier is not None:
-                    _add_verifier(row, verifier, r["prompt"], [s.text for s in res.completed()])
+                    _add_verifier(row, verifier, r["prompt"], [s.text for s in res.completed()], checker)
                 _write(out, row, settings)
                 if bar is not None:
                     bar.update(1)
@@ -208,16 +213,18 @@ def _run(a) -> None:
                     if a.vote:
                         from ..scaling import majority_vote
 
-                        v = majority_vote(row["completions"])
+                        v = majority_vote(row["completions"], checker=checker)
                         row.update(answers=v.answers, vote=v.answer, votes={g.answer: g.count for g in v.groups})
                     if verifier is not None:
-                        _add_verifier(row, verifier, r["prompt"], row["completions"])
+                        _add_verifier(row, verifier, r["prompt"], row["completions"], checker)
                     _write(out, row, settings)
                 if bar is not None:
                     bar.update(len(chunk))
     finally:
         if bar is not None:
             bar.close()
+        if checker is not None:
+            checker.close()
         if out is not sys.stdout:
             out.close()
     if a.output:
@@ -231,7 +238,7 @@ def _completions(o) -> dict:
             "seeds": [c.seed for c in cs]}
 
 
-def _add_verifier(row: dict, verifier, prompt: str, texts: list[str]) -> None:
+def _add_verifier(row: dict, verifier, prompt: str, texts: list[str], checker=None) -> None:
     from ..scaling import best_of_n, weighted_vote
 
     scores = verifier.score([prompt] * len(texts), texts)
@@ -239,7 +246,7 @@ def _add_verifier(row: dict, verifier, prompt: str, texts: list[str]) -> None:
     if texts:
         i, _, _ = best_of_n(texts, scores)
         row["best_index"] = i
-        row["weighted_answer"] = weighted_vote(texts, scores).answer
+        row["weighted_answer"] = weighted_vote(texts, scores, checker=checker).answer
 
 
 def _settings(a, chat: bool) -> dict:
