@@ -126,6 +126,19 @@ def write_json_atomic(path: str | os.PathLike, obj) -> None:
     os.replace(tmp, path)
 
 
+def eos_token_ids(model, tokenizer) -> frozenset:
+    """Every token that ends a sequence: the generation config's ``eos_token_id`` (an int or a list:
+    chat models often end on several) and the tokenizer's. The one EOS set of the engine and GRPO."""
+    eos = set()
+    gc = getattr(model, "generation_config", None)
+    for src in (getattr(gc, "eos_token_id", None), getattr(tokenizer, "eos_token_id", None)):
+        if isinstance(src, int):
+            eos.add(src)
+        elif src:
+            eos.update(int(x) for x in src)
+    return frozenset(eos)
+
+
 def read_record(directory: str | os.PathLike) -> dict:
     """The m1.json record of a checkpoint ({} for a plain HF directory)."""
     p = Path(directory) / M1_RECORD

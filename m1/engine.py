@@ -570,9 +570,6 @@ class _FastState:
         return order
 
 
-CPU_SCAN_CHUNK = 64
-
-
 class _cpu_scan_chunk:
     """While prefilling on CPU, run the torch Mamba2 scan with chunks of at most 64 tokens (checkpoints
     say 256): its intra-chunk work grows with the chunk size, and 64 made a SmolLM2-shape prefill of
@@ -588,6 +585,8 @@ class _cpu_scan_chunk:
             self.saved = [(m, m.chunk_size) for m in mamba_mixers(model)]
 
     def __enter__(self):
+        from .kernels import CPU_SCAN_CHUNK
+
         for m, c in self.saved:
             m.chunk_size = min(c, CPU_SCAN_CHUNK)
 
@@ -642,14 +641,9 @@ class Engine:
         self.prefill_tokens = int(prefill_tokens)
         cfg = model.config
         self.max_context = int(getattr(cfg, "max_position_embeddings", 0) or 1 << 30)
-        eos = set()
-        gc = getattr(model, "generation_config", None)
-        for src in (getattr(gc, "eos_token_id", None), getattr(tokenizer, "eos_token_id", None)):
-            if isinstance(src, int):
-                eos.add(src)
-            elif src:
-                eos.update(int(x) for x in src)
-        self.eos_ids = frozenset(eos)
+        from .checkpoint import eos_token_ids
+
+        self.eos_ids = eos = eos_token_ids(model, tokenizer)
         pad = getattr(tokenizer, "pad_token_id", None)
         self.pad_id = pad if pad is not None else (min(eos) if eos else 0)
         self.compiled = bool(compile and self.backend == "fast")

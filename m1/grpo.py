@@ -58,7 +58,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from .checkpoint import check_model_dir, write_json_atomic
+from .checkpoint import check_model_dir, eos_token_ids, write_json_atomic
 from .errors import M1Error
 from .training import (CHECKPOINTS, METRICS_FILE, barrier, base_dtype, default_micro_batch, find_checkpoints,
                        finalize, lineage_record, load_policy, make_divergence_guard, make_metrics_callback,
@@ -589,16 +589,6 @@ def grpo(model: str | Path, task: str, out: str | Path, *, resume: bool = False,
         undo()
 
 
-def _eos_ids(model, tokenizer) -> frozenset:
-    eos = set()
-    for src in (getattr(model.generation_config, "eos_token_id", None), tokenizer.eos_token_id):
-        if isinstance(src, int):
-            eos.add(src)
-        elif src:
-            eos.update(int(x) for x in src)
-    return frozenset(eos)
-
-
 def build_grpo_trainer(cfg: GRPOSettings, settings: dict, model, tokenizer, dataset, work: Path, *,
                        rewards: list, weights: list[float], rollout: str, num_processes: int, callbacks: list):
     """The TRL ``GRPOTrainer`` of an m1 run."""
@@ -679,7 +669,7 @@ def _grpo(cfg, settings, base, out, ckpt, force, keep_checkpoints, reward_funcs,
     dataset = to_rl_dataset(problems, cfg.few_shot)
     model, tokenizer = load_policy(base, say)
     set_mamba_chunk_size(model, cfg.mamba_chunk_size)
-    eos = _eos_ids(model, tokenizer)
+    eos = eos_token_ids(model, tokenizer)
     stats = RewardStats()
     if reward_funcs:
         rewards = [GuardedReward(f, stats, cfg.reward_timeout, eos, count_completions=(i == 0))

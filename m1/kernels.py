@@ -35,6 +35,12 @@ import importlib.util
 _PATCHED = {}  # module -> original mamba2_chunk_scan
 
 
+# The Mamba2 scan chunk on CPU (checkpoints say 256): the torch scan pads every sequence to a multiple
+# of the chunk and its intra-chunk work grows with it, so 64 is 1.3-3x faster for the few-hundred-token
+# sequences m1 trains and prefills on CPU (measured: docs/training.md, engine._cpu_scan_chunk).
+CPU_SCAN_CHUNK = 64
+
+
 def mamba_mixers(model) -> list:
     """The Mamba2 mixer modules of ``model`` (those with a scan ``chunk_size``), in order."""
     return [m for m in model.modules() if hasattr(m, "chunk_size") and "mamba" in type(m).__name__.lower()]

@@ -405,13 +405,13 @@ def set_mamba_chunk_size(model, chunk: int | None) -> int | None:
     sequences of a few hundred tokens, measured), the checkpoint's own value on a GPU. The result
     is the same up to float rounding. Returns the chunk size in use (None: no Mamba layers).
     """
-    from .kernels import mamba_mixers
+    from .kernels import CPU_SCAN_CHUNK, mamba_mixers
 
     mixers = mamba_mixers(model)
     if not mixers:
         return None
     if chunk is None:
-        chunk = mixers[0].chunk_size if on_cuda() else min(64, mixers[0].chunk_size)
+        chunk = mixers[0].chunk_size if on_cuda() else min(CPU_SCAN_CHUNK, mixers[0].chunk_size)
     if chunk < 1:
         raise M1Error(f"--mamba-chunk-size must be >= 1, got {chunk}")
     for m in mixers:

@@ -460,7 +460,7 @@ def test_ssm_state_in_model_dtype(tiny_hybrid):
 
 
 def test_cpu_prefill_uses_small_scan_chunks_and_restores_them(tiny_hybrid, monkeypatch):
-    import m1.engine as engine_mod
+    import m1.kernels
     from m1.checkpoint import load_model
 
     model, tok = load_model(tiny_hybrid)
@@ -470,7 +470,7 @@ def test_cpu_prefill_uses_small_scan_chunks_and_restores_them(tiny_hybrid, monke
     saved = mixers[0].chunk_size
     seen = []
     hook = mixers[0].register_forward_pre_hook(lambda mod, args: seen.append(mod.chunk_size))
-    monkeypatch.setattr(engine_mod, "CPU_SCAN_CHUNK", 4)
+    monkeypatch.setattr(m1.kernels, "CPU_SCAN_CHUNK", 4)
     params = SamplingParams(n=2, max_new_tokens=8, temperature=0)
     got = Engine(model, tok).generate(PROMPTS[:2], params)
     hook.remove()

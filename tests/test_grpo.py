@@ -11,7 +11,7 @@ import pytest
 
 from m1.errors import M1Error
 from m1.grpo import (GRPO_CONFIG_FILE, AccuracyReward, FormatReward, GRPOSettings, GuardedReward, RewardStats,
-                     _eos_ids, build_grpo_trainer, grpo, load_rl_problems, read_rl_jsonl, resolve_rollout,
+                     build_grpo_trainer, grpo, load_rl_problems, read_rl_jsonl, resolve_rollout,
                      to_rl_dataset)
 from m1.sft import find_checkpoints, work_dir
 
@@ -308,8 +308,11 @@ def test_eos_ids_include_generation_config_and_tokenizer(tiny_hybrid):
     from m1.sft import load_policy
 
     model, tok = load_policy(Path(tiny_hybrid), lambda m: None)
+    from m1.checkpoint import eos_token_ids
+    from m1.engine import Engine
+
     model.generation_config.eos_token_id = [7, 9]
-    assert _eos_ids(model, tok) == {7, 9, tok.eos_token_id}
+    assert eos_token_ids(model, tok) == {7, 9, tok.eos_token_id} == Engine(model, tok).eos_ids
 
 
 def test_cli_grpo_help_and_bad_row(capsys, tmp_path, tiny_hybrid):
