@@ -197,7 +197,10 @@ def lr_lambda(stage_steps: int, warmup: float, min_ratio: float):
 
 
 def mamba_layers(model) -> list[int]:
-    return [i for i, layer in enumerate(model.model.layers) if getattr(layer, "mamba", None) is not None]
+    """Indices of the Mamba layers of an in-memory model (from its config, as every m1 reader decides)."""
+    from .checkpoint import mamba_layer_mask
+
+    return [i for i, m in enumerate(mamba_layer_mask(model.config)) if m]
 
 
 def _steps_for_budget(plan, lengths, start: int, steps, max_tokens) -> int:

@@ -352,10 +352,12 @@ class _Arch:
         self.emb_mult = float(getattr(cfg, "embedding_multiplier", 1.0)) if mt == "granitemoehybrid" else 1.0
         self.res_mult = float(getattr(cfg, "residual_multiplier", 1.0)) if mt == "granitemoehybrid" else 1.0
         self.logit_scale = float(getattr(cfg, "logits_scaling", 1.0)) if mt == "granitemoehybrid" else 1.0
+        from .checkpoint import mamba_layer_mask
+
         self.layers = []  # (kind, slot, layer module)
         self.n_attn = self.n_mamba = 0
-        for layer in inner.layers:
-            if mt == "granitemoehybrid" and layer.mamba is not None:
+        for layer, is_mamba in zip(inner.layers, mamba_layer_mask(cfg)):
+            if is_mamba:
                 self.layers.append(("mamba", self.n_mamba, layer))
                 self.n_mamba += 1
             else:
