@@ -45,7 +45,8 @@ from pathlib import Path
 
 from .checkpoint import M1_RECORD, atomic_dir, check_model_dir, read_record, write_json_atomic
 from .errors import M1Error
-from .training import METRICS_FILE, config_diff, truncate_metrics, weights_finite, work_dir
+from .training import (METRICS_FILE, config_diff, diverged_error, first_nonfinite, truncate_metrics, weights_finite,
+                       work_dir)
 
 STAGE_NAMES = ("align", "kd", "onpolicy")  # run in the order given: --stage align,kd,onpolicy
 STAGES = STAGE_NAMES + ("both",)  # both = align,kd
@@ -785,10 +786,9 @@ def _distill(cfg, resume, force, log, progress, on_step) -> DistillResult:
             if bar is not None:
                 bar.close()
             last = _find_checkpoint(work)
-            kept = (f"the last good checkpoint (step {json.loads((last / 'state.json').read_text())['step']}) "
-                    f"is kept in {last}") if last else "no checkpoint had been written yet"
-            raise M1Error(f"the {what} became {value} at step {step + 1} ({stage.name}); stopped without updating "
-                          f"the model; {kept}. Try a lower --{'align-lr' if stage.name == 'align' else 'lr'}")
+            kept = (last, json.loads((last / "state.json").read_text())["step"]) if last else None
+            raise diverged_error(what, value, step + 1, kept, work, where=stage.name,
+                                 lr_flag="--align-lr" if stage.name == "align" else "--lr")
 
         while step < stage.end:
             t0 = time.perf_counter()
@@ -845,9 +845,9 @@ def _distill(cfg, resume, force, log, progress, on_step) -> DistillResult:
             sums = acc.reduce(sums, reduction="sum")
             grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
             loss_value, grad_value = sums[0].item(), float(grad_norm)
-            if not (math.isfinite(loss_value) and math.isfinite(grad_value)):
-                what = "loss" if not math.isfinite(loss_value) else "gradient norm"
-                stop_nonfinite(what, loss_value if what == "loss" else grad_value)
+            bad = first_nonfinite(loss=loss_value, grad_norm=grad_value)
+            if bad is not None:
+                stop_nonfinite(*bad)
             lr_now = scheduler.get_last_lr()[0]
             optimizer.step()
             scheduler.step()

@@ -205,8 +205,6 @@ def make_divergence_guard():
     """A ``TrainerCallback`` that stops a run at the first non-finite logged loss / gradient norm or
     non-finite weight after a step, before that step can be saved; ``guard.bad`` then says what and
     where, and :func:`train_guarded` turns it into an error."""
-    import math
-
     from transformers import TrainerCallback
 
     class DivergenceGuard(TrainerCallback):
@@ -220,16 +218,38 @@ def make_divergence_guard():
             control.should_save = False
 
         def on_log(self, args, state, control, logs=None, **kwargs):
-            for key in ("loss", "grad_norm"):
-                v = (logs or {}).get(key)
-                if isinstance(v, (int, float)) and not math.isfinite(v):
-                    self._stop(state, control, key.replace("_", " "), v)
+            logs = logs or {}
+            bad = first_nonfinite(loss=logs.get("loss"), grad_norm=logs.get("grad_norm"))
+            if bad is not None:
+                self._stop(state, control, *bad)
 
         def on_step_end(self, args, state, control, model=None, **kwargs):
             if model is not None and not weights_finite(model):
                 self._stop(state, control, "weights", "non-finite")
 
     return DivergenceGuard()
+
+
+def first_nonfinite(**values) -> tuple[str, Any] | None:
+    """The first of ``values`` (name -> number) that is NaN or inf, as ``(name, value)`` with underscores read
+    as spaces; ``None`` when every value is finite. The one test of a diverged step, for sft, grpo and distill."""
+    import math
+
+    for name, v in values.items():
+        if isinstance(v, (int, float)) and not math.isfinite(v):
+            return name.replace("_", " "), v
+    return None
+
+
+def diverged_error(what: str, value, step: int, last: tuple[Path, int] | None, work: Path,
+                   lr_flag: str = "--lr", where: str = "") -> M1Error:
+    """The one error of a run that diverged (sft, grpo, distill): what became non-finite and where, that the
+    output was not written, which checkpoint is kept (``last``: its folder and step), and what to try."""
+    kept = (f"the last good checkpoint (step {last[1]}) is kept in {last[0]}" if last is not None
+            else f"no good checkpoint had been written yet ({work} is kept)")
+    at = f"step {step}" + (f" ({where})" if where else "")
+    return M1Error(f"training diverged: the {what} became {value} at {at}; stopped without writing the output; "
+                   f"{kept}. Try a lower {lr_flag}")
 
 
 def train_guarded(trainer, guard, work: Path, marker: str, resume_from: Path | None, lr_flag: str = "--lr"):
@@ -239,10 +259,7 @@ def train_guarded(trainer, guard, work: Path, marker: str, resume_from: Path | N
     last good checkpoint are kept; nothing is finalised."""
     def diverged(step, what, value):
         last, _ = find_checkpoints(work, marker)
-        kept = f"the last good checkpoint ({last.name}) is kept in {work}" if last else \
-            f"no good checkpoint had been written yet ({work} is kept)"
-        return M1Error(f"training diverged: the {what} became {value} at step {step}; stopped without writing the "
-                       f"output; {kept}. Try a lower {lr_flag}")
+        return diverged_error(what, value, step, (last, step_of(last)) if last else None, work, lr_flag)
 
     from .engine import NonFiniteLogits
 

@@ -228,7 +228,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_hybrid, data_file, t
             with torch.no_grad():
                 model.model.norm.weight.fill_(float("nan"))
 
-    with pytest.raises(M1Error, match=r"loss became nan at step 3.*last good checkpoint \(step 2\)"):
+    with pytest.raises(M1Error, match=r"training diverged: the loss became nan at step 3.*last good checkpoint \(step 2\)"):
         _run(cfg, on_step=poison)
     ckpt = work_dir(cfg.out) / "checkpoint"
     assert json.loads((ckpt / "state.json").read_text())["step"] == 2

@@ -14,3 +14,12 @@ from m1.training import default_micro_batch
 def test_default_micro_batch_is_the_largest_divisor_under_the_cap(rows, cuda, expect):
     got = default_micro_batch(rows, cuda)
     assert got == expect and rows % got == 0
+
+
+def test_first_nonfinite_names_the_first_bad_value_and_ignores_missing_ones():
+    from m1.training import first_nonfinite
+
+    assert first_nonfinite(loss=1.5, grad_norm=3.0) is None
+    assert first_nonfinite(loss=None, grad_norm=2.0) is None  # a log line without a loss is not a divergence
+    assert first_nonfinite(loss=float("nan"), grad_norm=float("inf"))[0] == "loss"
+    assert first_nonfinite(loss=0.1, grad_norm=float("inf")) == ("grad norm", float("inf"))
