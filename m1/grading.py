@@ -47,10 +47,12 @@ Extraction policy (:func:`extract_answer`)
    (correct brace nesting; escaped ``\{ \}`` do not count; a box never closed
    is skipped), joined with the boxes just before it when only connectors
    (commas, "and"/"or", ``\quad``) stand between them, since several boxes
-   may together be the answer; or the last "final answer ... is X", whichever
-   comes later.
+   may together be the answer (``x = \boxed{2} or x = \boxed{3}`` gives
+   ``x=2, x=3`` when every box has such an assignment); or the last
+   "final answer ... is X" (not across a colon or a sentence end) or
+   "Final Answer: X" line, whichever comes later.
 2. Otherwise the last of: a ``#### N`` line (GSM8K), "The answer is X", an
-   ``A: X`` / ``Answer: X`` / ``Final Answer: X`` line, or a LaTeX math
+   ``A: X`` / ``Answer: X`` line, or a LaTeX math
    environment within 50 characters after the word "answer"
    (``Answer \[ 9 \]``).  A line answer is cut at its first sentence, and a
    leading environment is taken for its content (``$\frac34$. So...``).
@@ -66,7 +68,9 @@ Equivalence policy (:func:`answers_match`)
 Both sides are normalised the same way first (:func:`normalize_answer`):
 
 * ``$``, ``\(...\)``, ``\left``/``\right``, ``\displaystyle`` are removed;
-  ``\dfrac``/``\tfrac`` -> ``\frac``; a trailing period is dropped.
+  ``\dfrac``/``\tfrac`` -> ``\frac``; unbraced arguments get braces
+  (``\frac\pi4`` -> ``\frac{\pi}{4}``, ``\sqrt[3]2`` -> ``\sqrt[3]{2}``:
+  math-verify's parser mangles them); a trailing period is dropped.
 * **Thousands separators**: ``10,\!080``, ``1{,}080``, ``1\,080`` and a plain
   ``1,080`` become ``10080`` / ``1080``.  A plain comma counts as a
   thousands separator only when the *whole* answer has the shape
@@ -76,6 +80,9 @@ Both sides are normalised the same way first (:func:`normalize_answer`):
   ``\mbox{...}`` / ``\mathrm{...}`` unit (optionally ``^2``) after a value is
   dropped (``5.4 \text{ cents}`` == ``5.4``); a value followed by up to three
   plain words is reduced to the value (``18 dollars`` == ``18``).
+* **Plus-minus**: an answer with one ``\pm`` stands for its two values
+  (``\pm 3`` == ``3, -3``; ``x = 1 \pm \sqrt{2}``), so it never matches
+  one of them alone.
 * **Degrees**: ``^\circ``, ``^{\circ}``, ``°`` and ``\degree`` are dropped
   (``90^\circ`` == ``90``).  No degree/radian conversion.
 * **Percentages**: the percent sign is dropped, so ``25\%`` == ``25`` but
@@ -85,7 +92,8 @@ Both sides are normalised the same way first (:func:`normalize_answer`):
 * ``\text{X}`` answers are unwrapped; pure-word answers (``Evelyn``,
   ``even``) compare case-insensitively.
 * **Multiple choice**: a gold of the form ``(C)`` / ``\text{(C)}`` only
-  matches a letter answer ``C``, ``(C)``, ``\textbf{(C)}`` (any case).
+  matches a letter answer ``C``, ``(C)``, ``\textbf{(C)}`` (any case), or
+  the letter with its option's value, AMC style (``\textbf{(C)}\ 12``).
 * **Numbers** (integers, decimals, ``a/b``, ``\frac{a}{b}``, with optional
   sign, assignment ``x = 5`` allowed) compare exactly as rationals, so
   AIME's ``025`` == ``25``, AMC's ``27.0`` == ``27``, ``0.5`` ==
@@ -169,8 +177,11 @@ _ANSWER_LINE_RE = re.compile(
 _LAST_NUMBER_RE = re.compile(r"-?\d[\d,]*(?:\.\d+)?|-?\.\d+")
 # the Minerva few-shot ending, "The final answer is $X$. I hope it is correct."
 _MINERVA_RE = re.compile(r"(?i)final\s+answer\s+is\s*:?[ \t]*([^\n]{1,1000}?)\s*\.?\s*I\s+hope\s+it\s+is\s+correct")
-# "the final answer to part (b) is X" (math-verify allows 100 characters between)
-_FINAL_IS_RE = re.compile(r"(?i)\bfinal\s+answer\b[^\n]{0,100}?\s+is\s*:?[ \t]*([^\n]*)")
+# "the final answer to part (b) is X" (math-verify allows 100 characters
+# between; not across a colon or a sentence end: "Final answer: 8. This is ...")
+_FINAL_IS_RE = re.compile(r"(?i)\bfinal\s+answer\b(?:[^\n:.]|\.(?!\s)){0,100}?\s+is\s*:?[ \t]*([^\n]*)")
+# a "Final Answer: X" line
+_FINAL_LINE_RE = re.compile(r"(?im)^[ \t*#>]*final\s+answer[ \t*]*:[ \t*]*([^\n]*)")
 _ANSWER_WORD_RE = re.compile(r"(?i)\banswer\b")
 # LaTeX math environments, as math-verify's extraction knows them; bounded
 # lengths keep the scan linear on hostile input
@@ -185,6 +196,8 @@ _JOIN_RE = re.compile(
     r"(?:\s|,|;|&|\$|\\[,;:! ]|\\q?quad\b|\\[()\[\]]|\b(?:and|or)\b"
     r"|\\(?:text|mbox|textrm)\s*\{\s*(?:,?\s*(?:and|or)|,)?\s*\})*")
 _JOIN_TAIL_RE = re.compile(_JOIN_RE.pattern + r"\Z")
+# "x = " right before a box
+_VAR_BEFORE_BOX_RE = re.compile(r"(?<![A-Za-z\\])([A-Za-z](?:_\{?\w+\}?)?)\s*=\s*\Z")
 _ENV_TAIL_CHARS = 5_000
 """Unboxed answers are looked for only in the last this-many characters."""
 
@@ -246,11 +259,13 @@ def _boxed_answer(text: str) -> tuple[int, str] | None:
     if last is None:
         return None
     parts, start = [last[2].strip()], last[0]
+    names = [_VAR_BEFORE_BOX_RE.search(text, max(0, start - 40), start)]
     k -= 1
     while k >= 0 and len(parts) < 10:
-        window = text[max(0, start - 200):start]
-        joint_at = start - (len(window) - _JOIN_TAIL_RE.search(window).start())
-        if not re.search(r"[,;]|\band\b|\bor\b|quad", text[joint_at:start]):
+        lead = names[0].start() if names[0] else start  # "x = \boxed{4}": from the x
+        window = text[max(0, lead - 200):lead]
+        joint_at = lead - (len(window) - _JOIN_TAIL_RE.search(window).start())
+        if not re.search(r"[,;]|\band\b|\bor\b|quad", text[joint_at:lead]):
             break  # boxes with no separator between them are steps, not one answer
         prev = None
         while k >= 0 and matches[k].start() >= joint_at - 2 * MAX_ANSWER_CHARS:
@@ -263,7 +278,10 @@ def _boxed_answer(text: str) -> tuple[int, str] | None:
             break
         parts.insert(0, prev[2].strip())
         start = prev[0]
+        names.insert(0, _VAR_BEFORE_BOX_RE.search(text, max(0, start - 40), start))
     parts = [_unbox(p) for p in parts]
+    if len(parts) > 1 and all(names):  # "x = \boxed{2} or x = \boxed{3}" -> x=2, x=3
+        parts = [n.group(1) + "=" + p for n, p in zip(names, parts)]
     if len(set(parts)) == 1:  # the same value boxed twice
         parts = parts[:1]
     return start, ", ".join(parts)
@@ -353,6 +371,12 @@ def extract_answer(text: str | None, *, last_number: bool = False) -> str | None
         ans = _clean_line_answer(m.group(1))
         if ans:
             cands.append((off + m.start(), ans))
+    for m in _FINAL_LINE_RE.finditer(tail):
+        if _BOX_RE.search(m.group(1)) or _FINAL_IS_RE.search(m.group(1)):
+            continue  # the box / the "final answer is" inside is the candidate
+        ans = _clean_line_answer(m.group(1))
+        if ans:
+            cands.append((off + m.start(), ans))
     if cands:
         return max(cands, key=lambda c: c[0])[1]
     # 2: answer lines ("#### N", "The answer is X", "Answer: X") and an
@@ -435,6 +459,10 @@ _DOUBLED_CMD_RE = re.compile(
     r"|sin|cos|tan|log|ln|mathrm|begin|alpha|beta|theta|dots|ldots|in)(?![A-Za-z])")
 
 
+# one TeX argument token: a digit, a letter or a command (\frac\pi4)
+_TEX_TOKEN = r"(\d|[A-Za-z]|\\[A-Za-z]+(?![A-Za-z]))"
+
+
 def _undouble_backslashes(s: str) -> str:
     r"""``\\frac{1}{2}`` (LaTeX escaped twice, as in JSON or Python source)
     -> ``\frac{1}{2}``: only when every run of backslashes has even length
@@ -494,6 +522,7 @@ def _inequality_interval(s: str) -> str:
     return s
 
 
+_PM_RE = re.compile(r"\\pm(?![A-Za-z])")
 _ASSIGN_ITEM_RE = re.compile(r"(" + _VAR + r")=([^=]+)")
 
 
@@ -562,6 +591,10 @@ def normalize_answer(ans: str | None) -> str:
     s = s.replace("\\displaystyle", "")
     s = re.sub(r"\\left\s*|\\right\s*", "", s)
     s = re.sub(r"\\[dt]frac", r"\\frac", s)
+    # \frac\pi4 -> \frac{\pi}{4} (math-verify's parser mangles unbraced arguments)
+    s = re.sub(r"\\frac(?![A-Za-z])\s*" + _TEX_TOKEN + r"\s*" + _TEX_TOKEN, r"\\frac{\1}{\2}", s)
+    s = re.sub(r"\\frac\s*(\{[^{}]*\})\s*" + _TEX_TOKEN, r"\\frac\1{\2}", s)
+    s = re.sub(r"\\frac(?![A-Za-z])\s*" + _TEX_TOKEN + r"\s*(?=\{)", r"\\frac{\1}", s)
     # \sqrt[3]2 -> \sqrt[3]{2} (math-verify's parser needs the braces)
     s = re.sub(r"\\sqrt\s*(\[[^\[\]{}]*\])?\s*(\d|[A-Za-z](?![A-Za-z])|\\[A-Za-z]+)", r"\\sqrt\1{\2}", s)
     # thousands separators with thin spaces: 10,\!080  1{,}080  1\,080
@@ -593,6 +626,9 @@ def normalize_answer(ans: str | None) -> str:
         s = s.replace(",", "")
     # spaces only matter between two letters (e.g. "\pi r")
     s = re.sub(r"(?<![A-Za-z])\s+|\s+(?![A-Za-z])", "", s)
+    # "\pm 3", "x=1\pm\sqrt{2}": one \pm stands for the two values
+    if len(_PM_RE.findall(s)) == 1 and _top_level_commas(s) == 0:
+        s = _PM_RE.sub("+", s) + "," + _PM_RE.sub("-", s)
     if "=" in s:
         s = _assignments(s)
     if re.search(r"[<>≤≥]|\\(?:lt|gt|le|ge)", s):
@@ -601,12 +637,14 @@ def normalize_answer(ans: str | None) -> str:
 
 
 _MC_RE = re.compile(r"\(?([A-Ea-e])\)?")
+# AMC style, the letter with the option's value: "\textbf{(E)}\ 12" -> "(E)12"
+_MC_VALUE_RE = re.compile(r"\(([A-E])\)(?=[^A-Za-z(,;])")
 
 
 def _mc_letter(s: str, *, strict: bool) -> str | None:
     """Letter of a multiple-choice answer.  ``strict`` (for golds) needs
     parentheses so a gold ``E`` (a point, Euler's number) is not a letter."""
-    m = re.fullmatch(r"\(([A-E])\)", s) if strict else _MC_RE.fullmatch(s)
+    m = re.fullmatch(r"\(([A-E])\)", s) if strict else (_MC_RE.fullmatch(s) or _MC_VALUE_RE.match(s))
     return m.group(1).upper() if m else None
 
 

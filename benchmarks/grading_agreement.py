@@ -1,0 +1,138 @@
+"""Agreement of m1's answer checker and of plain math-verify with the labelled grading corpus.
+
+    python benchmarks/grading_agreement.py [--json PATH] [--list] [--workers 2]
+
+The corpus (``tests/grading_corpus.py``) holds model outputs, gold answers and
+the verdict a careful human grader gives.  Both graders see the same pairs:
+
+* m1: one :class:`m1.grading.Checker`, ``check_many`` over all pairs, defaults
+  (``last_number=False``, ``lists="unordered"``);
+* math-verify, called directly with its defaults:
+  ``verify(parse(gold), parse(output))``; an exception counts as False.
+  With its default extraction a bare LaTeX gold (``\\frac34``, ``(3,4)``)
+  is not inside a math environment and parses to nothing, so a second row
+  wraps the gold as ``$gold$`` (how math-verify's README parses a LaTeX
+  gold): ``verify(parse("$" + gold + "$"), parse(output))``.
+
+Prints cases, agreement, false positives (graded correct where the corpus says
+wrong; "hard" = on the corpus's hard negatives) and per-category agreement;
+``--json`` writes the same numbers, ``--list`` also prints every disagreement.
+The ``__main__`` guard is required: the checker's workers use a forkserver.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from collections import defaultdict
+from importlib import metadata
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tests"))
+
+from grading_corpus import CASES  # noqa: E402
+
+from m1.grading import Checker  # noqa: E402
+
+
+def grade_m1(workers: int) -> tuple[list[bool], float]:
+    t0 = time.perf_counter()
+    with Checker(workers) as checker:
+        verdicts = checker.check_many([(c.output, c.gold) for c in CASES])
+    return [v.correct for v in verdicts], time.perf_counter() - t0
+
+
+def grade_math_verify(wrap_gold: bool) -> tuple[list[bool], float]:
+    from math_verify import parse, verify
+
+    logging.getLogger("math_verify").setLevel(logging.CRITICAL)
+    logging.getLogger("latex2sympy2_extended").setLevel(logging.CRITICAL)
+    out = []
+    t0 = time.perf_counter()
+    for c in CASES:
+        gold = "$" + c.gold + "$" if wrap_gold else c.gold
+        try:
+            out.append(bool(verify(parse(gold), parse(c.output))))
+        except Exception:  # noqa: BLE001 - a crash is a failed check
+            out.append(False)
+    return out, time.perf_counter() - t0
+
+
+def summarize(got: list[bool]) -> dict:
+    agree = [g == c.expected for g, c in zip(got, CASES)]
+    fp = [g and not c.expected for g, c in zip(got, CASES)]
+    per_cat: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+    for a, c in zip(agree, CASES):
+        per_cat[c.category][0] += a
+        per_cat[c.category][1] += 1
+    return {
+        "agree": sum(agree),
+        "agreement_pct": round(100 * sum(agree) / len(CASES), 1),
+        "false_positives": sum(fp),
+        "false_positives_hard": sum(f and c.hard for f, c in zip(fp, CASES)),
+        "false_negatives": sum(not g and c.expected for g, c in zip(got, CASES)),
+        "per_category": {k: {"agree": a, "cases": n, "agreement_pct": round(100 * a / n, 1)}
+                         for k, (a, n) in sorted(per_cat.items())},
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--json", type=Path, help="write the numbers to this file")
+    ap.add_argument("--list", action="store_true", help="print every disagreement")
+    ap.add_argument("--workers", type=int, default=2)
+    args = ap.parse_args()
+
+    m1_got, m1_s = grade_m1(args.workers)
+    mv_got, mv_s = grade_math_verify(wrap_gold=False)
+    mvw_got, mvw_s = grade_math_verify(wrap_gold=True)
+    m1, mv, mvw = summarize(m1_got), summarize(mv_got), summarize(mvw_got)
+    n = len(CASES)
+    n_false = sum(not c.expected for c in CASES)
+    n_hard = sum(c.hard for c in CASES)
+
+    print(f"corpus: {n} cases ({n - n_false} expected True, {n_false} expected False, "
+          f"{n_hard} of them hard negatives), {len(m1['per_category'])} categories\n")
+    print("| grader | agreement | false positives (hard) | false negatives | seconds |")
+    print("| --- | ---: | ---: | ---: | ---: |")
+    for name, s, secs in (("m1 Checker", m1, m1_s), ("math-verify defaults", mv, mv_s),
+                          ("math-verify defaults, gold as `$gold$`", mvw, mvw_s)):
+        print(f"| {name} | {s['agree']}/{n} = {s['agreement_pct']:.1f}% | "
+              f"{s['false_positives']} ({s['false_positives_hard']}) | {s['false_negatives']} | {secs:.1f} |")
+    print("\n| category | cases | m1 | math-verify | math-verify, `$gold$` |")
+    print("| --- | ---: | ---: | ---: | ---: |")
+    for cat, a in m1["per_category"].items():
+        b, w = mv["per_category"][cat], mvw["per_category"][cat]
+        print(f"| {cat} | {a['cases']} | {a['agreement_pct']:.0f}% | {b['agreement_pct']:.0f}% "
+              f"| {w['agreement_pct']:.0f}% |")
+
+    if args.list:
+        for name, got in (("m1", m1_got), ("math-verify", mv_got), ("math-verify, $gold$", mvw_got)):
+            print(f"\n{name} disagreements:")
+            for g, c in zip(got, CASES):
+                if g != c.expected:
+                    print(f"  [{c.category}] expected={c.expected} got={g} gold={c.gold!r} output={c.output!r}")
+
+    if args.json:
+        versions = {}
+        for pkg in ("math-verify", "latex2sympy2_extended", "sympy"):
+            try:
+                versions[pkg] = metadata.version(pkg)
+            except metadata.PackageNotFoundError:
+                versions[pkg] = None
+        record = {"cases": n, "expected_false": n_false, "hard_negatives": n_hard,
+                  "m1": {**m1, "seconds": round(m1_s, 2)},
+                  "math_verify": {**mv, "seconds": round(mv_s, 2)},
+                  "math_verify_gold_in_dollars": {**mvw, "seconds": round(mvw_s, 2)},
+                  "versions": versions}
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(record, indent=1) + "\n")
+        print(f"\nwrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()
