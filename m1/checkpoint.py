@@ -173,6 +173,23 @@ def read_config(directory: str | os.PathLike) -> dict:
         raise M1Error(f"{p} is not valid JSON: {e}") from None
 
 
+def context_length(config) -> int:
+    """Most tokens a model takes (prompt + completion), from its config (dict or PretrainedConfig)."""
+    get = config.get if isinstance(config, dict) else (lambda k, d=None: getattr(config, k, d))
+    return int(get("max_position_embeddings", 0) or 1 << 30)
+
+
+def check_fits_context(directory: str | os.PathLike, new_tokens: int, flag: str) -> int:
+    """Refuse, before any loading, a generation length that leaves no room for a prompt in the model's
+    context (a model past its trained positions writes garbage, and a long run would only then fail).
+    Returns the context length."""
+    context = context_length(read_config(directory))
+    if new_tokens >= context:
+        raise M1Error(f"{flag} {new_tokens} does not fit the model's context of {context} tokens (prompt included): "
+                      f"lower it")
+    return context
+
+
 def read_pretrained(directory, dtype, what: str = "model"):
     """(model, tokenizer) straight from ``from_pretrained``, failures as one-line M1Errors. The Mamba2
     scan is routed to the Triton kernel first (CUDA + fla-core; a no-op elsewhere)."""

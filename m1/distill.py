@@ -43,7 +43,8 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .checkpoint import M1_RECORD, atomic_dir, check_model_dir, read_record, write_json_atomic
+from .checkpoint import (M1_RECORD, atomic_dir, check_fits_context, check_model_dir, context_length, read_record,
+                         write_json_atomic)
 from .errors import M1Error
 from .training import (METRICS_FILE, config_diff, diverged_error, first_nonfinite, truncate_metrics, weights_finite,
                        work_dir)
@@ -422,12 +423,6 @@ def layer_mse(student, teacher, batches, layers: list[int] | None = None) -> lis
 
 
 # ------------------------------------------------------------------------------ onpolicy pieces
-def _context_of(config) -> int:
-    """Most tokens a model takes (prompt + completion), from its config (dict or PretrainedConfig)."""
-    get = config.get if isinstance(config, dict) else (lambda k, d=None: getattr(config, k, d))
-    return int(get("max_position_embeddings", 0) or 1 << 30)
-
-
 def loss_span(length: int, prompt_len: int) -> tuple[int, int]:
     """Positions [lo, hi) of a row that carry the kd loss: every token of a text row (prompt_len 0, as
     before task data existed), else the positions that predict a completion token."""
@@ -626,14 +621,12 @@ def _distill(cfg, resume, force, log, progress, on_step) -> DistillResult:
         raise M1Error(f"{student_dir}/m1.json names no teacher: pass --teacher")
     stages_wanted = cfg.stages()
     rows = read_rows(cfg.data, cfg.seed)  # bad data (a task without a train split, bad rows) fails before loading
-    context = _context_of(read_config(student_dir))
+    context = context_length(read_config(student_dir))
     if "onpolicy" in stages_wanted:
         if not any(r.prompt is not None for r in rows):
             raise M1Error(f"--stage onpolicy samples from task prompts, and --data {cfg.data} has none: give a "
                           "training task (arith:..., gsm8k-train, ...)")
-        if cfg.max_new_tokens >= context:
-            raise M1Error(f"--max-new-tokens {cfg.max_new_tokens} does not fit the student's context of {context} "
-                          "tokens (prompt included): lower it")
+        check_fits_context(student_dir, cfg.max_new_tokens, "--max-new-tokens")
 
     # `accelerate launch --multi_gpu` / torchrun on a machine without CUDA: DDP over CPU processes (gloo)
     cpu_ddp = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
@@ -691,7 +684,7 @@ def _distill(cfg, resume, force, log, progress, on_step) -> DistillResult:
     plan = BatchPlan(len(data.train), cfg.batch_size, cfg.seed)
     rollouts = None
     if "onpolicy" in stages_wanted:
-        rollouts = Rollouts(student, tokenizer, data, cfg, contexts=(context, _context_of(t_model.config)))
+        rollouts = Rollouts(student, tokenizer, data, cfg, contexts=(context, context_length(t_model.config)))
 
     stages, start = [], 0
     for name in stages_wanted:

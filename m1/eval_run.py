@@ -14,7 +14,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .checkpoint import check_model_dir, write_json_atomic
+from .checkpoint import check_fits_context, check_model_dir, write_json_atomic
 from .errors import M1Error
 
 
@@ -69,6 +69,7 @@ def run_eval(cfg: EvalConfig, out: str | Path, budget_seconds: float | None = No
         raise M1Error(f"--task {cfg.task}: {e}") from None
     if not problems:
         raise M1Error(f"task {cfg.task} gave no problems")
+    check_fits_context(cfg.model, cfg.max_new_tokens, "--max-new-tokens")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     cfg_path, results = out / "eval_config.json", out / "results.jsonl"

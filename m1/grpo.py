@@ -58,9 +58,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from .checkpoint import check_model_dir, eos_token_ids, write_json_atomic
+from .checkpoint import check_fits_context, check_model_dir, eos_token_ids, write_json_atomic
 from .errors import M1Error
-from .training import (CHECKPOINTS, METRICS_FILE, barrier, base_dtype, default_micro_batch, find_checkpoints,
+from .training import (CHECKPOINTS, check_max_steps, METRICS_FILE, barrier, base_dtype, default_micro_batch, find_checkpoints,
                        finalize, lineage_record, load_policy, make_divergence_guard, make_metrics_callback,
                        model_fingerprint, on_cuda, train_guarded,
                        prepare_run, quiet_trainer, quiet_transformers, read_metrics, resolve_precision, run_state,
@@ -453,6 +453,7 @@ class GRPOSettings:
             raise M1Error(f"--micro-batch-size must be >= 1, got {self.micro_batch_size}")
         if self.limit is not None and self.limit < 1:
             raise M1Error(f"--limit must be >= 1, got {self.limit}")
+        check_max_steps(self.max_steps)
         if self.max_steps <= 0 and self.epochs <= 0:
             raise M1Error("give a training budget: --max-steps N or --epochs > 0")
         if self.learning_rate <= 0 or not math.isfinite(self.learning_rate):
@@ -576,6 +577,7 @@ def grpo(model: str | Path, task: str, out: str | Path, *, resume: bool = False,
         raise M1Error(f"{len(reward_weights)} reward weights for {len(reward_funcs or [])} reward functions")
     out = Path(out)
     base = check_model_dir(cfg.model)
+    check_fits_context(base, cfg.max_completion_length, "--max-completion-length")
     settings = {**asdict(cfg), "reward_weights": reward_weights, "model_fingerprint": model_fingerprint(base)}
     ckpt = prepare_run(out, settings, stage="grpo", marker=GRPO_CONFIG_FILE, neutral=GRPO_RESUME_NEUTRAL,
                        resume=resume, force=force)

@@ -56,7 +56,7 @@ from typing import Callable
 
 from .checkpoint import check_model_dir, write_json_atomic
 from .errors import M1Error
-from .training import (CHECKPOINTS, METRICS_FILE, barrier, base_dtype, find_checkpoints, finalize, lineage_record,
+from .training import (CHECKPOINTS, check_max_steps, METRICS_FILE, barrier, base_dtype, find_checkpoints, finalize, lineage_record,
                        load_policy, make_divergence_guard, make_metrics_callback, model_fingerprint, on_cuda,
                        prepare_run, quiet_trainer, train_guarded,
                        quiet_transformers, read_metrics, resolve_precision, run_state, set_mamba_chunk_size, step_of,
@@ -231,6 +231,7 @@ class SFTSettings:
             raise M1Error(f"--limit must be >= 1, got {self.limit}")
         if self.learning_rate <= 0 or not math.isfinite(self.learning_rate):
             raise M1Error(f"--lr must be > 0, got {self.learning_rate}")
+        check_max_steps(self.max_steps)
         if self.max_steps <= 0 and self.epochs <= 0:
             raise M1Error("give a training budget: --epochs > 0 or --max-steps N")
         if not 0.0 <= self.warmup_ratio < 1.0:

@@ -230,6 +230,12 @@ def make_divergence_guard():
     return DivergenceGuard()
 
 
+def check_max_steps(max_steps: int) -> None:
+    """``--max-steps``: a positive count, or -1 (transformers' "off": the epochs decide)."""
+    if max_steps == 0 or max_steps < -1:
+        raise M1Error(f"--max-steps must be >= 1 (or -1: train for --epochs), got {max_steps}")
+
+
 def first_nonfinite(**values) -> tuple[str, Any] | None:
     """The first of ``values`` (name -> number) that is NaN or inf, as ``(name, value)`` with underscores read
     as spaces; ``None`` when every value is finite. The one test of a diverged step, for sft, grpo and distill."""

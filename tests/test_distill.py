@@ -662,7 +662,7 @@ def test_killed_onpolicy_run_resumes_like_an_uninterrupted_one(tiny_hybrid, tmp_
 @pytest.mark.parametrize("kw,needle", [
     (dict(stage="kd", data="math500"), "math500 has no train split"),
     (dict(data="DATA_FILE"), "--stage onpolicy samples from task prompts"),  # text/messages rows: no prompts
-    (dict(max_new_tokens=512), "--max-new-tokens 512 does not fit the student's context of 512"),
+    (dict(max_new_tokens=512), "--max-new-tokens 512 does not fit the model's context of 512"),
     (dict(max_new_tokens=450), r"the longest prompt \(\d+ tokens\) \+ --max-new-tokens 450 exceeds the context"),
     (dict(lmbda=-0.1), "--lambda"),
     (dict(lmbda=1.5), "--lambda"),

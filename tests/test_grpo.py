@@ -324,7 +324,8 @@ def test_cli_grpo_help_and_bad_row(capsys, tmp_path, tiny_hybrid):
     assert "--loss-type" in capsys.readouterr().out
     f = tmp_path / "t.jsonl"
     f.write_text(json.dumps({"question": "what?"}) + "\n")
-    assert main(["grpo", "--model", str(tiny_hybrid), "--task", str(f), "--out", str(tmp_path / "o")]) == 1
+    assert main(["grpo", "--model", str(tiny_hybrid), "--task", str(f), "--out", str(tmp_path / "o"),
+                 "--max-completion-length", "32"]) == 1
     err = capsys.readouterr().err
     assert err.startswith("error: ") and f"{f}:1: row has no answer" in err
     assert not (tmp_path / "o").exists()
@@ -350,6 +351,12 @@ def test_two_process_accelerate_launch(tiny_hybrid, tmp_path):
     assert rec["grpo"]["session_counts"]["completions_total"] == 16  # 2 steps x 2 problems x 4, both processes
     assert p.stdout.count("grpo: 2 steps") == 1
 
+
+
+def test_completion_length_beyond_the_context_is_refused_before_loading(tiny_hybrid, tmp_path):
+    with pytest.raises(M1Error, match="--max-completion-length 600 does not fit the model's context of 512"):
+        grpo(tiny_hybrid, "arith:steps=1,digits=1", tmp_path / "g", **{**RUN, "max_completion_length": 600})
+    assert not (tmp_path / "g").exists()
 
 @pytest.mark.parametrize("rollout", ["engine", "hf"])
 def test_diverged_run_is_one_error_not_a_sampler_traceback(tiny_hybrid, tmp_path, rollout):

@@ -46,6 +46,14 @@ def test_builtin_data_specs():
         load_sft_examples("nonsense-set")
 
 
+@pytest.mark.parametrize("steps", [0, -3])
+def test_max_steps_other_than_positive_or_minus_one_is_refused(tiny_hybrid, tmp_path, steps):
+    # -3 used to mean "off" silently and train a whole epoch instead
+    with pytest.raises(M1Error, match=rf"--max-steps must be >= 1 \(or -1: train for --epochs\), got {steps}"):
+        sft(tiny_hybrid, "arith:steps=1,digits=1", tmp_path / "s", max_steps=steps)
+    assert not (tmp_path / "s").exists()
+
+
 def test_bad_rows_name_file_and_line(tmp_path):
     f = tmp_path / "d.jsonl"
     f.write_text(json.dumps({"question": "1+1?", "solution": "1+1=2 so \\boxed{2}"}) + "\n"

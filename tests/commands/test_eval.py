@@ -102,6 +102,15 @@ def test_k_larger_than_n_is_refused(tiny_hybrid, tmp_path, capsys):
     assert "larger than -n" in capsys.readouterr().err
 
 
+def test_max_new_tokens_beyond_the_context_is_refused_before_loading(tiny_hybrid, tmp_path, capsys):
+    out = tmp_path / "e"
+    assert main(["eval", "--model", str(tiny_hybrid), "--task", "arith", "--max-new-tokens", "512",
+                 "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert "--max-new-tokens 512 does not fit the model's context of 512" in err and len(err.strip().splitlines()) == 1
+    assert not out.exists()
+
+
 class _KilledAfter:
     """A real engine whose run dies (KeyboardInterrupt) right after its k-th problem is handed over,
     while the rest of the batch is still decoding; counts the prompts it is asked for."""
