@@ -43,8 +43,8 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .checkpoint import (M1_RECORD, atomic_dir, check_fits_context, check_model_dir, context_length, read_record,
-                         write_json_atomic)
+from .checkpoint import (M1_RECORD, atomic_dir, check_fits_context, check_model_dir, context_length, mamba_layer_mask,
+                         read_record, write_json_atomic)
 from .errors import M1Error
 from .training import (METRICS_FILE, config_diff, diverged_error, first_nonfinite, truncate_metrics, weights_finite,
                        work_dir)
@@ -200,8 +200,6 @@ def lr_lambda(stage_steps: int, warmup: float, min_ratio: float):
 
 def mamba_layers(model) -> list[int]:
     """Indices of the Mamba layers of an in-memory model (from its config, as every m1 reader decides)."""
-    from .checkpoint import mamba_layer_mask
-
     return [i for i, m in enumerate(mamba_layer_mask(model.config)) if m]
 
 
@@ -592,7 +590,6 @@ def _distill(cfg, resume, force, log, progress, on_step) -> DistillResult:
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
-    from .checkpoint import read_config
     from .data import BatchPlan, collate, load_data, micro_batches, read_rows
     from .losses import hidden_mse
     from .teachers import KD_TEACHER_ARCHS, load_teacher
@@ -621,12 +618,11 @@ def _distill(cfg, resume, force, log, progress, on_step) -> DistillResult:
         raise M1Error(f"{student_dir}/m1.json names no teacher: pass --teacher")
     stages_wanted = cfg.stages()
     rows = read_rows(cfg.data, cfg.seed)  # bad data (a task without a train split, bad rows) fails before loading
-    context = context_length(read_config(student_dir))
     if "onpolicy" in stages_wanted:
         if not any(r.prompt is not None for r in rows):
             raise M1Error(f"--stage onpolicy samples from task prompts, and --data {cfg.data} has none: give a "
                           "training task (arith:..., gsm8k-train, ...)")
-        check_fits_context(student_dir, cfg.max_new_tokens, "--max-new-tokens")
+        context = check_fits_context(student_dir, cfg.max_new_tokens, "--max-new-tokens")
 
     # `accelerate launch --multi_gpu` / torchrun on a machine without CUDA: DDP over CPU processes (gloo)
     cpu_ddp = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()

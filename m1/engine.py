@@ -72,6 +72,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
+from .checkpoint import check_model_dir, eos_token_ids, load_model, mamba_layer_mask, read_config, saved_dtype
 from .errors import M1Error
 
 FINISH_STOP = "stop"
@@ -352,8 +353,6 @@ class _Arch:
         self.emb_mult = float(getattr(cfg, "embedding_multiplier", 1.0)) if mt == "granitemoehybrid" else 1.0
         self.res_mult = float(getattr(cfg, "residual_multiplier", 1.0)) if mt == "granitemoehybrid" else 1.0
         self.logit_scale = float(getattr(cfg, "logits_scaling", 1.0)) if mt == "granitemoehybrid" else 1.0
-        from .checkpoint import mamba_layer_mask
-
         self.layers = []  # (kind, slot, layer module)
         self.n_attn = self.n_mamba = 0
         for layer, is_mamba in zip(inner.layers, mamba_layer_mask(cfg)):
@@ -643,8 +642,6 @@ class Engine:
         self.prefill_tokens = int(prefill_tokens)
         cfg = model.config
         self.max_context = int(getattr(cfg, "max_position_embeddings", 0) or 1 << 30)
-        from .checkpoint import eos_token_ids
-
         self.eos_ids = eos = eos_token_ids(model, tokenizer)
         pad = getattr(tokenizer, "pad_token_id", None)
         self.pad_id = pad if pad is not None else (min(eos) if eos else 0)
@@ -689,8 +686,6 @@ class Engine:
             raise M1Error(f"backend must be one of {', '.join(BACKENDS)}, got '{backend}'")
         if backend == "vllm":
             return VLLMEngine(directory, dtype=dtype, **kw)
-        from .checkpoint import load_model
-
         model, tokenizer = load_model(directory, dtype=dtype, device=device)
         return cls(model, tokenizer, backend=backend, **kw)
 
@@ -1262,8 +1257,6 @@ class VLLMEngine:
             raise M1Error(_broken_vllm(e)) from None
         except Exception as e:  # e.g. a CUDA torchvision beside a CPU torch: "operator torchvision::nms does not exist"
             raise M1Error(_broken_vllm(e)) from None
-        from .checkpoint import check_model_dir, read_config, saved_dtype
-
         d = check_model_dir(directory)
         args = {k: v for k, v in kw.items() if k in ("gpu_memory_utilization", "max_model_len", "tensor_parallel_size")}
         cfg = read_config(d)

@@ -60,11 +60,11 @@ from typing import Callable
 
 from .checkpoint import check_fits_context, check_model_dir, eos_token_ids, write_json_atomic
 from .errors import M1Error
-from .training import (CHECKPOINTS, check_max_steps, METRICS_FILE, barrier, base_dtype, default_micro_batch, find_checkpoints,
-                       finalize, lineage_record, load_policy, make_divergence_guard, make_metrics_callback,
-                       model_fingerprint, on_cuda, train_guarded,
-                       prepare_run, quiet_trainer, quiet_transformers, read_metrics, resolve_precision, run_state,
-                       set_mamba_chunk_size, step_of, truncate_metrics, unknown_options, with_checkpoint_marker, work_dir)
+from .training import (CHECKPOINTS, METRICS_FILE, barrier, base_dtype, check_max_steps, default_micro_batch,
+                       find_checkpoints, finalize, lineage_record, load_policy, make_divergence_guard,
+                       make_metrics_callback, model_fingerprint, on_cuda, prepare_run, quiet_trainer,
+                       quiet_transformers, read_metrics, resolve_precision, run_state, set_mamba_chunk_size, step_of,
+                       train_guarded, truncate_metrics, unknown_options, with_checkpoint_marker, work_dir)
 
 logger = logging.getLogger("m1.grpo")
 
