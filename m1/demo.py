@@ -58,6 +58,9 @@ class Budget:
     # layers whose Mamba init hurts most; measured 26.9% vs 13.8-16.2% pass@1 after the demo's
     # distillation + SFT against the evenly spread default (docs/distill.md, 2026-12-02)
     hybrid_layers: str = "auto"
+    # how many of them (`--attn-fraction`): after the same distillation + SFT, 0.5 gave 62.5% pass@1,
+    # 0.33 58.1% and 0.2 26.9% (40 problems x 4; docs/distill.md, 2026-12-03)
+    hybrid_attn_fraction: float = 0.5
 
 
 BUDGETS = {
@@ -67,12 +70,11 @@ BUDGETS = {
                     sft_steps=4, sft_examples=32, grpo_steps=2, grpo_prompts=2, grpo_generations=2,
                     eval_problems=4, eval_n=2, eval_ks=(1, 2), max_new_tokens=12, gsm8k_problems=2,
                     bench_batches=(1, 4), bench_prompt_len=8, bench_gen_lens=(16,), batch_size=4, ppl_texts=4),
-    # the README's main job: SmolLM2-135M on 2 CPU cores, 44 min measured from a fresh clone (AMX CPU, bf16)
     # the README's main job: SmolLM2-135M on 2 CPU cores (~45-60 min measured from a fresh clone)
     "small": Budget(teacher="smollm2-135m", task="arith:steps=2,digits=1", distill_steps=120, distill_seq_len=256,
                     distill_align_steps=40,
                     sft_steps=40, sft_examples=2000, grpo_steps=12, grpo_prompts=4, grpo_generations=4,
-                    eval_problems=20, eval_n=4, eval_ks=(1, 2, 4), max_new_tokens=96, gsm8k_problems=50,
+                    eval_problems=40, eval_n=4, eval_ks=(1, 2, 4), max_new_tokens=96, gsm8k_problems=50,
                     bench_batches=(1, 16), bench_prompt_len=128, bench_gen_lens=(256,)),
     # a GPU: longer training, more samples
     "full": Budget(teacher="smollm2-135m", task="arith:steps=3,digits=2", distill_steps=2000, distill_seq_len=1024,
@@ -150,11 +152,12 @@ class Demo:
         self._stage("convert teacher (all attention, exact)", models["teacher"] / "base",
                     f"m1 convert --teacher {teacher} --out {models['teacher']}/base --attn-layers all",
                     lambda: convert(teacher, models["teacher"] / "base", attn_layers="all", log=self.log))
-        layout = f" --attn-layers {b.hybrid_layers}" if b.hybrid_layers else ""
+        layout = (f" --attn-layers {b.hybrid_layers}" if b.hybrid_layers else "") + \
+            f" --attn-fraction {b.hybrid_attn_fraction:g}"
         self._stage("convert hybrid", models["hybrid"] / "base",
                     f"m1 convert --teacher {teacher} --out {models['hybrid']}/base" + layout,
                     lambda: convert(teacher, models["hybrid"] / "base", attn_layers=b.hybrid_layers or None,
-                                    log=self.log))
+                                    attn_fraction=b.hybrid_attn_fraction, log=self.log))
         if b.recipe == "from-teacher":
             stages = {"teacher": ["base", "sft", "grpo"], "hybrid": ["base", "distill", "grpo"]}
             self._sft(models["teacher"] / "base", models["teacher"] / "sft")
