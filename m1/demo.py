@@ -27,6 +27,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from .errors import M1Error
+from .settings import to_argv
 
 
 @dataclass(frozen=True)
@@ -208,10 +209,7 @@ class Demo:
                             data="gsm8k-train", stage="both", steps=b.distill_steps, seq_len=b.distill_seq_len,
                             align_steps=b.distill_align_steps, batch_size=b.batch_size, heldout=heldout,
                             checkpoint_every=max(10, b.distill_steps // 4), bf16="on" if self.bf16 else "off")
-        cmd = (f"m1 distill --student {root}/base --teacher {teacher} --data gsm8k-train --out {root}/distill "
-               f"--stage both --steps {b.distill_steps} --seq-len {b.distill_seq_len} --batch-size {b.batch_size}"
-               + (f" --align-steps {b.distill_align_steps}" if b.distill_align_steps else "")
-               + f" --heldout {heldout} --checkpoint-every {cfg.checkpoint_every}" + self.bf16_flag)
+        cmd = "m1 distill " + shlex.join(to_argv(cfg))
         self._stage("distill hybrid", root / "distill", cmd,
                     lambda: self._train(lambda **kw: distill(cfg, log=self.log, progress=self.progress, **kw)))
 
@@ -228,12 +226,7 @@ class Demo:
                             loss_on="completion", max_new_tokens=b.max_new_tokens, lr=b.distill_lr,
                             batch_size=b.batch_size, heldout=heldout,
                             checkpoint_every=max(10, b.distill_steps // 4), bf16="on" if self.bf16 else "off")
-        cmd = (f"m1 distill --student {root}/base --teacher {teacher} --data {b.task} --out {root}/distill "
-               f"--stage {stage} --steps {b.distill_steps} --seq-len {b.distill_seq_len} --batch-size {b.batch_size}"
-               + (f" --align-steps {b.distill_align_steps}" if b.distill_align_steps else "")
-               + (f" --onpolicy-steps {b.distill_onpolicy_steps}" if b.distill_onpolicy_steps else "")
-               + f" --loss-on completion --max-new-tokens {b.max_new_tokens} --lr {b.distill_lr:g}"
-               + f" --heldout {heldout} --checkpoint-every {cfg.checkpoint_every}" + self.bf16_flag)
+        cmd = "m1 distill " + shlex.join(to_argv(cfg))
         self._stage("distill hybrid", root / "distill", cmd,
                     lambda: self._train(lambda **kw: distill(cfg, log=self.log, progress=self.progress, **kw)))
 

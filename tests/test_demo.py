@@ -46,6 +46,17 @@ def test_smoke_demo_end_to_end_and_resume(tmp_path, capsys, recipe):
     assert layout.group(1) == ",".join(map(str, record["attn_layers"])) and len(record["layer_sensitivity"]) == 5
     assert "m1 convert --teacher" in report and "--attn-layers auto" in report
     assert "m1 distill --student" in report and "m1 grpo --model" in report and "m1 bench --model" in report
+    # "Reproduce" is exact: the printed distill command parses to the settings the demo trained with
+    import shlex
+    from dataclasses import asdict
+
+    from m1.cli import build_parser
+    from m1.distill import CONFIG_FILE, DistillConfig
+    from m1.settings import from_args
+
+    line = next(line for line in report.splitlines() if line.startswith("m1 distill "))
+    printed = from_args(DistillConfig, build_parser().parse_args(shlex.split(line)[1:]))
+    assert asdict(printed) == json.loads((out / "hybrid" / "distill" / CONFIG_FILE).read_text())
     for d in ("teacher/base", "hybrid/base", "hybrid/distill", "teacher/sft", "teacher/grpo", "hybrid/grpo") + (
             ("hybrid/sft",) if general else ()):
         assert (out / d / "config.json").exists() and (out / d / "m1.json").exists(), d

@@ -1,0 +1,72 @@
+"""m1.settings: the CLI is generated from the config dataclass, and to_argv inverts the parse."""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+from dataclasses import asdict, dataclass
+
+import pytest
+
+from m1.cli import build_parser
+from m1.distill import DistillConfig
+from m1.settings import add_arguments, from_args, setting, to_argv
+
+
+@dataclass
+class _Cfg:
+    out: str = setting(help="where")
+    steps: int | None = setting(None, "how many", group="budget")
+    lr: float = setting(1e-4, "peak", group="budget")
+    mode: str = setting("a", "which", choices=("a", "b"))
+    lmbda: float = setting(0.0, "share", flag="--lambda")
+    fast: bool = setting(False, "go fast")
+    internal: int = 3  # no setting(): not a flag
+
+
+def _parser():
+    p = argparse.ArgumentParser()
+    add_arguments(p, _Cfg)
+    return p
+
+
+def test_parse_defaults_required_choices_and_help():
+    p = _parser()
+    cfg = from_args(_Cfg, p.parse_args(["--out", "x"]))
+    assert cfg == _Cfg(out="x")
+    cfg = from_args(_Cfg, p.parse_args(["--out", "x", "--steps", "5", "--lambda", "0.25", "--fast", "--mode", "b"]))
+    assert (cfg.steps, cfg.lmbda, cfg.fast, cfg.mode, cfg.internal) == (5, 0.25, True, "b", 3)
+    with pytest.raises(SystemExit):
+        p.parse_args([])  # --out is required
+    with pytest.raises(SystemExit):
+        p.parse_args(["--out", "x", "--mode", "c"])
+    with pytest.raises(SystemExit):
+        p.parse_args(["--out", "x", "--internal", "4"])
+    text = p.format_help()
+    assert "peak (default 0.0001)" in text and "share (default 0.0)" in text
+    assert "how many\n" in text  # a None default is not printed
+    assert "budget:" in text
+
+
+@pytest.mark.parametrize("cfg", [_Cfg(out="o"), _Cfg(out="a b", steps=7, lr=3e-3, mode="b", lmbda=0.5, fast=True)])
+def test_to_argv_inverts_the_parse(cfg):
+    argv = to_argv(cfg)
+    assert from_args(_Cfg, _parser().parse_args(argv)) == cfg
+    assert to_argv(_Cfg(out="o")) == ["--out", "o"]  # defaults are left out
+
+
+def test_to_argv_refuses_what_no_flag_can_say():
+    with pytest.raises(ValueError, match="lr=None"):
+        to_argv(_Cfg(out="o", lr=None))
+
+
+def test_distill_cli_is_the_config():
+    """Every DistillConfig field is a flag of `m1 distill`, and a non-default config survives
+    to_argv -> the real CLI parser -> from_args."""
+    cfg = DistillConfig(student="s", out="o", teacher="t", data="arith:steps=2", stage="align,kd,onpolicy",
+                        loss="jsd", beta=0.3, trainable="mamba", loss_on="completion", mamba_lr=2e-4,
+                        onpolicy_steps=5, lmbda=0.5, num_samples=2, steps=10, align_steps=3, seq_len=128,
+                        lr=5e-5, heldout=4, bf16="on", gradient_checkpointing=True)
+    a = build_parser().parse_args(shlex.split("distill " + shlex.join(to_argv(cfg))))
+    assert asdict(from_args(DistillConfig, a)) == asdict(cfg)
+    assert not a.resume and not a.force
