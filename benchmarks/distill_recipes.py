@@ -60,6 +60,24 @@ RECIPES = {
                         [("distill", dict(teacher="base", data="gsm8k-train", stage="both", align_steps=20, steps=20)),
                          ("distill", dict(stage="kd", steps=40, loss_on="completion"))]),
 }
+# recipes that continue from the demo's distilled hybrid (general distillation from the base teacher on
+# GSM8K chats, in the demo's layout): they need --from-demo, and compare what follows that stage
+AFTER_GENERAL = {
+    "general-sft": ("the demo's hybrid recipe: general distillation (the demo's), then the demo's SFT on arith",
+                    [("sft", dict(max_steps=40))]),
+    "general-kd-task": ("general distillation, then 40 kd steps from the SFT'd teacher on arith completions "
+                        "(in place of SFT)",
+                        [("distill", dict(stage="kd", steps=40, loss_on="completion"))]),
+    "general-kd-task-ce": ("general-kd-task plus the next-token cross-entropy on the reference solutions "
+                           "(--ce-weight 1)",
+                           [("distill", dict(stage="kd", steps=40, loss_on="completion", ce_weight=1.0))]),
+    "general-sft-kd-task": ("general distillation, the demo's SFT, then 40 kd steps from the SFT'd teacher",
+                            [("sft", dict(max_steps=40)),
+                             ("distill", dict(stage="kd", steps=40, loss_on="completion"))]),
+    "general-kd-task-80": ("general-kd-task with twice the steps (80)",
+                           [("distill", dict(stage="kd", steps=80, loss_on="completion"))]),
+}
+RECIPES.update(AFTER_GENERAL)
 FRACTIONS = {"attn-0.33": 0.33, "attn-0.5": 0.5}  # recipe-name suffix -> the hybrid it starts from
 COMMON = dict(seq_len=256, batch_size=8, bf16="auto", heldout=16, checkpoint_every=25, lr=1e-4)
 
@@ -76,9 +94,10 @@ def setup(out: Path, bf16: str, demo: Path | None = None, names: list[str] = ())
     from m1.sft import sft
 
     paths = {"teacher-base": out / "teacher-base", "teacher-sft": out / "teacher-sft", "hybrid": out / "hybrid",
-             **{f"hybrid-{k}": out / f"hybrid-{k}" for k in FRACTIONS}}
+             "hybrid-distill": out / "hybrid-distill", **{f"hybrid-{k}": out / f"hybrid-{k}" for k in FRACTIONS}}
     if demo is not None:
-        for key, sub in (("teacher-base", "teacher/base"), ("teacher-sft", "teacher/sft"), ("hybrid", "hybrid/base")):
+        for key, sub in (("teacher-base", "teacher/base"), ("teacher-sft", "teacher/sft"), ("hybrid", "hybrid/base"),
+                         ("hybrid-distill", "hybrid/distill")):
             if not paths[key].exists() and (demo / sub / "config.json").exists():
                 paths[key].symlink_to((demo / sub).resolve())
     if not (paths["teacher-base"] / "config.json").exists():
@@ -170,11 +189,15 @@ def finished(results: Path) -> set[tuple[str, int]]:
 
 def run(out: Path, names: list[str], bf16: str, demo: Path | None = None) -> None:
     out.mkdir(parents=True, exist_ok=True)
+    if any(n in AFTER_GENERAL for n in names) and demo is None:
+        sys.exit(f"error: {', '.join(n for n in names if n in AFTER_GENERAL)} start from the demo's distilled "
+                 "hybrid: give --from-demo DIR (an `m1 demo --budget small` output)")
     paths = setup(out, bf16, demo, names)
     results = out / "results.jsonl"
     for name in names:
         what, chain = RECIPES[name]
-        src = paths[next((f"hybrid-{k}" for k in FRACTIONS if name.endswith(k)), "hybrid")]
+        src = paths["hybrid-distill" if name in AFTER_GENERAL else
+                    next((f"hybrid-{k}" for k in FRACTIONS if name.endswith(k)), "hybrid")]
         cum = {"seconds": 0.0, "steps": 0, "tokens": 0}
         for k, (kind, settings) in enumerate(chain):
             # a stage is named by what it starts from and its settings: recipes that share a first

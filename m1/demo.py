@@ -231,16 +231,17 @@ class Demo:
                     lambda: self._train(lambda **kw: distill(cfg, log=self.log, progress=self.progress, **kw)))
 
     def _sft(self, model: Path, out: Path) -> None:
-        from .sft import sft
+        from .sft import SFTSettings, sft
 
         b = self.b
-        opts = dict(max_steps=b.sft_steps, limit=b.sft_examples, batch_size=b.batch_size, learning_rate=5e-5,
-                    save_steps=max(10, b.sft_steps // 4), max_length=256, bf16="on" if self.bf16 else "off")
-        cmd = (f"m1 sft --model {model} --data {b.task} --out {out} --max-steps {b.sft_steps} --limit {b.sft_examples} "
-               f"--batch-size {b.batch_size} --lr 5e-5 --max-length 256 --save-steps {opts['save_steps']}"
-               + self.bf16_flag)
+        cfg = SFTSettings(model=str(model), data=b.task, max_steps=b.sft_steps, limit=b.sft_examples,
+                          batch_size=b.batch_size, learning_rate=5e-5, save_steps=max(10, b.sft_steps // 4),
+                          max_length=256, bf16="on" if self.bf16 else "off")
+        cmd = "m1 sft " + shlex.join(to_argv(cfg) + ["--out", str(out)])
+        options = asdict(cfg)
+        del options["model"], options["data"]
         self._stage(f"sft {out.parent.name}", out, cmd,
-                    lambda: self._train(sft, str(model), b.task, out, log=self.log, **opts))
+                    lambda: self._train(sft, cfg.model, cfg.data, out, log=self.log, **options))
 
     def _grpo(self, model: Path, out: Path) -> None:
         from .grpo import grpo

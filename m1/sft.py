@@ -56,6 +56,7 @@ from typing import Callable
 
 from .checkpoint import check_model_dir, write_json_atomic
 from .errors import M1Error
+from .settings import setting
 from .training import (CHECKPOINTS, METRICS_FILE, barrier, base_dtype, check_max_steps, find_checkpoints, finalize,
                        lineage_record, load_policy, make_divergence_guard, make_metrics_callback, model_fingerprint,
                        on_cuda, prepare_run, quiet_trainer, quiet_transformers, read_metrics, resolve_precision,
@@ -201,27 +202,35 @@ def example_lengths(examples: list[SFTExample], tokenizer) -> list[int]:
 # =================================================================================================
 @dataclass
 class SFTSettings:
-    """Every setting of an SFT run; saved as ``sft_config.json`` in each checkpoint and in the output."""
-    model: str  # checkpoint directory to fine-tune
-    data: str = "arith"  # gsm8k-train | arith[:opts] | task[:opts] | FILE.jsonl
-    limit: int | None = None  # examples (arith: how many to generate, default 2000)
-    epochs: float = 1.0
-    max_steps: int = -1  # > 0: stop after this many optimizer steps (overrides epochs)
-    learning_rate: float = 2e-5
-    batch_size: int = 8  # rows per device per step
-    grad_accum: int = 1
-    max_length: int = 1024  # longer examples are dropped
-    lr_scheduler: str = "cosine"
-    warmup_ratio: float = 0.03
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
-    seed: int = 0
-    bf16: str = "auto"  # auto (CUDA bf16 when available) | on | off
-    gradient_checkpointing: bool = False
-    mamba_chunk_size: int | None = None  # training-time Mamba2 scan chunk (None: 64 on CPU, the model's on GPU)
-    save_steps: int = 200
-    save_total_limit: int = 2
-    logging_steps: int = 10
+    """Every setting of an SFT run; saved as ``sft_config.json`` in each checkpoint and in the output.
+    The `m1 sft` flags are generated from these fields (m1.settings)."""
+    model: str = setting(help="checkpoint directory to fine-tune (from m1 convert / distill / ...)", group="what")
+    data: str = setting("arith", "gsm8k-train, arith[:steps=S,digits=D], TASK[:split=train] or FILE.jsonl",
+                        group="what")
+    limit: int | None = setting(None, "use at most this many examples (arith: how many to generate, default 2000)",
+                                group="what")
+    epochs: float = setting(1.0, "passes over the data", group="budget and batches")
+    max_steps: int = setting(-1, "stop after this many optimizer steps (overrides --epochs; -1: use --epochs)",
+                             group="budget and batches")
+    batch_size: int = setting(8, "examples per device per step", group="budget and batches")
+    grad_accum: int = setting(1, "gradient accumulation steps", group="budget and batches")
+    max_length: int = setting(1024, "examples longer than this many tokens are dropped, not cut",
+                              group="budget and batches")
+    learning_rate: float = setting(2e-5, "peak learning rate", flag="--lr", group="optimizer")
+    lr_scheduler: str = setting("cosine", "transformers scheduler name", group="optimizer")
+    warmup_ratio: float = setting(0.03, "warm-up fraction of the steps", group="optimizer")
+    weight_decay: float = setting(0.0, "AdamW weight decay", group="optimizer")
+    max_grad_norm: float = setting(1.0, "gradient clipping", group="optimizer")
+    seed: int = setting(0, "seed for data order, arith problems, init", group="optimizer")
+    bf16: str = setting("auto", "bf16 mixed precision: auto = on a CUDA GPU that supports it, else float32; "
+                        "on = also on a CPU with AVX512-BF16/AMX", choices=("auto", "on", "off"), group="hardware")
+    gradient_checkpointing: bool = setting(False, "recompute activations (saves memory)", group="hardware")
+    mamba_chunk_size: int | None = setting(None, "Mamba2 scan chunk while training (default: 64 on CPU -- 2-3x "
+                                           "faster there -- the model's own on GPU); the saved config is unchanged",
+                                           group="hardware")
+    save_steps: int = setting(200, "steps between checkpoints", group="run")
+    save_total_limit: int = setting(2, "checkpoints kept (at least 2)", group="run")
+    logging_steps: int = setting(10, "steps between progress/metrics rows", group="run")
 
     def validate(self) -> None:
         for name in ("batch_size", "grad_accum", "max_length", "save_steps", "logging_steps"):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 from m1.cli import main
 
@@ -57,6 +58,16 @@ def test_smoke_demo_end_to_end_and_resume(tmp_path, capsys, recipe):
     line = next(line for line in report.splitlines() if line.startswith("m1 distill "))
     printed = from_args(DistillConfig, build_parser().parse_args(shlex.split(line)[1:]))
     assert asdict(printed) == json.loads((out / "hybrid" / "distill" / CONFIG_FILE).read_text())
+    # ... and so does every printed sft command (teacher and, in the general recipe, hybrid)
+    from m1.sft import SFT_CONFIG_FILE, SFTSettings
+
+    sft_lines = [line for line in report.splitlines() if line.startswith("m1 sft ")]
+    assert len(sft_lines) == (2 if general else 1)
+    for line in sft_lines:
+        a = build_parser().parse_args(shlex.split(line)[1:])
+        saved = json.loads((Path(a.out) / SFT_CONFIG_FILE).read_text())["settings"]
+        saved.pop("model_fingerprint")
+        assert asdict(from_args(SFTSettings, a)) == saved, line
     for d in ("teacher/base", "hybrid/base", "hybrid/distill", "teacher/sft", "teacher/grpo", "hybrid/grpo") + (
             ("hybrid/sft",) if general else ()):
         assert (out / d / "config.json").exists() and (out / d / "m1.json").exists(), d

@@ -70,3 +70,18 @@ def test_distill_cli_is_the_config():
     a = build_parser().parse_args(shlex.split("distill " + shlex.join(to_argv(cfg))))
     assert asdict(from_args(DistillConfig, a)) == asdict(cfg)
     assert not a.resume and not a.force
+
+
+def test_sft_cli_is_the_config():
+    """Every SFTSettings field is a flag of `m1 sft` (--lr for learning_rate), and a non-default
+    config survives to_argv -> the real CLI parser -> from_args."""
+    from m1.sft import SFTSettings
+
+    cfg = SFTSettings(model="m", data="gsm8k-train", limit=50, epochs=2.0, max_steps=7, batch_size=3, grad_accum=2,
+                      max_length=128, learning_rate=3e-4, lr_scheduler="linear", warmup_ratio=0.1, weight_decay=0.01,
+                      max_grad_norm=0.5, seed=3, bf16="on", gradient_checkpointing=True, mamba_chunk_size=32,
+                      save_steps=5, save_total_limit=3, logging_steps=1)
+    argv = to_argv(cfg)
+    assert "--lr" in argv and "--learning-rate" not in argv
+    a = build_parser().parse_args(["sft", *argv, "--out", "o"])
+    assert asdict(from_args(SFTSettings, a)) == asdict(cfg) and a.out == "o"
