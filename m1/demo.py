@@ -244,17 +244,18 @@ class Demo:
                     lambda: self._train(sft, cfg.model, cfg.data, out, log=self.log, **options))
 
     def _grpo(self, model: Path, out: Path) -> None:
-        from .grpo import grpo
+        from .grpo import GRPOSettings, grpo
 
         b = self.b
-        opts = dict(max_steps=b.grpo_steps, prompts_per_step=b.grpo_prompts, num_generations=b.grpo_generations,
-                    max_completion_length=b.max_new_tokens, learning_rate=1e-6 if self.name == "full" else 5e-6,
-                    save_steps=max(5, b.grpo_steps // 2), bf16="on" if self.bf16 else "off")
-        cmd = (f"m1 grpo --model {model} --task {b.task} --out {out} --max-steps {b.grpo_steps} "
-               f"--prompts-per-step {b.grpo_prompts} --num-generations {b.grpo_generations} "
-               f"--max-completion-length {b.max_new_tokens} --lr {opts['learning_rate']}" + self.bf16_flag)
+        cfg = GRPOSettings(model=str(model), task=b.task, max_steps=b.grpo_steps, prompts_per_step=b.grpo_prompts,
+                           num_generations=b.grpo_generations, max_completion_length=b.max_new_tokens,
+                           learning_rate=1e-6 if self.name == "full" else 5e-6,
+                           save_steps=max(5, b.grpo_steps // 2), bf16="on" if self.bf16 else "off")
+        cmd = "m1 grpo " + shlex.join(to_argv(cfg) + ["--out", str(out)])
+        options = asdict(cfg)
+        del options["model"], options["task"], options["reward_funcs"]
         self._stage(f"grpo {out.parent.name}", out, cmd,
-                    lambda: self._train(grpo, str(model), b.task, out, log=self.log, **opts))
+                    lambda: self._train(grpo, cfg.model, cfg.task, out, log=self.log, **options))
 
     def _eval(self, model: Path, out: Path, task: str, problems: int, n: int, ks, max_new: int | None = None) -> dict:
         from .eval_run import EvalConfig, run_eval

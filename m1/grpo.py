@@ -60,6 +60,7 @@ from typing import Callable
 
 from .checkpoint import check_fits_context, check_model_dir, eos_token_ids, write_json_atomic
 from .errors import M1Error
+from .settings import setting
 from .training import (CHECKPOINTS, METRICS_FILE, barrier, base_dtype, check_max_steps, default_micro_batch,
                        find_checkpoints, finalize, lineage_record, load_policy, make_divergence_guard,
                        make_metrics_callback, model_fingerprint, on_cuda, prepare_run, quiet_trainer,
@@ -393,46 +394,57 @@ def to_rl_dataset(problems: list[RLProblem], few_shot: int = 0):
 # =================================================================================================
 @dataclass
 class GRPOSettings:
-    """Every setting of a GRPO run; saved as ``grpo_config.json`` in each checkpoint and in the output."""
-    model: str
-    task: str = "arith"  # arith[:opts] | gsm8k | task[:opts] | FILE.jsonl
-    limit: int | None = None  # problems (arith: how many to generate, default 1000)
-    max_steps: int = 200  # optimizer steps; <= 0: use epochs
-    epochs: float = 1.0
-    prompts_per_step: int = 4  # distinct problems per optimizer step (over all processes)
-    num_generations: int = 8  # completions per problem (the group)
-    micro_batch_size: int | None = None  # completions per forward per process (default: training.default_micro_batch)
-    max_completion_length: int = 512
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    learning_rate: float = 1e-6
-    lr_scheduler: str = "constant"
-    warmup_ratio: float = 0.0
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
-    beta: float = 0.0  # KL coefficient; M1: 0 (no reference model)
-    entropy_coef: float = 1e-3  # entropy bonus; M1 adds one
-    loss_type: str = "grpo"  # grpo | dr_grpo | dapo
-    epsilon: float = 0.2
-    epsilon_high: float | None = None
-    num_iterations: int = 1
-    scale_rewards: str = "group"
-    format_reward: float = 0.0  # weight of the format reward (0 = off)
-    mask_truncated: bool = False
-    reward_timeout: float = 5.0  # seconds per answer check / per sample of a custom reward
-    few_shot: int = 0
-    seed: int = 0
-    bf16: str = "auto"
-    gradient_checkpointing: bool = False
-    mamba_chunk_size: int | None = None  # training-time Mamba2 scan chunk (None: 64 on CPU, the model's on GPU)
-    rollout: str = "auto"  # auto | vllm | hf | engine
-    vllm_mode: str = "colocate"
-    vllm_gpu_memory_utilization: float = 0.3
-    save_steps: int = 50
-    save_total_limit: int = 2
-    logging_steps: int = 1
-    reward_funcs: list = field(default_factory=list)  # names of custom reward functions (Python API)
+    """Every setting of a GRPO run; saved as ``grpo_config.json`` in each checkpoint and in the output.
+    The `m1 grpo` flags are generated from these fields (m1.settings)."""
+    model: str = setting(help="checkpoint directory to train (usually from m1 sft)", group="what")
+    task: str = setting("arith", "arith[:opts], gsm8k, TASK[:opts] or FILE.jsonl", group="what")
+    limit: int | None = setting(None, "use at most this many problems (arith: default 1000)", group="what")
+    few_shot: int = setting(0, "solved examples before each problem", group="what")
+    num_generations: int = setting(8, "completions per problem, the group", group="GRPO")
+    prompts_per_step: int = setting(4, "problems per optimizer step over all processes", group="GRPO")
+    loss_type: str = setting("grpo", "grpo (per-sequence mean, M1), dr_grpo (constant normaliser), dapo (token mean)",
+                             choices=LOSS_TYPES, group="GRPO")
+    beta: float = setting(0.0, "KL coefficient; 0 = no KL term and no reference model (M1)", group="GRPO")
+    entropy_coef: float = setting(1e-3, "entropy bonus: loss - coef x mean token entropy (0 = off)", group="GRPO")
+    epsilon: float = setting(0.2, "PPO clip range", group="GRPO")
+    epsilon_high: float | None = setting(None, "upper clip (DAPO: 0.28; default = epsilon)", group="GRPO")
+    num_iterations: int = setting(1, "updates per generated batch", group="GRPO")
+    scale_rewards: str = setting("group", "divide advantages by the group / batch reward std, or not (Dr. GRPO)",
+                                 choices=SCALE_REWARDS, group="GRPO")
+    format_reward: float = setting(0.0, "weight of a reward for a finished completion with a closed \\boxed{} "
+                                   "(0 = off)", group="GRPO")
+    mask_truncated: bool = setting(False, "leave completions that hit --max-completion-length out of the loss (DAPO)",
+                                   group="GRPO")
+    reward_timeout: float = setting(5.0, "seconds per answer check / per sample of a custom reward", group="GRPO")
+    max_completion_length: int = setting(512, "new tokens per completion", group="sampling")
+    temperature: float = setting(1.0, "sampling temperature", group="sampling")
+    top_p: float = setting(1.0, "nucleus sampling (1 = off)", group="sampling")
+    top_k: int = setting(0, "top-k sampling (0 = off)", group="sampling")
+    rollout: str = setting("auto", "auto = vllm on a CUDA machine with vllm installed, else hf (transformers "
+                           "generate); engine = m1's batched sampler", choices=ROLLOUTS, group="sampling")
+    vllm_mode: str = setting("colocate", "vllm in the training process (default) or a `trl vllm-serve` server",
+                             choices=("colocate", "server"), group="sampling")
+    vllm_gpu_memory_utilization: float = setting(0.3, "GPU memory fraction for colocated vLLM", group="sampling")
+    max_steps: int = setting(200, "optimizer steps (<= 0: use --epochs)", group="budget and optimizer")
+    epochs: float = setting(1.0, "passes over the problems when --max-steps <= 0", group="budget and optimizer")
+    micro_batch_size: int | None = setting(None, "completions per forward per process; the rest is accumulation "
+                                           "(default: the largest divisor of the completions per process <= 4 on "
+                                           "CPU, <= 8 on CUDA)", group="budget and optimizer")
+    learning_rate: float = setting(1e-6, "learning rate", flag="--lr", group="budget and optimizer")
+    lr_scheduler: str = setting("constant", "transformers scheduler name", group="budget and optimizer")
+    warmup_ratio: float = setting(0.0, "warm-up fraction of the steps", group="budget and optimizer")
+    weight_decay: float = setting(0.0, "AdamW weight decay", group="budget and optimizer")
+    max_grad_norm: float = setting(1.0, "gradient clipping", group="budget and optimizer")
+    seed: int = setting(0, "seed for sampling, data order and arith problems", group="budget and optimizer")
+    bf16: str = setting("auto", "bf16 mixed precision: auto = on a CUDA GPU that supports it, else float32; "
+                        "on = also on a CPU with AVX512-BF16/AMX", choices=("auto", "on", "off"), group="hardware")
+    gradient_checkpointing: bool = setting(False, "recompute activations (saves memory)", group="hardware")
+    mamba_chunk_size: int | None = setting(None, "Mamba2 scan chunk while training (default: 64 on CPU, the "
+                                           "model's own on GPU)", group="hardware")
+    save_steps: int = setting(50, "steps between checkpoints", group="run")
+    save_total_limit: int = setting(2, "checkpoints kept (at least 2)", group="run")
+    logging_steps: int = setting(1, "steps between progress/metrics rows", group="run")
+    reward_funcs: list = field(default_factory=list)  # names of custom reward functions (Python API only)
 
     def validate(self) -> None:
         if self.loss_type not in LOSS_TYPES:

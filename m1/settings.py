@@ -48,6 +48,15 @@ def _value_type(annotation):
     return annotation
 
 
+def _or_none(typ):
+    """The value type of an optional setting, where "none" on the command line means None."""
+    def parse(text: str):
+        return None if text.strip().lower() in ("none", "") else typ(text)
+
+    parse.__name__ = typ.__name__  # argparse names the type in its errors
+    return parse
+
+
 def _help(f: dataclasses.Field) -> str:
     text = f.metadata.get("help", "")
     if f.default is not MISSING and f.default is not None and f.default is not False and "(default" not in text:
@@ -70,12 +79,13 @@ def add_arguments(parser: argparse.ArgumentParser, cls) -> dict:
             groups[group] = parser.add_argument_group(group)
         kw: dict = {"dest": f.name, "help": _help(f)}
         typ = _value_type(hints[f.name])
+        optional = typ is not hints[f.name]
         if typ is bool:
             if f.default is not False:
                 raise TypeError(f"{cls.__name__}.{f.name}: a switch defaults to False")
             kw["action"] = "store_true"
         else:
-            kw["type"] = typ
+            kw["type"] = _or_none(typ) if optional else typ
             if f.metadata.get("choices"):
                 kw["choices"] = list(f.metadata["choices"])
         if f.default is MISSING:

@@ -68,6 +68,15 @@ def test_smoke_demo_end_to_end_and_resume(tmp_path, capsys, recipe):
         saved = json.loads((Path(a.out) / SFT_CONFIG_FILE).read_text())["settings"]
         saved.pop("model_fingerprint")
         assert asdict(from_args(SFTSettings, a)) == saved, line
+    from m1.grpo import GRPO_CONFIG_FILE, GRPOSettings
+
+    grpo_lines = [line for line in report.splitlines() if line.startswith("m1 grpo ")]
+    assert len(grpo_lines) == 2
+    for line in grpo_lines:
+        a = build_parser().parse_args(shlex.split(line)[1:])
+        saved = json.loads((Path(a.out) / GRPO_CONFIG_FILE).read_text())["settings"]
+        saved.pop("model_fingerprint"), saved.pop("reward_weights")  # not settings: Python API only
+        assert asdict(from_args(GRPOSettings, a)) == saved, line
     for d in ("teacher/base", "hybrid/base", "hybrid/distill", "teacher/sft", "teacher/grpo", "hybrid/grpo") + (
             ("hybrid/sft",) if general else ()):
         assert (out / d / "config.json").exists() and (out / d / "m1.json").exists(), d

@@ -85,3 +85,24 @@ def test_sft_cli_is_the_config():
     assert "--lr" in argv and "--learning-rate" not in argv
     a = build_parser().parse_args(["sft", *argv, "--out", "o"])
     assert asdict(from_args(SFTSettings, a)) == asdict(cfg) and a.out == "o"
+
+
+def test_grpo_cli_is_the_config():
+    """Every GRPOSettings field but the Python-only reward_funcs is a flag of `m1 grpo`; an optional
+    number takes "none" (the flag's old spelling for the default)."""
+    from m1.grpo import GRPOSettings
+
+    cfg = GRPOSettings(model="m", task="gsm8k", limit=9, few_shot=1, num_generations=4, prompts_per_step=2,
+                       loss_type="dapo", beta=0.1, entropy_coef=0.0, epsilon=0.1, epsilon_high=0.28, num_iterations=2,
+                       scale_rewards="none", format_reward=0.1, mask_truncated=True, reward_timeout=2.0,
+                       max_completion_length=64, temperature=0.7, top_p=0.9, top_k=5, rollout="engine",
+                       vllm_mode="server", vllm_gpu_memory_utilization=0.5, max_steps=3, epochs=2.0,
+                       micro_batch_size=2, learning_rate=1e-5, lr_scheduler="linear", warmup_ratio=0.1,
+                       weight_decay=0.01, max_grad_norm=0.5, seed=4, bf16="off", gradient_checkpointing=True,
+                       mamba_chunk_size=16, save_steps=3, save_total_limit=3, logging_steps=2)
+    a = build_parser().parse_args(["grpo", *to_argv(cfg), "--out", "o"])
+    assert asdict(from_args(GRPOSettings, a)) == asdict(cfg)
+    a = build_parser().parse_args(["grpo", "--model", "m", "--out", "o", "--epsilon-high", "none"])
+    assert a.epsilon_high is None
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["grpo", "--model", "m", "--out", "o", "--epsilon-high", "x"])
