@@ -74,6 +74,13 @@ AFTER_GENERAL = {
     "general-sft-kd-task": ("general distillation, the demo's SFT, then 40 kd steps from the SFT'd teacher",
                             [("sft", dict(max_steps=40)),
                              ("distill", dict(stage="kd", steps=40, loss_on="completion"))]),
+    "general-sft-onpolicy": ("general distillation, the demo's SFT, then 20 on-policy steps from the SFT'd teacher "
+                             "(the student samples 2 completions per prompt, reverse KL on its own tokens)",
+                             [("sft", dict(max_steps=40)),
+                              ("distill", dict(stage="onpolicy", steps=20, num_samples=2, max_new_tokens=96))]),
+    "general-kd-final": ("general distillation, then 40 kd steps on arith completions from the teacher after SFT "
+                         "and GRPO (the demo's final teacher) instead of after SFT",
+                         [("distill", dict(stage="kd", steps=40, loss_on="completion", teacher="final"))]),
     "general-kd-task-80": ("general-kd-task with twice the steps (80)",
                            [("distill", dict(stage="kd", steps=80, loss_on="completion"))]),
 }
@@ -94,10 +101,11 @@ def setup(out: Path, bf16: str, demo: Path | None = None, names: list[str] = ())
     from m1.sft import sft
 
     paths = {"teacher-base": out / "teacher-base", "teacher-sft": out / "teacher-sft", "hybrid": out / "hybrid",
-             "hybrid-distill": out / "hybrid-distill", **{f"hybrid-{k}": out / f"hybrid-{k}" for k in FRACTIONS}}
+             "hybrid-distill": out / "hybrid-distill", "teacher-final": out / "teacher-final",
+             **{f"hybrid-{k}": out / f"hybrid-{k}" for k in FRACTIONS}}
     if demo is not None:
         for key, sub in (("teacher-base", "teacher/base"), ("teacher-sft", "teacher/sft"), ("hybrid", "hybrid/base"),
-                         ("hybrid-distill", "hybrid/distill")):
+                         ("hybrid-distill", "hybrid/distill"), ("teacher-final", "teacher/grpo")):
             if not paths[key].exists() and (demo / sub / "config.json").exists():
                 paths[key].symlink_to((demo / sub).resolve())
     if not (paths["teacher-base"] / "config.json").exists():
@@ -120,7 +128,8 @@ def run_stage(kind: str, settings: dict, src: Path, dst: Path, paths: dict, bf16
         from m1.distill import DistillConfig, distill
 
         s = {**COMMON, "data": TASK, "bf16": bf16, **settings}
-        s["teacher"] = str(paths["teacher-base" if s.get("teacher") == "base" else "teacher-sft"])
+        which = {"base": "teacher-base", "final": "teacher-final"}.get(s.get("teacher"), "teacher-sft")
+        s["teacher"] = str(paths[which])
         res = distill(DistillConfig(student=str(src), out=str(dst), **s), force=True, log=log, progress=False)
         return {"seconds": time.time() - t0, "steps": res.steps, "tokens": res.tokens}
     from m1.sft import sft

@@ -62,6 +62,10 @@ class Budget:
     # how many of them (`--attn-fraction`): after the same distillation + SFT, 0.5 gave 62.5% pass@1,
     # 0.33 58.1% and 0.2 26.9% (40 problems x 4; docs/distill.md, 2026-12-03)
     hybrid_attn_fraction: float = 0.5
+    # general recipe: after its SFT (or in its place, with hybrid_sft=False) the hybrid gets this many kd
+    # steps from the teacher after SFT on the task's solutions (completion tokens), 0 = none
+    hybrid_task_kd_steps: int = 0
+    hybrid_sft: bool = True
 
 
 BUDGETS = {
@@ -166,12 +170,16 @@ class Demo:
             self._distill_task(models["teacher"] / "grpo", models["hybrid"])  # from the teacher's last stage
             self._grpo(models["hybrid"] / "distill", models["hybrid"] / "grpo")
         else:
-            stages = {"teacher": ["base", "sft", "grpo"], "hybrid": ["base", "distill", "sft", "grpo"]}
+            hybrid = ["base", "distill"] + ["sft"] * b.hybrid_sft + ["kd"] * bool(b.hybrid_task_kd_steps) + ["grpo"]
+            stages = {"teacher": ["base", "sft", "grpo"], "hybrid": hybrid}
             self._distill_general(teacher, models["hybrid"])
-            for who in ("teacher", "hybrid"):
-                prev = stages[who][-3]
-                self._sft(models[who] / prev, models[who] / "sft")
-                self._grpo(models[who] / "sft", models[who] / "grpo")
+            self._sft(models["teacher"] / "base", models["teacher"] / "sft")
+            self._grpo(models["teacher"] / "sft", models["teacher"] / "grpo")
+            if b.hybrid_sft:
+                self._sft(models["hybrid"] / "distill", models["hybrid"] / "sft")
+            if b.hybrid_task_kd_steps:
+                self._distill_task_kd(models["teacher"] / "sft", models["hybrid"] / hybrid[-3], models["hybrid"] / "kd")
+            self._grpo(models["hybrid"] / hybrid[-2], models["hybrid"] / "grpo")
         evals = {who: {st: self._eval(models[who] / st, o / "eval" / f"{who}-{st}", b.task, b.eval_problems,
                                       b.eval_n, b.eval_ks) for st in stages[who]} for who in models}
         # generality before and after: the base teacher is where both models start
@@ -228,6 +236,19 @@ class Demo:
                             checkpoint_every=max(10, b.distill_steps // 4), bf16="on" if self.bf16 else "off")
         cmd = "m1 distill " + shlex.join(to_argv(cfg))
         self._stage("distill hybrid", root / "distill", cmd,
+                    lambda: self._train(lambda **kw: distill(cfg, log=self.log, progress=self.progress, **kw)))
+
+    def _distill_task_kd(self, teacher: Path, student: Path, out: Path) -> None:
+        """kd from the teacher after SFT on the task's solutions (completion tokens only)."""
+        from .distill import DistillConfig, distill
+
+        b = self.b
+        cfg = DistillConfig(student=str(student), out=str(out), teacher=str(teacher), data=b.task, stage="kd",
+                            steps=b.hybrid_task_kd_steps, seq_len=b.distill_seq_len, loss_on="completion",
+                            lr=b.distill_lr, batch_size=b.batch_size, heldout=16 if self.name != "smoke" else 4,
+                            checkpoint_every=max(10, b.hybrid_task_kd_steps // 4), bf16="on" if self.bf16 else "off")
+        cmd = "m1 distill " + shlex.join(to_argv(cfg))
+        self._stage("kd hybrid from the SFT'd teacher", out, cmd,
                     lambda: self._train(lambda **kw: distill(cfg, log=self.log, progress=self.progress, **kw)))
 
     def _sft(self, model: Path, out: Path) -> None:

@@ -88,14 +88,19 @@ def write_report(demo, stages: dict, evals: dict, gsm: dict, bench: dict, ppl: d
                  "teacher on the task's solutions (align, kd on completion tokens, on-policy), then gets the same "
                  "GRPO budget." if b.recipe == "from-teacher" else
                  "Both models get the same SFT and GRPO budget on the same data; the hybrid is first distilled "
-                 "from the base teacher on GSM8K chats (align, then kd)."), ""]
+                 "from the base teacher on GSM8K chats (align, then kd)." + (
+                     f" Before its GRPO the hybrid also gets {b.hybrid_task_kd_steps} kd steps (`kd`) from the "
+                     "teacher after SFT on the task's solutions (completion tokens)." if b.hybrid_task_kd_steps else "")
+                 + (" The hybrid skips SFT: the `kd` stage takes its place." if not b.hybrid_sft else "")), ""]
     if models is not None:
         lines += [_layout_line(models["hybrid"] / "base"), ""]
     # accuracy after each stage
     lines += ["## Accuracy after each stage", "",
               "pass@1 (%) = mean correctness over all samples, with a 95% bootstrap interval over problems.", "",
               "| stage | teacher | hybrid |", "| --- | ---: | ---: |"]
-    for st in ("base", "distill", "sft", "grpo"):
+    for st in ("base", "distill", "sft", "kd", "grpo"):
+        if not any(st in evals[w] for w in ("teacher", "hybrid")):
+            continue
         cells = [(_acc_cell(evals[w][st]) if st in evals[w] else "—") for w in ("teacher", "hybrid")]
         lines.append(f"| {st} | {cells[0]} | {cells[1]} |")
     lines.append("")

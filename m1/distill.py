@@ -12,20 +12,25 @@ Two stages, run one after the other on the same student checkpoint (``stage="bot
            ``ce_weight`` times the usual next-token cross-entropy. ``trainable="all"`` trains every
            parameter, ``"mamba"`` only the Mamba mixers.
 
-The training loop (:func:`distill`) reads top to bottom: AdamW, linear warm-up then cosine decay
-per stage, gradient accumulation, gradient clipping. It runs in one process by default and
+The recipe (:func:`_distill`) is named parts, as torchtune's recipes are: ``_check`` (every cheap
+check, before loading), ``_setup`` (accelerator, models, data, stage plan), ``_start`` (resume or the
+held-out report), ``_train_stage`` per stage (its step: ``_global_batch``, then ``_align_loss`` or
+``_kd_loss``; AdamW, linear warm-up then cosine decay per stage, gradient accumulation, clipping),
+``_save_checkpoint`` and ``_finish``. It runs in one process by default and
 unchanged under ``accelerate launch`` (DDP): the global batch (``batch_size`` rows per optimizer
 step) is fixed, each process takes its share of micro-batches, and every loss is a sum over
 tokens divided by the token count of the *whole global batch*, so accumulation steps and processes
 add up to exactly the gradient of one big batch.
 
-Files. Training state lives in ``<out>.work/`` beside the output: ``checkpoint/`` (the latest
-atomic checkpoint: model, tokenizer, optimizer, scheduler, RNG, ``state.json`` with the data
-position = the step, and ``distill_config.json``), ``metrics.jsonl`` (one row per step) and
-``report_before.json``. A checkpoint is written to a temporary directory and renamed into place
-every ``checkpoint_every`` steps and at the end of each stage. ``resume=True`` continues a killed
-run from it; a checkpoint made with different settings is refused (nothing is overwritten). A
-NaN/inf loss or gradient stops the run with an error and leaves the last good checkpoint alone.
+Files. Training state lives in ``<out>.work/`` beside the output, in the layout ``m1 sft`` and
+``m1 grpo`` use (:mod:`m1.training`): ``checkpoints/checkpoint-<step>/`` (the latest atomic
+checkpoint: model, tokenizer, optimizer, scheduler, RNG, ``state.json`` with the data position = the
+step, and ``distill_config.json`` = {stage, settings}, which marks it complete), ``metrics.jsonl``
+(one row per step) and ``report_before.json``. A checkpoint is written to a temporary directory and
+renamed into place every ``checkpoint_every`` steps and at the end of each stage. ``resume=True``
+continues a killed run from it; a run made with different settings is refused (nothing is
+overwritten). A NaN/inf loss or gradient stops the run with an error and leaves the last good
+checkpoint alone.
 At the end ``<out>`` is written atomically as a normal m1 checkpoint (the files ``m1 convert``
 writes, with ``m1.json`` saying ``stage: distill`` and recording the settings and the held-out
 report) and the work directory is removed.
@@ -47,8 +52,7 @@ from .checkpoint import (M1_RECORD, atomic_dir, check_fits_context, check_model_
                          read_record, write_json_atomic)
 from .errors import M1Error
 from .settings import setting
-from .training import (METRICS_FILE, config_diff, diverged_error, first_nonfinite, truncate_metrics, weights_finite,
-                       work_dir)
+from .training import METRICS_FILE, diverged_error, first_nonfinite, truncate_metrics, weights_finite, work_dir
 
 STAGE_NAMES = ("align", "kd", "onpolicy")  # run in the order given: --stage align,kd,onpolicy
 STAGES = STAGE_NAMES + ("both",)  # both = align,kd
@@ -258,18 +262,6 @@ def _set_rng_state(s: dict) -> None:
     random.setstate(s["python"])
     name, keys, pos, has_gauss, cached = s["numpy"]
     np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
-
-
-def _find_checkpoint(work: Path) -> Path | None:
-    ckpt = work / "checkpoint"
-    if (ckpt / "state.json").is_file():
-        return ckpt
-    # killed between the two renames of atomic_dir: the previous checkpoint is still complete
-    olds = sorted(work.glob(".checkpoint.old-*"), key=lambda p: p.stat().st_mtime)
-    for old in reversed(olds):
-        if (old / "state.json").is_file():
-            return old
-    return None
 
 
 def _load_student(directory, dtype):
@@ -612,89 +604,140 @@ def distill(cfg: DistillConfig, resume: bool = False, force: bool = False, log=p
 
 
 def _distill(cfg, resume, force, log, progress, on_step) -> DistillResult:
-    import torch
-    from accelerate import Accelerator
-    from accelerate.utils import set_seed
+    """The recipe, top to bottom: check -> setup -> (resume or report) -> train each stage -> save."""
+    checked = _check(cfg, resume, force)
+    run = _setup(cfg, checked, resume, log)
+    cursor, before = _start(run, checked.ckpt, resume)
+    for stage in run.stages:
+        if cursor.step < stage.end:
+            _train_stage(run, stage, cursor, checked.ckpt if resume else None, progress, on_step)
+    return _finish(run, cursor, before, force)
 
-    from .data import BatchPlan, collate, load_data, micro_batches, read_rows
-    from .losses import hidden_mse
-    from .teachers import KD_TEACHER_ARCHS, load_teacher
 
-    # ---- settings and directories: every check before anything is loaded or written
+# ------------------------------------------------------------------------------ the run, in parts
+@dataclass
+class _Checked:
+    """What is known before anything is loaded: every cheap check has passed."""
+    student_dir: Path
+    ckpt: Path | None  # the checkpoint to resume from
+    teacher_spec: str
+    rows: list  # the data's rows, read (bad data fails here)
+    context: int | None  # the student's context length (onpolicy only)
+
+
+@dataclass
+class _Run:
+    """What setup builds once and every stage uses."""
+    cfg: DistillConfig
+    acc: object  # accelerate.Accelerator
+    say: object  # log on the main process, nothing elsewhere
+    autocast: object  # () -> context manager for the forwards
+    bf16: bool
+    micro: int  # rows per forward per process
+    student: object
+    tokenizer: object
+    t_model: object
+    teacher_spec: str
+    teacher_path: str
+    student_dir: Path
+    layers: list  # the student's Mamba layers
+    data: object  # m1.data.DistillData
+    plan: object  # m1.data.BatchPlan
+    rollouts: Rollouts | None
+    stages: list
+    work: Path
+    out: Path
+
+    @property
+    def main(self) -> bool:
+        return self.acc.is_main_process
+
+    @property
+    def align_layers(self) -> list:
+        return self.layers if "align" in self.cfg.stages() else []
+
+
+@dataclass
+class _Cursor:
+    """Where the run is: global step (= data batch index), trained tokens, wall clock origin."""
+    step: int
+    tokens: int
+    t_start: float
+
+
+def _check(cfg: DistillConfig, resume: bool, force: bool) -> _Checked:
+    """Settings, directories, teacher name and data: every check before anything is loaded or written
+    (the directory checks are the ones `m1 sft` and `m1 grpo` make: :func:`m1.training.prepare_run`)."""
+    from .data import read_rows
+    from .training import prepare_run
+
     cfg.validate()
-    out, work = Path(cfg.out), work_dir(cfg.out)
     student_dir = check_model_dir(cfg.student)
-    if out.exists() and not force:
-        raise M1Error(f"output directory {out} already exists: pass --force to replace it, or choose another --out")
-    ckpt = _find_checkpoint(work) if work.exists() else None
-    if resume:
-        if ckpt is None:
-            raise M1Error(f"nothing to resume: no checkpoint in {work} (start without --resume)")
-        saved = json.loads((ckpt / CONFIG_FILE).read_text())
-        diff = config_diff(saved, asdict(cfg), RESUME_NEUTRAL)
-        if diff:
-            raise M1Error(f"--resume: the checkpoint in {work} was made with different settings ({'; '.join(diff)}); "
-                          "rerun with the original settings, or drop --resume and pass --force to start over")
-    elif ckpt is not None and not force:
-        raise M1Error(f"{work} holds a checkpoint of an unfinished run: pass --resume to continue it, "
-                      "or --force to start over")
-    record = read_record(student_dir)
-    teacher_spec = cfg.teacher or record.get("teacher")
+    ckpt = prepare_run(Path(cfg.out), asdict(cfg), stage="distill", marker=CONFIG_FILE, neutral=RESUME_NEUTRAL,
+                       resume=resume, force=force)
+    teacher_spec = cfg.teacher or read_record(student_dir).get("teacher")
     if not teacher_spec:
         raise M1Error(f"{student_dir}/m1.json names no teacher: pass --teacher")
-    stages_wanted = cfg.stages()
     rows = read_rows(cfg.data, cfg.seed)  # bad data (a task without a train split, bad rows) fails before loading
-    if "onpolicy" in stages_wanted:
+    context = None
+    if "onpolicy" in cfg.stages():
         if not any(r.prompt is not None for r in rows):
             raise M1Error(f"--stage onpolicy samples from task prompts, and --data {cfg.data} has none: give a "
                           "training task (arith:..., gsm8k-train, ...)")
         context = check_fits_context(student_dir, cfg.max_new_tokens, "--max-new-tokens")
+    return _Checked(student_dir, ckpt, teacher_spec, rows, context)
+
+
+def _setup(cfg: DistillConfig, checked: _Checked, resume: bool, log) -> _Run:
+    """Accelerator and precision, teacher and student, data, and the stage plan."""
+    import torch
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+    from accelerate.utils import set_seed
+
+    from .data import BatchPlan, load_data
+    from .teachers import KD_TEACHER_ARCHS, load_teacher
+    from .training import default_micro_batch, resolve_precision, set_mamba_chunk_size
 
     # `accelerate launch --multi_gpu` / torchrun on a machine without CUDA: DDP over CPU processes (gloo)
     cpu_ddp = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
-    from accelerate.state import AcceleratorState
-
     # a TRL trainer run earlier in this process (m1 demo's sft with --bf16 on, a notebook) leaves its
     # mixed-precision setting in accelerate's process-wide state, which would silently autocast our
     # forwards; precision here is ours alone (--bf16), so start from a clean state
     AcceleratorState._reset_state()
     acc = Accelerator(cpu=cpu_ddp, mixed_precision="no")
-    from .training import default_micro_batch, resolve_precision
-
     # float32 weights, optimizer and losses; only the forwards' matmuls run in bf16 (reports stay float32)
     bf16 = resolve_precision(cfg.bf16)
     autocast = (lambda: torch.autocast(acc.device.type, dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
-    main, rank, world = acc.is_main_process, acc.process_index, acc.num_processes
-    say = log if main else (lambda *a, **k: None)
+    say = log if acc.is_main_process else (lambda *a, **k: None)
+    world = acc.num_processes
     micro = cfg.micro_batch_size or default_micro_batch(max(1, cfg.batch_size // world), acc.device.type == "cuda")
     if cfg.batch_size % (micro * world):
         raise M1Error(f"--batch-size {cfg.batch_size} must be a multiple of --micro-batch-size {micro} x "
                       f"{world} process(es)")
-    accum = cfg.batch_size // (micro * world)
     set_seed(cfg.seed)
-    if main and work.exists() and not resume:
+    work = work_dir(cfg.out)
+    if acc.is_main_process and work.exists() and not resume:
         shutil.rmtree(work)  # --force: start over
     acc.wait_for_everyone()
 
-    # ---- models and data
-    teacher = load_teacher(teacher_spec, archs=KD_TEACHER_ARCHS)
+    teacher = load_teacher(checked.teacher_spec, archs=KD_TEACHER_ARCHS)
     t_model = teacher.model.to(acc.device).eval()
     for p in t_model.parameters():
         p.requires_grad_(False)
-    student, tokenizer = _load_student(ckpt if resume else student_dir, torch.float32)
+    student, tokenizer = _load_student(checked.ckpt if resume else checked.student_dir, torch.float32)
     student.to(acc.device)
-    from .training import set_mamba_chunk_size
-
     set_mamba_chunk_size(student, None)  # CPU: chunk 64, far less memory and time in the torch scan
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
+    stages_wanted = cfg.stages()
     layers = mamba_layers(student) if hasattr(student, "model") and hasattr(student.model, "layers") else []
     if "align" in stages_wanted and not layers:
         raise M1Error("the student has no Mamba layers, so there is nothing to align: use --stage kd")
     if cfg.trainable == "mamba" and set(stages_wanted) & {"kd", "onpolicy"} and not layers:
         raise M1Error("--trainable mamba: the student has no Mamba layers")
     check_compatible(student, t_model, tokenizer, teacher.tokenizer, need_layers="align" in stages_wanted)
-    data = load_data(cfg.data, tokenizer, cfg.seq_len, cfg.heldout, cfg.seed, rows=rows)
+    data = load_data(cfg.data, tokenizer, cfg.seq_len, cfg.heldout, cfg.seed, rows=checked.rows)
     if (cfg.loss_on == "completion" and "kd" in stages_wanted) or "onpolicy" in stages_wanted:
         # a task row cut off inside its prompt has no completion token to train on (a batch of only
         # such rows would divide by zero) and no whole prompt for the onpolicy stage to sample from
@@ -702,14 +745,26 @@ def _distill(cfg, resume, force, log, progress, on_step) -> DistillResult:
         if cut:
             raise M1Error(f"--seq-len {cfg.seq_len} cuts {cut} of {sum(n > 0 for n in data.prompt_lens)} task rows "
                           "off inside their prompt, leaving no completion token to train on: raise --seq-len")
-    lengths = [len(r) for r in data.train]
     plan = BatchPlan(len(data.train), cfg.batch_size, cfg.seed)
     rollouts = None
     if "onpolicy" in stages_wanted:
-        rollouts = Rollouts(student, tokenizer, data, cfg, contexts=(context, context_length(t_model.config)))
+        rollouts = Rollouts(student, tokenizer, data, cfg, contexts=(checked.context, context_length(t_model.config)))
+    stages = _plan_stages(cfg, plan, [len(r) for r in data.train])
+    run = _Run(cfg, acc, say, autocast, bf16, micro, student, tokenizer, t_model, checked.teacher_spec, teacher.path,
+               checked.student_dir, layers, data, plan, rollouts, stages, work, Path(cfg.out))
+    say(f"teacher {teacher.path}; student {checked.student_dir}: {len(layers)} mamba layers of "
+        f"{student.config.num_hidden_layers}")
+    say(f"data {cfg.data}: {len(data.train):,} training rows ({data.train_tokens:,} tokens), "
+        f"{len(data.heldout_texts)} held out; global batch {cfg.batch_size} = {micro} rows x "
+        f"{cfg.batch_size // (micro * world)} accumulation x {world} process(es)")
+    say("plan: " + ", ".join(f"{s.name} {s.steps} steps (lr {s.lr:g})" for s in stages))
+    return run
 
+
+def _plan_stages(cfg: DistillConfig, plan, lengths: list[int]) -> list[Stage]:
+    """Each stage's global step range: steps, or as many steps as its token budget takes."""
     stages, start = [], 0
-    for name in stages_wanted:
+    for name in cfg.stages():
         if name == "align" and (cfg.align_steps is not None or cfg.align_max_tokens is not None):
             n = _steps_for_budget(plan, lengths, start, cfg.align_steps, cfg.align_max_tokens)
         elif name == "onpolicy":
@@ -718,212 +773,267 @@ def _distill(cfg, resume, force, log, progress, on_step) -> DistillResult:
             n = _steps_for_budget(plan, lengths, start, cfg.steps, cfg.max_tokens)
         stages.append(Stage(name, start, start + n, cfg.align_lr if name == "align" else cfg.lr))
         start += n
-    total_steps = start
-    say(f"teacher {teacher.path}; student {student_dir}: {len(layers)} mamba layers of "
-        f"{student.config.num_hidden_layers}")
-    say(f"data {cfg.data}: {len(data.train):,} training rows ({data.train_tokens:,} tokens), "
-        f"{len(data.heldout_texts)} held out; global batch {cfg.batch_size} = {micro} rows x {accum} accumulation "
-        f"x {world} process(es)")
-    say("plan: " + ", ".join(f"{s.name} {s.steps} steps (lr {s.lr:g})" for s in stages))
+    return stages
 
-    # ---- where we start
-    step, tokens_done, elapsed0 = 0, 0, 0.0
-    state = {}
+
+def _start(run: _Run, ckpt: Path | None, resume: bool) -> tuple[_Cursor, dict]:
+    """Where training starts: a resumed run's step, tokens, clock and RNG, or step 0 after the
+    held-out report of the student as it came in."""
+    import torch
+
     if resume:
         state = json.loads((ckpt / "state.json").read_text())
-        step, tokens_done, elapsed0 = state["step"], state["tokens"], state["elapsed"]
         _set_rng_state(torch.load(ckpt / "rng.pt", weights_only=True))
-        say(f"resuming at step {step} of {total_steps} from {ckpt}")
-        before = json.loads((work / "report_before.json").read_text())
-        if main:  # drop metrics logged after the checkpoint by the killed run
-            truncate_metrics(work / METRICS_FILE, step)
+        run.say(f"resuming at step {state['step']} of {run.stages[-1].end} from {ckpt}")
+        before = json.loads((run.work / "report_before.json").read_text())
+        if run.main:  # drop metrics logged after the checkpoint by the killed run
+            truncate_metrics(run.work / METRICS_FILE, state["step"])
+        cursor = _Cursor(state["step"], state["tokens"], time.perf_counter() - state["elapsed"])
     else:
-        before = _report(acc, student, t_model, tokenizer, data, cfg, layers if "align" in stages_wanted else [])
-        if main:
-            work.mkdir(parents=True, exist_ok=True)
-            write_json_atomic(work / "report_before.json", before)
-        say(format_report(before))
-    acc.wait_for_everyone()
+        before = _report(run.acc, run.student, run.t_model, run.tokenizer, run.data, run.cfg, run.align_layers)
+        if run.main:
+            run.work.mkdir(parents=True, exist_ok=True)
+            write_json_atomic(run.work / "report_before.json", before)
+        run.say(format_report(before))
+        cursor = _Cursor(0, 0, time.perf_counter())
+    run.acc.wait_for_everyone()
+    return cursor, before
 
-    def save_checkpoint(stage, optimizer, scheduler, step, tokens, elapsed):
-        if main:
-            with atomic_dir(work / "checkpoint", force=True) as tmp:
-                student.save_pretrained(tmp)
-                tokenizer.save_pretrained(tmp)
-                torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-                torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-                torch.save(_rng_state(), tmp / "rng.pt")
-                write_json_atomic(tmp / "state.json", {"step": step, "stage": stage.name, "tokens": tokens,
-                                                       "elapsed": elapsed, "optimizer_stage": stage.name})
-                write_json_atomic(tmp / CONFIG_FILE, asdict(cfg))
-        acc.wait_for_everyone()
 
-    # ---- the training loop
-    pad_id = tokenizer.pad_token_id
-    t_start = time.perf_counter() - elapsed0
-    for stage in stages:
-        if step >= stage.end:
-            continue
-        # what trains in this stage, wrapped for DDP
-        for p in student.parameters():
-            p.requires_grad_(False)
-        if stage.name == "align":
-            trainable = _mixer_stack([student.model.layers[i].mamba for i in layers], cfg.gradient_checkpointing)
-        elif cfg.trainable == "mamba":
-            trainable = _mixer_stack([student.model.layers[i].mamba for i in layers])
-        else:
-            trainable = student
-        for p in trainable.parameters():
-            p.requires_grad_(True)
-        params = [p for p in trainable.parameters() if p.requires_grad]
-        model = acc.prepare_model(trainable if stage.name == "align" else student)
-        groups = [{"params": params, "lr": stage.lr}]
-        if stage.name != "align" and cfg.mamba_lr is not None and layers:
-            mixer_ids = {id(p) for i in layers for p in student.model.layers[i].mamba.parameters()}
-            groups = [{"params": [p for p in params if id(p) not in mixer_ids], "lr": stage.lr},
-                      {"params": [p for p in params if id(p) in mixer_ids], "lr": cfg.mamba_lr}]
-        optimizer = torch.optim.AdamW(groups, lr=stage.lr, betas=(0.9, 0.95), eps=1e-8, weight_decay=cfg.weight_decay)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(stage.steps, cfg.warmup, cfg.min_lr_ratio))
-        if resume and step > stage.start and state.get("optimizer_stage") == stage.name:
+def _trainable(run: _Run, stage: Stage):
+    """(module to train, its parameters, optimizer param groups) of a stage; everything else frozen."""
+    student, cfg, layers = run.student, run.cfg, run.layers
+    for p in student.parameters():
+        p.requires_grad_(False)
+    if stage.name == "align":
+        trainable = _mixer_stack([student.model.layers[i].mamba for i in layers], cfg.gradient_checkpointing)
+    elif cfg.trainable == "mamba":
+        trainable = _mixer_stack([student.model.layers[i].mamba for i in layers])
+    else:
+        trainable = student
+    for p in trainable.parameters():
+        p.requires_grad_(True)
+    params = [p for p in trainable.parameters() if p.requires_grad]
+    groups = [{"params": params, "lr": stage.lr}]
+    if stage.name != "align" and cfg.mamba_lr is not None and layers:
+        mixer_ids = {id(p) for i in layers for p in student.model.layers[i].mamba.parameters()}
+        groups = [{"params": [p for p in params if id(p) not in mixer_ids], "lr": stage.lr},
+                  {"params": [p for p in params if id(p) in mixer_ids], "lr": cfg.mamba_lr}]
+    return trainable, params, groups
+
+
+def _global_batch(run: _Run, stage: Stage, step: int):
+    """The rows of step ``step``, each row's loss span [lo, hi), and metrics of how they were made."""
+    cfg, data = run.cfg, run.data
+    if stage.name == "onpolicy" and run.rollouts.on_policy(step):
+        seqs, spans, extra = run.rollouts.sample(step)
+        run.student.train()
+        return seqs, spans, extra
+    rows = run.plan.rows(step)
+    # onpolicy's data steps train on the reference completions, as GKD's off-policy share does
+    # (align always matches every token's mixer output)
+    on_completion = stage.name == "onpolicy" or (cfg.loss_on == "completion" and stage.name == "kd")
+    spans = [loss_span(len(data.train[r]), data.prompt_lens[r] if on_completion else 0) for r in rows]
+    return [data.train[r] for r in rows], spans, ({"onpolicy": False} if stage.name == "onpolicy" else {})
+
+
+def _align_loss(run: _Run, model, ids, mask, n_tok: int, sums):
+    """Align: each Mamba mixer on the teacher's input to that layer vs the teacher attention's output."""
+    from .losses import hidden_mse
+
+    world = run.acc.num_processes
+    with run.autocast():
+        io = teacher_attention_io(run.t_model, ids, mask, run.layers)
+        outs = model([x for x, _ in io], attention_mask=_mamba_mask(mask))
+    per_layer = [hidden_mse(o, y, mask, normalizer=n_tok / world) for o, (_, y) in zip(outs, io)]
+    for k, v in enumerate(per_layer):
+        sums[3 + k] += v.detach().double() / world
+    return sum(per_layer)
+
+
+def _kd_loss(run: _Run, model, ids, mask, lmask, n_tok: int, n_ce: int, sums):
+    """kd / onpolicy: the configured divergence on the loss spans (+ ce_weight x cross-entropy)."""
+    import torch
+
+    world = run.acc.num_processes
+    with run.autocast(), hidden_out(run.student, run.t_model):
+        with torch.no_grad():
+            t_hidden = run.t_model(input_ids=ids, attention_mask=mask).logits
+        s_hidden = model(input_ids=ids, attention_mask=mask).logits
+    loss, kl_sum, ce_sum = kd_micro_loss(run.cfg, run.student, run.t_model, s_hidden, t_hidden, ids, mask,
+                                         kd_norm=n_tok / world, ce_norm=n_ce / world, loss_mask=lmask)
+    sums[1] += kl_sum.double() / n_tok
+    sums[2] += ce_sum.double() / n_ce
+    return loss
+
+
+def _train_stage(run: _Run, stage: Stage, cursor: _Cursor, ckpt: Path | None, progress: bool, on_step) -> None:
+    """One stage's optimizer steps, from ``cursor.step`` to ``stage.end``; advances ``cursor``.
+
+    Every loss is a sum over tokens divided by the token count of the whole global batch, so that
+    accumulation and DDP's gradient average add up to the gradient of one big batch."""
+    import torch
+
+    from .data import collate, micro_batches
+
+    cfg, acc, student = run.cfg, run.acc, run.student
+    world, rank = acc.num_processes, acc.process_index
+    trainable, params, groups = _trainable(run, stage)
+    model = acc.prepare_model(trainable if stage.name == "align" else student)
+    optimizer = torch.optim.AdamW(groups, lr=stage.lr, betas=(0.9, 0.95), eps=1e-8, weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(stage.steps, cfg.warmup, cfg.min_lr_ratio))
+    if ckpt is not None and cursor.step > stage.start:
+        state = json.loads((ckpt / "state.json").read_text())
+        if state.get("optimizer_stage") == stage.name:
             optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True))
             scheduler.load_state_dict(torch.load(ckpt / "scheduler.pt", weights_only=True))
-        if cfg.gradient_checkpointing and stage.name != "align":
-            # transformers' per-decoder-layer recompute; non-reentrant: the embeddings' output needs no grad
-            student.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        student.train()
-        bar = None
-        if progress and main:
-            from tqdm.auto import tqdm
-            bar = tqdm(total=stage.steps, initial=step - stage.start, desc=stage.name, unit="step", dynamic_ncols=True)
+    if cfg.gradient_checkpointing and stage.name != "align":
+        # transformers' per-decoder-layer recompute; non-reentrant: the embeddings' output needs no grad
+        student.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    student.train()
+    bar = None
+    if progress and run.main:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=stage.steps, initial=cursor.step - stage.start, desc=stage.name, unit="step",
+                   dynamic_ncols=True)
 
-        def stop_nonfinite(what, value):
-            """A NaN/inf: stop before the optimizer step; the last good checkpoint is left alone."""
-            if bar is not None:
-                bar.close()
-            last = _find_checkpoint(work)
-            kept = (last, json.loads((last / "state.json").read_text())["step"]) if last else None
-            raise diverged_error(what, value, step + 1, kept, work, where=stage.name,
-                                 lr_flag="--align-lr" if stage.name == "align" else "--lr")
-
-        while step < stage.end:
-            t0 = time.perf_counter()
-            # the global batch: token rows and, per row, the positions [lo, hi) that carry the kd loss
-            extra = {}
-            if stage.name == "onpolicy" and rollouts.on_policy(step):
-                # NaN/inf weights: the engine would refuse to sample, before any loss could show the NaN
-                if not weights_finite(student):
-                    stop_nonfinite("student's weights", "non-finite")
-                seqs, spans, extra = rollouts.sample(step)
-                student.train()
-            else:
-                rows = plan.rows(step)
-                seqs = [data.train[r] for r in rows]
-                # onpolicy's data steps train on the reference completions, as GKD's off-policy share does
-                # (align always matches every token's mixer output)
-                on_completion = stage.name == "onpolicy" or (cfg.loss_on == "completion" and stage.name == "kd")
-                spans = [loss_span(len(data.train[r]), data.prompt_lens[r] if on_completion else 0) for r in rows]
-                if stage.name == "onpolicy":
-                    extra = {"onpolicy": False}
-            blen = [len(x) for x in seqs]
-            n_tok = sum(hi - lo for lo, hi in spans)  # loss positions of the global batch
-            # positions with a next token (cross-entropy), inside the loss spans
-            n_ce = max(1, sum(max(0, min(hi, n - 1) - lo) for (lo, hi), n in zip(spans, blen)))
-            # this process's share; each micro-loss is (sum over its tokens) / (global count / world)
-            # so that DDP's gradient *average* over processes is the global token mean
-            share = micro_batches(list(range(len(seqs))), blen, micro, world, rank)
-            sums = torch.zeros(3 + len(layers), dtype=torch.float64, device=acc.device)  # loss, kl, ce, mse...
-            for a, chunk in enumerate(share):
-                ids, mask = (t.to(acc.device) for t in collate([seqs[r] for r in chunk], pad_id))
-                lmask = span_mask([spans[r] for r in chunk], ids.shape[1]).to(acc.device)
-                sync = contextlib.nullcontext() if a == len(share) - 1 else acc.no_sync(model)
-                with sync:
-                    if stage.name == "align":
-                        with autocast():
-                            io = teacher_attention_io(t_model, ids, mask, layers)
-                            outs = model([x for x, _ in io], attention_mask=_mamba_mask(mask))
-                        per_layer = [hidden_mse(o, y, mask, normalizer=n_tok / world) for o, (_, y) in zip(outs, io)]
-                        loss = sum(per_layer)
-                        for k, v in enumerate(per_layer):
-                            sums[3 + k] += v.detach().double() / world
-                    else:
-                        with autocast(), hidden_out(student, t_model):
-                            with torch.no_grad():
-                                t_hidden = t_model(input_ids=ids, attention_mask=mask).logits
-                            s_hidden = model(input_ids=ids, attention_mask=mask).logits
-                        loss, kl_sum, ce_sum = kd_micro_loss(cfg, student, t_model, s_hidden, t_hidden, ids, mask,
-                                                             kd_norm=n_tok / world, ce_norm=n_ce / world,
-                                                             loss_mask=lmask)
-                        sums[1] += kl_sum.double() / n_tok
-                        sums[2] += ce_sum.double() / n_ce
-                    sums[0] += loss.detach().double() / world
-                    acc.backward(loss)
-            sums = acc.reduce(sums, reduction="sum")
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
-            loss_value, grad_value = sums[0].item(), float(grad_norm)
-            bad = first_nonfinite(loss=loss_value, grad_norm=grad_value)
-            if bad is not None:
-                stop_nonfinite(*bad)
-            lr_now = scheduler.get_last_lr()[0]
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            tokens_done += n_tok
-            dt = time.perf_counter() - t0
-            m = {"step": step, "stage": stage.name, "loss": loss_value, "lr": lr_now, "grad_norm": grad_value,
-                 "tokens": tokens_done, "step_tokens": n_tok, "tokens_per_s": n_tok / dt,
-                 "epoch": plan.epoch(step), "elapsed": time.perf_counter() - t_start}
-            m.update(extra)
-            if stage.name != "align":
-                m["kl"] = sums[1].item()
-                if cfg.ce_weight > 0:
-                    m["ce"] = sums[2].item()
-            else:
-                m["layer_mse"] = [sums[3 + k].item() for k in range(len(layers))]
-            if main:
-                with open(work / METRICS_FILE, "a") as f:
-                    f.write(json.dumps(m) + "\n")
-            if bar is not None:
-                post = {"loss": f"{loss_value:.4f}"}
-                if "kl" in m:
-                    post["kl"] = f"{m['kl']:.4f}"
-                post["tok/s"] = f"{m['tokens_per_s']:.0f}"
-                bar.set_postfix(post, refresh=False)
-                bar.update(1)
-            if step % cfg.checkpoint_every == 0 or step == stage.end:
-                save_checkpoint(stage, optimizer, scheduler, step, tokens_done, time.perf_counter() - t_start)
-            if on_step is not None:
-                on_step(step, m, student)
+    def stop_nonfinite(what, value):
         if bar is not None:
             bar.close()
-        student.eval()
-        if student.is_activation_checkpointing:
-            student.activation_checkpointing_disable()
+        _stop_nonfinite(run, stage, cursor.step + 1, what, value)
 
-    # ---- held-out report and the final checkpoint
-    after = _report(acc, student, t_model, tokenizer, data, cfg, layers if "align" in stages_wanted else [])
-    say(format_report(before, after))
-    seconds = time.perf_counter() - t_start
-    if main:
-        from .training import lineage_record
+    while cursor.step < stage.end:
+        t0 = time.perf_counter()
+        # NaN/inf weights: the engine would refuse to sample, before any loss could show the NaN
+        if stage.name == "onpolicy" and run.rollouts.on_policy(cursor.step) and not weights_finite(student):
+            stop_nonfinite("student's weights", "non-finite")
+        seqs, spans, extra = _global_batch(run, stage, cursor.step)
+        blen = [len(x) for x in seqs]
+        n_tok = sum(hi - lo for lo, hi in spans)  # loss positions of the global batch
+        # positions with a next token (cross-entropy), inside the loss spans
+        n_ce = max(1, sum(max(0, min(hi, n - 1) - lo) for (lo, hi), n in zip(spans, blen)))
+        # this process's share; each micro-loss is (sum over its tokens) / (global count / world)
+        # so that DDP's gradient *average* over processes is the global token mean
+        share = micro_batches(list(range(len(seqs))), blen, run.micro, world, rank)
+        sums = torch.zeros(3 + len(run.layers), dtype=torch.float64, device=acc.device)  # loss, kl, ce, mse...
+        for a, chunk in enumerate(share):
+            ids, mask = (t.to(acc.device) for t in collate([seqs[r] for r in chunk], run.tokenizer.pad_token_id))
+            lmask = span_mask([spans[r] for r in chunk], ids.shape[1]).to(acc.device)
+            with contextlib.nullcontext() if a == len(share) - 1 else acc.no_sync(model):
+                if stage.name == "align":
+                    loss = _align_loss(run, model, ids, mask, n_tok, sums)
+                else:
+                    loss = _kd_loss(run, model, ids, mask, lmask, n_tok, n_ce, sums)
+                sums[0] += loss.detach().double() / world
+                acc.backward(loss)
+        sums = acc.reduce(sums, reduction="sum")
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+        loss_value, grad_value = sums[0].item(), float(grad_norm)
+        bad = first_nonfinite(loss=loss_value, grad_norm=grad_value)
+        if bad is not None:
+            stop_nonfinite(*bad)
+        lr_now = scheduler.get_last_lr()[0]
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        cursor.step += 1
+        cursor.tokens += n_tok
+        m = {"step": cursor.step, "stage": stage.name, "loss": loss_value, "lr": lr_now, "grad_norm": grad_value,
+             "tokens": cursor.tokens, "step_tokens": n_tok, "tokens_per_s": n_tok / (time.perf_counter() - t0),
+             "epoch": run.plan.epoch(cursor.step), "elapsed": time.perf_counter() - cursor.t_start, **extra}
+        _record(run, stage, m, sums, bar)
+        if cursor.step % cfg.checkpoint_every == 0 or cursor.step == stage.end:
+            _save_checkpoint(run, stage, optimizer, scheduler, cursor)
+        if on_step is not None:
+            on_step(cursor.step, m, student)
+    if bar is not None:
+        bar.close()
+    student.eval()
+    if student.is_activation_checkpointing:
+        student.activation_checkpointing_disable()
 
-        rec = lineage_record(student_dir, "distill", {
-            "student": str(student_dir), "teacher": teacher_spec, "teacher_path": teacher.path,
-            "settings": asdict(cfg), "stages": [asdict(s) for s in stages], "steps": step, "tokens": tokens_done,
-            "seconds": round(seconds, 1), "processes": world, "precision": "bf16 autocast" if bf16 else "float32",
-            "report": {"before": before, "after": after}})
+
+def _stop_nonfinite(run: _Run, stage: Stage, step: int, what: str, value) -> None:
+    """A NaN/inf at ``step``: stop before the optimizer step; the last good checkpoint is left alone."""
+    from .training import find_checkpoints
+
+    last, _ = find_checkpoints(run.work, CONFIG_FILE)
+    kept = (last, json.loads((last / "state.json").read_text())["step"]) if last else None
+    raise diverged_error(what, value, step, kept, run.work, where=stage.name,
+                         lr_flag="--align-lr" if stage.name == "align" else "--lr")
+
+
+def _record(run: _Run, stage: Stage, m: dict, sums, bar) -> None:
+    """One step's metrics: a row of metrics.jsonl (main process) and the progress bar."""
+    if stage.name != "align":
+        m["kl"] = sums[1].item()
+        if run.cfg.ce_weight > 0:
+            m["ce"] = sums[2].item()
+    else:
+        m["layer_mse"] = [sums[3 + k].item() for k in range(len(run.layers))]
+    if run.main:
+        with open(run.work / METRICS_FILE, "a") as f:
+            f.write(json.dumps(m) + "\n")
+    if bar is not None:
+        post = {"loss": f"{m['loss']:.4f}", **({"kl": f"{m['kl']:.4f}"} if "kl" in m else {}),
+                "tok/s": f"{m['tokens_per_s']:.0f}"}
+        bar.set_postfix(post, refresh=False)
+        bar.update(1)
+
+
+def _save_checkpoint(run: _Run, stage: Stage, optimizer, scheduler, cursor: _Cursor) -> None:
+    """``work/checkpoints/checkpoint-<step>/``, written atomically, the layout `m1 sft` and `m1 grpo`
+    use; ``distill_config.json`` ({stage, settings}) marks it complete. Older ones are removed after."""
+    import torch
+
+    from .training import CHECKPOINTS
+
+    if run.main:
+        root = run.work / CHECKPOINTS
+        with atomic_dir(root / f"checkpoint-{cursor.step}", force=True) as tmp:
+            run.student.save_pretrained(tmp)
+            run.tokenizer.save_pretrained(tmp)
+            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+            torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+            torch.save(_rng_state(), tmp / "rng.pt")
+            write_json_atomic(tmp / "state.json", {"step": cursor.step, "stage": stage.name, "tokens": cursor.tokens,
+                                                   "elapsed": time.perf_counter() - cursor.t_start,
+                                                   "optimizer_stage": stage.name})
+            write_json_atomic(tmp / CONFIG_FILE, {"stage": "distill", "settings": asdict(run.cfg)})
+        for old in root.glob("checkpoint-*"):
+            if old.name != f"checkpoint-{cursor.step}":
+                shutil.rmtree(old, ignore_errors=True)
+    run.acc.wait_for_everyone()
+
+
+def _finish(run: _Run, cursor: _Cursor, before: dict, force: bool) -> DistillResult:
+    """The held-out report after training, then ``out`` as a normal m1 checkpoint (atomically) with the
+    run's lineage, settings, report and metrics; the work directory goes."""
+    from .training import lineage_record
+
+    cfg = run.cfg
+    after = _report(run.acc, run.student, run.t_model, run.tokenizer, run.data, cfg, run.align_layers)
+    run.say(format_report(before, after))
+    seconds = time.perf_counter() - cursor.t_start
+    if run.main:
+        rec = lineage_record(run.student_dir, "distill", {
+            "student": str(run.student_dir), "teacher": run.teacher_spec, "teacher_path": run.teacher_path,
+            "settings": asdict(cfg), "stages": [asdict(s) for s in run.stages], "steps": cursor.step,
+            "tokens": cursor.tokens, "seconds": round(seconds, 1), "processes": run.acc.num_processes,
+            "precision": "bf16 autocast" if run.bf16 else "float32", "report": {"before": before, "after": after}})
         rec["dtype"] = "float32"
         if rec.get("teacher") in (None, "?"):  # the model it was converted from; a plain HF student has none
-            rec["teacher"] = teacher_spec
-        with atomic_dir(out, force=force) as tmp:
-            student.save_pretrained(tmp)
-            tokenizer.save_pretrained(tmp)
+            rec["teacher"] = run.teacher_spec
+        with atomic_dir(run.out, force=force) as tmp:
+            run.student.save_pretrained(tmp)
+            run.tokenizer.save_pretrained(tmp)
             write_json_atomic(tmp / M1_RECORD, rec)
             write_json_atomic(tmp / CONFIG_FILE, asdict(cfg))
             write_json_atomic(tmp / "distill_report.json", {"before": before, "after": after})
-            if (work / METRICS_FILE).exists():
-                shutil.copyfile(work / METRICS_FILE, tmp / "distill_metrics.jsonl")
-        shutil.rmtree(work, ignore_errors=True)
-        say(f"wrote {out}")
-    acc.wait_for_everyone()
-    return DistillResult(out=out, before=before, after=after, steps=step, tokens=tokens_done, seconds=seconds)
+            if (run.work / METRICS_FILE).exists():
+                shutil.copyfile(run.work / METRICS_FILE, tmp / "distill_metrics.jsonl")
+        shutil.rmtree(run.work, ignore_errors=True)
+        run.say(f"wrote {run.out}")
+    run.acc.wait_for_everyone()
+    return DistillResult(out=run.out, before=before, after=after, steps=cursor.step, tokens=cursor.tokens,
+                         seconds=seconds)

@@ -108,3 +108,28 @@ def test_small_budget_follows_the_hardware(monkeypatch, tmp_path):
     assert (slow.b.distill_steps, slow.b.grpo_steps, slow.b.distill_align_steps) == (40, 6, 40)
     assert any("float32" in m for m in said)
     assert Demo("smoke", tmp_path, log=lambda m: None).b == BUDGETS["smoke"]  # smoke is never cut
+
+
+def test_smoke_demo_with_task_kd_in_place_of_sft(tmp_path):
+    """The general recipe's optional task-kd stage: the hybrid goes distill -> kd (from the teacher after
+    SFT, on the task's completions) -> grpo, and the report shows the kd row and its budget."""
+    import json
+    from dataclasses import replace
+
+    from m1.demo import Demo
+
+    demo = Demo("smoke", tmp_path / "demo", log=lambda m: None, progress=False)
+    demo.b = replace(demo.b, hybrid_task_kd_steps=2, hybrid_sft=False)
+    report = demo.run().read_text()
+    number = r"\d+\.\d \[\d+, \d+\]"
+    assert re.search(rf"^\| kd \| — \| {number} \|$", report, re.M)
+    assert re.search(rf"^\| sft \| {number} \| — \|$", report, re.M)  # the teacher's SFT only
+    assert re.search(r"^\| hybrid \| kd \| 2 \| [\d,]+ \| \d+ \|$", report, re.M)
+    assert not (tmp_path / "demo" / "hybrid" / "sft").exists()
+    kd = json.loads((tmp_path / "demo" / "hybrid" / "kd" / "distill_config.json").read_text())
+    assert kd["teacher"] == str(tmp_path / "demo" / "teacher" / "sft") and kd["loss_on"] == "completion"
+    assert kd["student"] == str(tmp_path / "demo" / "hybrid" / "distill") and kd["stage"] == "kd"
+    grpo = json.loads((tmp_path / "demo" / "hybrid" / "grpo" / "m1.json").read_text())
+    assert "kd" in json.dumps(grpo)  # the hybrid's GRPO started from the kd stage's output
+    line = next(line for line in report.splitlines() if line.startswith("m1 distill ") and "--stage kd" in line)
+    assert "--loss-on completion" in line

@@ -50,6 +50,16 @@ def _run(cfg, **kw):
     return distill(cfg, log=lambda m: None, progress=False, **kw)
 
 
+def _ckpt(work):
+    """The newest complete checkpoint of an unfinished run (the layout every m1 training stage uses)."""
+    from m1.distill import CONFIG_FILE
+    from m1.training import find_checkpoints
+
+    ckpt, _ = find_checkpoints(work, CONFIG_FILE)
+    assert ckpt is not None, f"no complete checkpoint in {work}"
+    return ckpt
+
+
 def _metrics(out):
     return [json.loads(ln) for ln in (Path(out) / "distill_metrics.jsonl").read_text().splitlines()]
 
@@ -73,17 +83,17 @@ def test_killed_and_resumed_run_matches_uninterrupted(tiny_hybrid, data_file, tm
         _run(cfg, on_step=kill)
     work = work_dir(cfg.out)
     assert not Path(cfg.out).exists()
-    state = json.loads((work / "checkpoint" / "state.json").read_text())
+    state = json.loads((_ckpt(work) / "state.json").read_text())
     assert state["step"] == 4 and state["stage"] == "kd"
     assert len((work / "metrics.jsonl").read_text().splitlines()) == 5  # step 5 ran, after the checkpoint
 
     # a different configuration is refused and nothing is touched
-    before = sorted((p.name, p.stat().st_mtime_ns) for p in (work / "checkpoint").iterdir())
+    before = sorted((p.name, p.stat().st_mtime_ns) for p in (_ckpt(work)).iterdir())
     with pytest.raises(M1Error, match=r"different settings.*lr: 0\.001 \(saved\) != 0\.002 \(now\)"):
         _run(replace(cfg, lr=2e-3), resume=True)
     with pytest.raises(M1Error, match="--resume to continue"):
         _run(cfg)
-    assert sorted((p.name, p.stat().st_mtime_ns) for p in (work / "checkpoint").iterdir()) == before
+    assert sorted((p.name, p.stat().st_mtime_ns) for p in (_ckpt(work)).iterdir()) == before
 
     resumed = _run(cfg, resume=True)
     a, b = _metrics(full.out), _metrics(resumed.out)
@@ -230,7 +240,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_hybrid, data_file, t
 
     with pytest.raises(M1Error, match=r"training diverged: the loss became nan at step 3.*last good checkpoint \(step 2\)"):
         _run(cfg, on_step=poison)
-    ckpt = work_dir(cfg.out) / "checkpoint"
+    ckpt = _ckpt(work_dir(cfg.out))
     assert json.loads((ckpt / "state.json").read_text())["step"] == 2
     assert torch.isfinite(_weights(ckpt)["model.norm.weight"]).all()
     assert not Path(cfg.out).exists()
@@ -642,7 +652,7 @@ def test_killed_onpolicy_run_resumes_like_an_uninterrupted_one(tiny_hybrid, tmp_
 
     with pytest.raises(Kill):
         _run(cfg, on_step=kill)
-    state = json.loads((work_dir(cfg.out) / "checkpoint" / "state.json").read_text())
+    state = json.loads((_ckpt(work_dir(cfg.out)) / "state.json").read_text())
     assert state["step"] == 2 and state["stage"] == "onpolicy"
     resumed = _run(cfg, resume=True)
     a, b = _metrics(full.out), _metrics(resumed.out)
@@ -700,7 +710,7 @@ def test_nan_in_onpolicy_stops_and_keeps_last_good_checkpoint(tiny_hybrid, tmp_p
     with pytest.raises(M1Error, match=needle + r".*last good checkpoint \(step 2\)") as e:
         _run(cfg, on_step=poison)
     assert "\n" not in str(e.value)
-    ckpt = work_dir(cfg.out) / "checkpoint"
+    ckpt = _ckpt(work_dir(cfg.out))
     assert json.loads((ckpt / "state.json").read_text())["step"] == 2
     assert torch.isfinite(_weights(ckpt)["model.norm.weight"]).all()
     assert len((work_dir(cfg.out) / "metrics.jsonl").read_text().splitlines()) == 2
