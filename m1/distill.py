@@ -974,11 +974,15 @@ def _record(run: _Run, stage: Stage, m: dict, sums, bar) -> None:
     if run.main:
         with open(run.work / METRICS_FILE, "a") as f:
             f.write(json.dumps(m) + "\n")
+    post = {"loss": f"{m['loss']:.4f}", **({"kl": f"{m['kl']:.4f}"} if "kl" in m else {}),
+            "tok/s": f"{m['tokens_per_s']:.0f}"}
     if bar is not None:
-        post = {"loss": f"{m['loss']:.4f}", **({"kl": f"{m['kl']:.4f}"} if "kl" in m else {}),
-                "tok/s": f"{m['tokens_per_s']:.0f}"}
         bar.set_postfix(post, refresh=False)
         bar.update(1)
+    elif (m["step"] - stage.start) % max(1, stage.steps // 10) == 0 or m["step"] == stage.end:
+        # without a bar (--no-progress, logs to a file) a line every tenth of the stage
+        run.say(f"{stage.name} step {m['step'] - stage.start}/{stage.steps}: " +
+                ", ".join(f"{k} {v}" for k, v in post.items()) + f", {m['elapsed']:.0f}s")
 
 
 def _save_checkpoint(run: _Run, stage: Stage, optimizer, scheduler, cursor: _Cursor) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import os
 import random
 import subprocess
@@ -793,3 +794,15 @@ def test_report_of_task_data_has_completion_and_digit_kl(tiny_hybrid, tmp_path):
     direct = completion_report(student.eval(), t.model, tok, data.heldout_ids, data.heldout_prompt_lens)
     assert direct["tokens"] == after["completion_tokens"]
     assert abs(direct["kl"] - after["kl_completion"]) < 1e-5 and abs(direct["kl_digits"] - after["kl_digits"]) < 1e-5
+
+
+def test_no_progress_logs_a_line_every_tenth_of_a_stage(tiny_hybrid, data_file, tmp_path):
+    """Without a progress bar (--no-progress, a log file) a long run still says where it is."""
+    said = []
+    distill(_cfg(tiny_hybrid, data_file, tmp_path / "o", stage="both", align_steps=2, steps=20),
+            log=said.append, progress=False)
+    lines = [s for s in said if re.match(r"(align|kd) step \d+/\d+: ", s)]
+    assert [s.split(":")[0] for s in lines] == ["align step 1/2", "align step 2/2"] + [
+        f"kd step {k}/20" for k in range(2, 21, 2)]
+    assert all(re.search(r"loss [\d.]+, .*tok/s \d+, \d+s$", s) for s in lines)
+    assert all("kl " in s for s in lines if s.startswith("kd"))
