@@ -155,10 +155,12 @@ def write_report(demo, stages: dict, evals: dict, gsm: dict, bench: dict, ppl: d
               "same batch and length; `byte-limit ratio` = the speed-up that bytes read per step allow.", "",
               markdown_table(rows), "", "![throughput](bench/bench.png)", "",
               "## Wall time and memory", "", "| stage | seconds | peak RSS so far, GB |", "| --- | ---: | ---: |"]
-    lines += [f"| {k} | {v:.0f} | {demo.peak_rss[k]:.1f} |" if k in demo.peak_rss else f"| {k} | {v:.0f} | |"
+    lines += [f"| {k} | {v:.0f} | {demo.peak_rss[k]:.1f} |" if k in demo.peak_rss else
+              f"| {k} | {v:.0f} | {'(earlier invocation)' if k in demo.reused else ''} |"
               for k, v in demo.timings.items()]
-    lines += ["", "(stages done by an earlier invocation are not timed again; all stages run in one process, so "
-              "the peak RSS column only grows: the stage where it jumps needed the memory)", "",
+    lines += ["", "(a stage done by an earlier invocation shows the seconds it took then; all stages of one "
+              "invocation run in one process, so the peak RSS column only grows: the stage where it jumps needed "
+              "the memory)", "",
               "## Reproduce", "", "```"] + demo.commands + ["```", ""]
     report = out / "report.md"
     report.write_text("\n".join(lines))

@@ -89,6 +89,12 @@ def test_smoke_demo_end_to_end_and_resume(tmp_path, capsys, recipe):
     assert main(argv) == 0
     err = capsys.readouterr().err
     assert err.count("done already") == n_stages and "distill hybrid ..." not in err
+    # ... and its wall-time table still has every stage, with the seconds of the run that did it
+    wall2 = (out / "report.md").read_text().split("## Wall time and memory")[1].split("## Reproduce")[0]
+    first = dict(re.findall(r"^\| ([^|]+?) \| (\d+) \| [\d.]+ \|$", wall, re.M))
+    again = dict(re.findall(r"^\| ([^|]+?) \| (\d+) \| \(earlier invocation\) \|$", wall2, re.M))
+    assert again == first and len(again) == n_stages
+    assert re.search(r"^\| total \(all stages, earlier invocations included\) \| \d+ \| +\|$", wall2, re.M)
 
 
 def test_small_budget_follows_the_hardware(monkeypatch, tmp_path):
