@@ -29,9 +29,9 @@ $(VLLM_VENV)/.installed: Makefile
 	$(PYTHON) -m venv $(VLLM_VENV)
 	$(VLLM_VENV)/bin/python -m pip install -q --upgrade pip
 	$(VLLM_VENV)/bin/python -m pip install -q "$(TORCH)" "$(VLLM)"
-	# pip may pull CUDA builds of vLLM's torch companions beside the CPU torch; vLLM's LLM path needs none of them
-	$(VLLM_VENV)/bin/python -c "import vllm" 2>/dev/null || \
-		$(VLLM_VENV)/bin/python -m pip uninstall -q -y torchvision torchcodec torchaudio
+	# pip pulls torchvision/torchcodec/torchaudio builds that do not match the CPU torch ("operator
+	# torchvision::nms does not exist" once the engine starts); vLLM's text generation needs none of them
+	$(VLLM_VENV)/bin/python -m pip uninstall -q -y torchvision torchcodec torchaudio
 	$(VLLM_VENV)/bin/python -c "import vllm"
 	touch $@
 
