@@ -74,6 +74,9 @@ AFTER_GENERAL = {
     "general-sft-kd-task": ("general distillation, the demo's SFT, then 40 kd steps from the SFT'd teacher",
                             [("sft", dict(max_steps=40)),
                              ("distill", dict(stage="kd", steps=40, loss_on="completion"))]),
+    "general-sft-kd-fwd": ("general-sft-kd-task with forward KL, KL(teacher||student), at SFT's learning rate (5e-5)",
+                           [("sft", dict(max_steps=40)),
+                            ("distill", dict(stage="kd", steps=40, loss_on="completion", loss="forward_kl", lr=5e-5))]),
     "general-sft-onpolicy": ("general distillation, the demo's SFT, then 20 on-policy steps from the SFT'd teacher "
                              "(the student samples 2 completions per prompt, reverse KL on its own tokens)",
                              [("sft", dict(max_steps=40)),
@@ -256,7 +259,7 @@ def report(out: Path, dest: Path) -> None:
             ck = r["completion_kl"]
             stage = r["settings"].get("stage", r["stage"]) if r["stage"] == "distill" else r["stage"]
             lines.append(f"| {name} | {r['stage_index']} {stage} | {r['train_seconds']:.0f} | {r['train_steps']} | "
-                         f"{r['train_tokens']:,} | {r['pass1']:.1f} [{lo:.0f}, {hi:.0f}] | {r['pass1_hard']:.1f} | "
+                         f"{int(r['train_tokens']):,} | {r['pass1']:.1f} [{lo:.0f}, {hi:.0f}] | {r['pass1_hard']:.1f} | "
                          f"{ck['kl']:.3f} | {ck['kl_digits']:.3f} | {r['decode_tok_s']:.1f} |")
     ax.set_xlabel("seconds of training (2-core CPU)")
     ax.set_ylabel(f"pass@1 on held-out {TASK} (%)")
