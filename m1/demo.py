@@ -75,7 +75,9 @@ BUDGETS = {
                     sft_steps=4, sft_examples=32, grpo_steps=2, grpo_prompts=2, grpo_generations=2,
                     eval_problems=4, eval_n=2, eval_ks=(1, 2), max_new_tokens=12, gsm8k_problems=2,
                     bench_batches=(1, 4), bench_prompt_len=8, bench_gen_lens=(16,), batch_size=4, ppl_texts=4),
-    # the README's main job: SmolLM2-135M on 2 CPU cores (~45-60 min measured from a fresh clone)
+    # the README's main job: SmolLM2-135M on 2 CPU cores; 44 min on an AMX Xeon with a fifth of the layers
+    # attention (2026-11-23), but at half attention on a 2-core EPYC with AVX512-BF16 distillation alone
+    # took 35 min (2026-12-05): over the hour there, the budget still has to shrink (README)
     "small": Budget(teacher="smollm2-135m", task="arith:steps=2,digits=1", distill_steps=120, distill_seq_len=256,
                     distill_align_steps=40,
                     sft_steps=40, sft_examples=2000, grpo_steps=12, grpo_prompts=4, grpo_generations=4,
