@@ -225,7 +225,7 @@ class Demo:
 
     def _distill_general(self, teacher: str, root: Path) -> None:
         """The hybrid distilled from the base teacher on GSM8K chats (all tokens), before SFT."""
-        from .distill import DistillConfig, distill
+        from .distill import DistillConfig
 
         b = self.b
         heldout = 16 if self.name != "smoke" else 4
@@ -233,13 +233,11 @@ class Demo:
                             data="gsm8k-train", stage="both", steps=b.distill_steps, seq_len=b.distill_seq_len,
                             align_steps=b.distill_align_steps, batch_size=b.batch_size, heldout=heldout,
                             checkpoint_every=max(10, b.distill_steps // 4), bf16="on" if self.bf16 else "off")
-        cmd = "m1 distill " + shlex.join(to_argv(cfg))
-        self._stage("distill hybrid", root / "distill", cmd,
-                    lambda: self._train(lambda **kw: distill(cfg, log=self.log, progress=self.progress, **kw)))
+        self._run_distill("distill hybrid", root / "distill", cfg)
 
     def _distill_task(self, teacher: Path, root: Path) -> None:
         """The hybrid distilled from the fine-tuned teacher on the task: align, kd on completions, on-policy."""
-        from .distill import DistillConfig, distill
+        from .distill import DistillConfig
 
         b = self.b
         stage = "align,kd" + (",onpolicy" if b.distill_onpolicy_steps else "")
@@ -250,21 +248,24 @@ class Demo:
                             loss_on="completion", max_new_tokens=b.max_new_tokens, lr=b.distill_lr,
                             batch_size=b.batch_size, heldout=heldout,
                             checkpoint_every=max(10, b.distill_steps // 4), bf16="on" if self.bf16 else "off")
-        cmd = "m1 distill " + shlex.join(to_argv(cfg))
-        self._stage("distill hybrid", root / "distill", cmd,
-                    lambda: self._train(lambda **kw: distill(cfg, log=self.log, progress=self.progress, **kw)))
+        self._run_distill("distill hybrid", root / "distill", cfg)
 
     def _distill_task_kd(self, teacher: Path, student: Path, out: Path) -> None:
         """kd from the teacher after SFT on the task's solutions (completion tokens only)."""
-        from .distill import DistillConfig, distill
+        from .distill import DistillConfig
 
         b = self.b
         cfg = DistillConfig(student=str(student), out=str(out), teacher=str(teacher), data=b.task, stage="kd",
                             steps=b.hybrid_task_kd_steps, seq_len=b.distill_seq_len, loss_on="completion",
                             lr=b.distill_lr, batch_size=b.batch_size, heldout=16 if self.name != "smoke" else 4,
                             checkpoint_every=max(10, b.hybrid_task_kd_steps // 4), bf16="on" if self.bf16 else "off")
-        cmd = "m1 distill " + shlex.join(to_argv(cfg))
-        self._stage("kd hybrid from the SFT'd teacher", out, cmd,
+        self._run_distill("kd hybrid from the SFT'd teacher", out, cfg)
+
+    def _run_distill(self, name: str, out: Path, cfg) -> None:
+        """One `m1 distill` stage of the demo: its exact command for the report, then the run (resumed if cut)."""
+        from .distill import distill
+
+        self._stage(name, out, "m1 distill " + shlex.join(to_argv(cfg)),
                     lambda: self._train(lambda **kw: distill(cfg, log=self.log, progress=self.progress, **kw)))
 
     def _sft(self, model: Path, out: Path) -> None:
