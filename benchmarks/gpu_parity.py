@@ -42,14 +42,14 @@ def teacher_forced_logits(engine, prompt: list[int], forced, batch: int):
 
     steps = forced.shape[0]
     with torch.inference_mode():
-        engine._state = None
+        engine.release()
         st, logits, _ = context_state(engine, batch, prompt, len(prompt) + steps)
         out = [logits]
         for t in range(steps):
             toks = forced[t].to(engine.device)
-            out.append(engine._static_run(st, toks) if engine._static else engine._fast_step(st, toks).float())
+            out.append(engine.runner.step(st, toks))
         states = [s[:batch].float().cpu() for s in st.ssm]
-        engine._state = None
+        engine.release()
         return torch.stack(out).float().cpu(), states
 
 

@@ -65,7 +65,7 @@ def main(argv=None) -> int:
         for rep in range(a.repeats):
             t0 = time.perf_counter()
             per_l = [measure_at_context(engine, name, a.batch, c, a.steps, bandwidth) for c in contexts]
-            engine._state = None
+            engine.release()
             ctx_runs[rep] += per_l + [generation_row(engine, per_l, a.prompt_len, a.gen_len, bandwidth)]
             t_ctx += time.perf_counter() - t0
             t0 = time.perf_counter()

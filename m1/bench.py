@@ -143,7 +143,7 @@ def largest_batch(engine, prompt_len: int, gen_len: int, memory_bytes: int | Non
         used = (total - free) if dev.type == "cuda" else weight_bytes(model)
         free, total = min(free, memory_bytes - used), memory_bytes
     heads = cfg.num_attention_heads
-    per_row = (engine._row_bytes(cap) + cfg.vocab_size * (esize + 8) + heads * cap * (4 + 2 * esize)
+    per_row = (engine.row_bytes(cap) + cfg.vocab_size * (esize + 8) + heads * cap * (4 + 2 * esize)
                + 4 * cfg.intermediate_size * esize)
     room = free - max(2 << 30, int(0.08 * total))
     if room < per_row:
@@ -331,46 +331,33 @@ def context_state(engine, batch: int, ids: list[int], capacity: int, time_prefil
     its state copied to every row: decode speed does not depend on the values), with capacity for
     ``capacity`` tokens. Returns (state, first logits (batch, vocab) float32, prefill seconds).
 
-    Mirrors ``Engine._fast_start`` for one prompt sampled ``batch`` times (same buffers, the same
-    reuse of a static state and its CUDA graphs), but fills the rows in chunks to bound the copy.
-    With ``time_prefill`` the prefill runs twice and the second is timed (the first pays kernel
-    compilation and autotuning)."""
+    The buffers come from the fast backend as for a generation (the same reuse of a static state
+    and its CUDA graphs); the rows are filled in chunks to bound the copy. With ``time_prefill`` the
+    prefill runs twice and the second is timed (the first pays kernel compilation and autotuning)."""
     import torch
-
-    from .engine import _FastState
 
     if engine.backend != "fast":
         raise M1Error("--context needs the engine's fast backend (this model runs on the hf backend)")
+    runner = engine.runner
     dev, lp = engine.device, len(ids)
-    st = engine._state
-    if st is not None and st.rows == batch and st.cap == -(-capacity // 256) * 256:
-        st.reset(lp)
-    else:
-        engine._state = st = None  # free the old buffers (and graphs) before allocating new ones
-        st = _FastState(engine.arch, batch, lp, capacity, engine.dtype, dev, engine.ssm_dtype,
-                        static=bool(engine._static))
-        if engine._static:
-            engine._state = st
+    st = runner.state(batch, lp, capacity)
     st.nb = batch
     secs = None
     if time_prefill:
-        engine._prefill([ids])
+        runner.prefill([ids])
         start, stop = _timer(dev)
         t0 = start()
-        cache, last, mask, lengths = engine._prefill([ids])
+        cache, last, mask, lengths = runner.prefill([ids])
         secs = stop(t0)
     else:
-        cache, last, mask, lengths = engine._prefill([ids])
-    chunk = max(1, _FILL_BYTES // max(1, engine._row_bytes(lp)))
+        cache, last, mask, lengths = runner.prefill([ids])
+    chunk = max(1, _FILL_BYTES // max(1, engine.row_bytes(lp)))
     for i in range(0, batch, chunk):
         j = min(batch, i + chunk)
         st.fill(cache, engine.arch, torch.arange(i, j, device=dev), torch.zeros(j - i, dtype=torch.long, device=dev),
                 mask, lengths)
     del cache
-    a = engine.arch
-    if a.rotary is not None and a.n_attn and st.cos is None:  # as _fast_start: one table per buffers
-        cos, sin = a.rotary(torch.empty(1, dtype=engine.dtype, device=dev), torch.arange(st.cap, device=dev)[None])
-        st.cos, st.sin = cos[0], sin[0]
+    runner.rope_table(st)
     return st, last.expand(batch, -1).contiguous(), secs
 
 
@@ -393,10 +380,7 @@ def _decode_steps(engine, st, toks, n: int, temps):
     from .engine import sample_tokens
 
     for _ in range(n):
-        if engine._static:
-            logits = engine._static_run(st, toks)
-        else:
-            logits = engine._fast_step(st, toks).float()
+        logits = engine.runner.step(st, toks)
         toks = sample_tokens(logits, temps, None, None, None, None)
         toks.tolist()
     return toks
@@ -615,7 +599,7 @@ def run_bench(shape: str | None = None, model: str | None = None, baseline: str 
                     continue
                 at_max = b == "max"
                 if at_max:
-                    engine._state = None  # free the last run's buffers before measuring what fits
+                    engine.release()  # free the last run's buffers before measuring what fits
                     b = largest_batch(engine, prompt_len, g, memory)
                     engine.max_batch_size = max(engine.max_batch_size, b)
                     log(f"{name}: largest batch that fits at {prompt_len}+{g} tokens: {b}")
@@ -653,13 +637,13 @@ def _context_runs(engine, name: str, batches, contexts, steps: int, prompt_len: 
     for b in batches:
         at_max = b == "max"
         if at_max:
-            engine._state = None  # free the last run's buffers before measuring what fits
+            engine.release()  # free the last run's buffers before measuring what fits
             longest = max(prompt_len + gen_len, contexts[-1] + steps)
             b = largest_batch(engine, prompt_len, longest - prompt_len, memory)
             log(f"{name}: largest batch that fits at {longest} tokens: {b}")
         per_l = []
         for c in contexts:
-            engine._state = None  # each L has its own capacity: free the previous one's buffers first
+            engine.release()  # each L has its own capacity: free the previous one's buffers first
             r = measure_at_context(engine, name, b, c, steps, bandwidth)
             r.at_max_batch = at_max
             per_l.append(r)
@@ -669,7 +653,7 @@ def _context_runs(engine, name: str, batches, contexts, steps: int, prompt_len: 
                 + (f", roofline {r.roofline_fraction:.0%}" if r.roofline_fraction else ""))
             _add_ratios(rows, names)
             save()
-        engine._state = None
+        engine.release()
         g = generation_row(engine, per_l, prompt_len, gen_len, bandwidth)
         rows.append(g)
         _add_ratios(rows, names)

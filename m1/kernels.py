@@ -37,7 +37,7 @@ _PATCHED = {}  # module -> original mamba2_chunk_scan
 
 # The Mamba2 scan chunk on CPU (checkpoints say 256): the torch scan pads every sequence to a multiple
 # of the chunk and its intra-chunk work grows with it, so 64 is 1.3-3x faster for the few-hundred-token
-# sequences m1 trains and prefills on CPU (measured: docs/training.md, engine._cpu_scan_chunk).
+# sequences m1 trains and prefills on CPU (measured: docs/training.md, engine.prefill.cpu_scan_chunk).
 CPU_SCAN_CHUNK = 64
 
 

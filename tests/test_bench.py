@@ -168,7 +168,8 @@ def test_context_state_holds_L_tokens_in_every_row(tiny_hybrid):
 
     from m1.bench import _NullTokenizer, context_state
     from m1.checkpoint import load_model
-    from m1.engine import Engine, SamplingParams, _Request, _Row
+    from m1.engine import Engine, SamplingParams
+    from m1.engine.scheduler import Request, Row
 
     model, _ = load_model(tiny_hybrid)
     eng = Engine(model, _NullTokenizer())
@@ -176,7 +177,7 @@ def test_context_state_holds_L_tokens_in_every_row(tiny_hybrid):
     with torch.inference_mode():
         st, logits, secs = context_state(eng, 3, ids, len(ids) + 5, time_prefill=True)
         params = SamplingParams(n=3, max_new_tokens=5, temperature=0.0)
-        ref, ref_logits = eng._fast_start([_Request(0, ids, ids, params)], [0], [_Row(0, j, j, params, 5) for j in range(3)])
+        ref, ref_logits = eng.runner.start([Request(0, ids, ids, params)], [0], [Row(0, j, j, params, 5) for j in range(3)])
     assert st.col == 37 and st.pos.tolist() == [37] * 3 and st.cap == ref.cap and secs > 0
     assert bool((st.bias[:, :37] == 0).all()) and bool((st.bias[:, 37:] == st.neg).all())
     assert st.k[0][:, :, 36].abs().sum() > 0  # (columns past L are uninitialised in eager mode, as in the engine)
@@ -194,8 +195,8 @@ def test_context_mode_times_K_steps_after_a_warm_up_over_the_same_columns(tiny_h
 
     model, _ = load_model(tiny_hybrid)
     eng = Engine(model, bench._NullTokenizer())
-    cols, real = [], eng._fast_step
-    monkeypatch.setattr(eng, "_fast_step", lambda st, toks: cols.append((st.col, int(st.pos[0]))) or real(st, toks))
+    cols, real = [], eng.decode.dynamic
+    monkeypatch.setattr(eng.decode, "dynamic", lambda st, toks: cols.append((st.col, int(st.pos[0]))) or real(st, toks))
     timed = []
 
     def fake_timer(device):  # every timed interval lasts 0.5 s; records how many steps ran inside it

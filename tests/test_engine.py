@@ -40,6 +40,13 @@ def _hf_greedy(model, tok, prompt, n_new):
     return out[0, enc["input_ids"].shape[1]:].tolist()
 
 
+def _static_on_cpu(eng) -> None:
+    """Decode through the static-shape runner (what CUDA graphs capture), which on CPU runs eagerly."""
+    from m1.engine.graphs import StaticRunner
+
+    eng.runner.static = StaticRunner(eng.decode, eng.device)
+
+
 def _chi2_limit(df: int, z: float = 3.72) -> float:
     """Upper chi-square quantile (Wilson-Hilferty), z=3.72 ~ p=1e-4."""
     return df * (1 - 2 / (9 * df) + z * math.sqrt(2 / (9 * df))) ** 3
@@ -68,16 +75,16 @@ def test_fast_step_logits_match_model_forward(models, name):
     eng = Engine(model, tok, backend="fast")
     ids = [eng.encode(p) for p in PROMPTS[:3]]
     reqs = [type("R", (), {"ids": x})() for x in ids]
-    from m1.engine import _Row
+    from m1.engine.scheduler import Row
 
-    rows = [_Row(i, 0, 0, SamplingParams(), 8) for i in range(3)]
+    rows = [Row(i, 0, 0, SamplingParams(), 8) for i in range(3)]
     gen = torch.Generator().manual_seed(0)
     cont = torch.randint(3, 300, (3, 6), generator=gen)
     with torch.inference_mode():
-        st, logits = eng._fast_start(reqs, [0, 1, 2], rows)
+        st, logits = eng.runner.start(reqs, [0, 1, 2], rows)
         got = [logits]
         for t in range(5):
-            got.append(eng._fast_step(st, cont[:, t]))
+            got.append(eng.decode.dynamic(st, cont[:, t]))
         lp = max(len(x) for x in ids)
         for i, x in enumerate(ids):
             full = torch.tensor([x + cont[i, :5].tolist()])
@@ -370,35 +377,35 @@ def test_static_step_with_key_buckets_equals_fast_step(tiny_hybrid, monkeypatch)
     """The static-shape step that CUDA graphs capture (rows padded to a power of two after rows
     finish, keys read in buckets, buffers reset and reused by the next group), run eagerly here:
     the same samples as the dynamic fast step."""
-    import m1.engine as engine_mod
+    import m1.engine.graphs as graphs_mod
     from m1.checkpoint import load_model
 
     model, tok = load_model(tiny_hybrid)
-    monkeypatch.setattr(engine_mod, "GRAPH_KEY_BUCKET", 8)
+    monkeypatch.setattr(graphs_mod, "GRAPH_KEY_BUCKET", 8)
     params = [SamplingParams(n=3, max_new_tokens=9 + 7 * i, temperature=0.9, seed=i, ignore_eos=True)
               for i in range(3)]
     params[1].max_new_tokens = 30  # rows end at different steps: compaction, nbb 9 -> 8 -> 4 ...
     want = Engine(model, tok).generate(PROMPTS[:3], params)
     eng = Engine(model, tok)
-    eng._static = "graphs"  # on CPU the graph step runs its static step eagerly
+    _static_on_cpu(eng)  # on CPU the graph step runs its static step eagerly
     widths = []
-    real = eng._static_step
-    eng._static_step = lambda st, toks, kb=None: widths.append((len(toks), kb)) or real(st, toks, kb)
+    real = eng.decode.static
+    eng.decode.static = lambda st, toks, kb=None: widths.append((len(toks), kb)) or real(st, toks, kb)
     for _ in range(2):  # the second call resets and reuses the first call's buffers
         got = eng.generate(PROMPTS[:3], params)
         assert [[c.token_ids for c in o.completions] for o in got] == [[c.token_ids for c in o.completions]
                                                                       for o in want]
-    assert eng._state is not None and eng._state.rows == 9
+    assert eng.static.kept is not None and eng.static.kept.rows == 9
     assert {w for w, _ in widths} >= {9, 8, 4} and {kb for _, kb in widths} >= {16, 24, 32}
-    assert all(kb % 8 == 0 or kb == eng._state.cap for _, kb in widths)
+    assert all(kb % 8 == 0 or kb == eng.static.kept.cap for _, kb in widths)
     # the kept buffers die with the engine, without waiting for the cycle collector (GPU memory)
     import gc
     import weakref
 
     eng2 = Engine(model, tok)
-    eng2._static = "graphs"
+    _static_on_cpu(eng2)
     eng2.generate(PROMPTS[:1], SamplingParams(max_new_tokens=3, temperature=0))
-    ref = weakref.ref(eng2._state)
+    ref = weakref.ref(eng2.static.kept)
     gc.disable()
     try:
         del eng2
@@ -406,31 +413,31 @@ def test_static_step_with_key_buckets_equals_fast_step(tiny_hybrid, monkeypatch)
     finally:
         gc.enable()
     eng.release()
-    assert eng._state is None
+    assert eng.static.kept is None
 
 
 @pytest.mark.skipif(not (shutil.which("g++") or shutil.which("c++")), reason="torch.compile on CPU needs a C++ compiler")
 def test_compiled_step_on_cpu_equals_fast_step(tiny_hybrid, monkeypatch):
     """Engine(compile=True) on CPU: the torch.compile'd static step (key buckets crossed, rows
     compacted) samples what the eager step samples, and a second call compiles nothing new."""
-    import m1.engine as engine_mod
+    import m1.engine.graphs as graphs_mod
     from torch._dynamo.utils import counters
 
     from m1.checkpoint import load_model
 
     model, tok = load_model(tiny_hybrid)
-    monkeypatch.setattr(engine_mod, "GRAPH_KEY_BUCKET", 8)
+    monkeypatch.setattr(graphs_mod, "GRAPH_KEY_BUCKET", 8)
     params = [SamplingParams(n=3, max_new_tokens=9 + 7 * i, temperature=0.9, seed=i, ignore_eos=True)
               for i in range(3)]
     params[1].max_new_tokens = 30
     want = [[c.token_ids for c in o.completions] for o in Engine(model, tok).generate(PROMPTS[:3], params)]
     torch._dynamo.reset()
     eng = Engine(model, tok, compile=True)
-    compiled, key_lengths = eng._step, []
-    eng._step = lambda st, toks, kb: key_lengths.append(kb) or compiled(st, toks, kb)
+    compiled, key_lengths = eng.static.compiled, []
+    eng.static.compiled = lambda st, toks, kb: key_lengths.append(kb) or compiled(st, toks, kb)
     got = [[c.token_ids for c in o.completions] for o in eng.generate(PROMPTS[:3], params)]
     assert got == want
-    assert len(set(key_lengths)) >= 3 and all(kb % 8 == 0 or kb == eng._state.cap for kb in key_lengths)
+    assert len(set(key_lengths)) >= 3 and all(kb % 8 == 0 or kb == eng.static.kept.cap for kb in key_lengths)
     graphs = counters["stats"]["unique_graphs"]
     assert 1 <= graphs <= 4  # key length and rows turn symbolic instead of one compile per bucket
     got = [[c.token_ids for c in o.completions] for o in eng.generate(PROMPTS[:3], params)]
@@ -445,10 +452,10 @@ def test_ssm_state_in_model_dtype(tiny_hybrid):
     params = SamplingParams(n=2, max_new_tokens=6, temperature=0)
     want = Engine(model, tok).generate(PROMPTS[:2], params)
     eng = Engine(model, tok, ssm_dtype="bfloat16")
-    eng._static = "graphs"  # keeps the buffers for inspection (the static step, eagerly on CPU)
+    _static_on_cpu(eng)  # keeps the buffers for inspection (the static step, eagerly on CPU)
     got = eng.generate(PROMPTS[:2], params)
-    assert all(t.dtype == torch.bfloat16 for t in eng._state.ssm)
-    full, half = Engine(model, tok)._row_bytes(100), eng._row_bytes(100)
+    assert all(t.dtype == torch.bfloat16 for t in eng.static.kept.ssm)
+    full, half = Engine(model, tok).row_bytes(100), eng.row_bytes(100)
     cfg = model.config
     n_mamba = sum(t == "linear_attention" for t in cfg.layer_types)
     assert full - half == n_mamba * cfg.mamba_n_heads * cfg.mamba_d_head * cfg.mamba_d_state * 2
@@ -495,7 +502,7 @@ def test_cuda_engine_matches_cpu_reference(tiny_hybrid, mode):
     ref = Engine(model, tok, backend="hf").generate(PROMPTS[:2], params)
     gpu_model, _ = load_model(tiny_hybrid, device="cuda")
     eng = Engine(gpu_model, tok, compile=mode == "compile", cuda_graphs=mode == "graphs")
-    assert eng._static == {"eager": None, "graphs": "graphs", "compile": "compile"}[mode]
+    assert (eng.static.mode if eng.static else None) == {"eager": None, "graphs": "graphs", "compile": "compile"}[mode]
     for _ in range(2):  # the second run replays what the first compiled / captured
         got = eng.generate(PROMPTS[:2], params)
         assert [[c.token_ids for c in o.completions] for o in got] == [[c.token_ids for c in o.completions] for o in ref]
@@ -510,13 +517,13 @@ def test_cuda_engine_matches_cpu_reference(tiny_hybrid, mode):
 def test_bf16_cpu_decode_uses_bucketed_key_lengths(tiny_hybrid, monkeypatch):
     """bf16 on CPU: the attention reads key lengths in multiples of KEY_BUCKET (masked beyond the
     sequence), so oneDNN sees few shapes; the tokens equal those of exact-length attention."""
-    import m1.engine as engine_mod
+    import m1.engine.state as state_mod
     from m1.checkpoint import load_model
 
     model, tok = load_model(tiny_hybrid, dtype=torch.bfloat16)
     eng = Engine(model, tok)
     params = [SamplingParams(n=2, max_new_tokens=40, temperature=0.8, seed=7 * i, ignore_eos=True) for i in range(4)]
-    monkeypatch.setattr(engine_mod, "KEY_BUCKET", 16)
+    monkeypatch.setattr(state_mod, "KEY_BUCKET", 16)
     lengths, real = set(), torch.matmul
 
     def spy(a, b):
@@ -530,7 +537,7 @@ def test_bf16_cpu_decode_uses_bucketed_key_lengths(tiny_hybrid, monkeypatch):
     monkeypatch.setattr(torch, "matmul", real)
     # multiples of the bucket, the last one capped at the state's capacity
     assert len(lengths) >= 2 and all(n % 16 == 0 for n in sorted(lengths)[:-1]) and len(lengths) <= 5
-    monkeypatch.setattr(engine_mod, "KEY_BUCKET", 0)
+    monkeypatch.setattr(state_mod, "KEY_BUCKET", 0)
     exact = eng.generate(PROMPTS, params)
     assert [[c.token_ids for c in r.completions] for r in bucketed] == [[c.token_ids for c in r.completions]
                                                                         for r in exact]
@@ -539,18 +546,18 @@ def test_bf16_cpu_decode_uses_bucketed_key_lengths(tiny_hybrid, monkeypatch):
 def test_cpu_lm_head_slices_equal_one_projection(models, monkeypatch):
     """The CPU float32 output projection runs in vocabulary slices (ragged here: 7 rows each); the
     logits and greedy tokens equal those of the single projection."""
-    import m1.engine as engine_mod
+    import m1.engine.step as step_mod
 
     model, tok = models["hybrid"]
-    monkeypatch.setattr(engine_mod, "LM_HEAD_SLICE", 7)
+    monkeypatch.setattr(step_mod, "LM_HEAD_SLICE", 7)
     sliced = Engine(model, tok, backend="fast")
-    assert len(sliced._head_slices) == -(-model.config.vocab_size // 7) > 1
+    assert len(sliced.decode.head_slices) == -(-model.config.vocab_size // 7) > 1
     plain = Engine(model, tok, backend="fast")
-    plain._head_slices = None
+    plain.decode.head_slices = None
     h = torch.randn(5, 1, model.config.hidden_size, generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
         ref = torch.nn.functional.linear(h, model.lm_head.weight)
-        assert torch.allclose(sliced._lm_head(h), ref, atol=1e-6, rtol=1e-6)
+        assert torch.allclose(sliced.decode.lm_head(h), ref, atol=1e-6, rtol=1e-6)
     params = SamplingParams(max_new_tokens=12, temperature=0)
     assert ([o.completions[0].token_ids for o in sliced.generate(PROMPTS, params)]
             == [o.completions[0].token_ids for o in plain.generate(PROMPTS, params)])
