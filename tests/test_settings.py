@@ -106,3 +106,56 @@ def test_grpo_cli_is_the_config():
     assert a.epsilon_high is None
     with pytest.raises(SystemExit):
         build_parser().parse_args(["grpo", "--model", "m", "--out", "o", "--epsilon-high", "x"])
+
+
+@dataclass
+class _Lists:
+    model: str | None = setting(help="which model", group="source")
+    ks: tuple[int, ...] | None = setting(None, "comma-separated", flag="--k", metavar="K")
+    lens: tuple[int, ...] = setting((1, 16), "lengths")
+    n: int = setting(1, "samples", short="-n")
+    stop: tuple[str, ...] = setting((), "stop string (repeatable)", repeat=True)
+    graphs: bool = setting(True, "turn graphs off")
+    chat: bool | None = setting(None, "chat template (default: when there is one)")
+
+    def __post_init__(self):
+        # what a settings class does with a comma-separated flag: its text becomes the tuple
+        if isinstance(self.ks, str):
+            self.ks = tuple(int(k) for k in self.ks.split(","))
+        if isinstance(self.lens, str):
+            self.lens = tuple(int(k) for k in self.lens.split(","))
+
+
+def _lists_parser():
+    p = argparse.ArgumentParser()
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--from-file")  # first: argparse shows a group in the usage line only when it is contiguous
+    add_arguments(p, _Lists, groups={"source": src})
+    return p
+
+
+def test_lists_switches_short_options_and_exclusive_groups():
+    p = _lists_parser()
+    cfg = from_args(_Lists, p.parse_args(["--model", "m"]))
+    assert cfg == _Lists(model="m") and cfg.stop == () and cfg.graphs is True and cfg.chat is None
+    a = p.parse_args(["--model", "m", "--k", "1,4", "--lens", "8", "-n", "3", "--stop", "a,b", "--stop", "\n",
+                      "--no-graphs", "--no-chat"])
+    cfg = from_args(_Lists, a)
+    assert (cfg.ks, cfg.lens, cfg.n, cfg.stop, cfg.graphs, cfg.chat) == ((1, 4), (8,), 3, ("a,b", "\n"), False, False)
+    assert from_args(_Lists, p.parse_args(["--from-file", "f", "--chat"])).chat is True
+    for bad in ([], ["--model", "m", "--from-file", "f"]):
+        with pytest.raises(SystemExit):
+            p.parse_args(bad)  # one of the exclusive group, exactly
+    text = p.format_help()
+    assert "(--from-file FROM_FILE | --model MODEL)" in text and "--k K" in text and "-n N, --n N" in text
+    assert "lengths (default 1,16)" in text and "--chat, --no-chat" in text and "--no-graphs" in text
+    assert "turn graphs off\n" in text  # a switch's default is not printed
+
+
+@pytest.mark.parametrize("cfg", [
+    _Lists(model="m"),
+    _Lists(model="m", ks=(1, 4, 16), lens=(8,), n=2, stop=("x", "a,b"), graphs=False, chat=True),
+    _Lists(model="m", chat=False),
+])
+def test_to_argv_inverts_lists_and_switches(cfg):
+    assert from_args(_Lists, _lists_parser().parse_args(to_argv(cfg))) == cfg
