@@ -299,12 +299,9 @@ class Demo:
     def _eval(self, model: Path, out: Path, task: str, problems: int, n: int, ks, max_new: int | None = None) -> dict:
         from .eval_run import EvalConfig, run_eval
 
-        max_new = max_new or self.b.max_new_tokens
-        temperature = 0.0 if n == 1 else 0.7
-        cfg = EvalConfig(model=str(model), task=task, n=n, ks=tuple(ks), limit=problems, temperature=temperature,
-                         max_new_tokens=max_new, seed=0)
-        cmd = (f"m1 eval --model {model} --task {task} -n {n} --k {','.join(map(str, ks))} --limit {problems} "
-               f"--temperature {temperature} --max-new-tokens {max_new} --out {out}")
+        cfg = EvalConfig(model=str(model), task=task, n=n, ks=tuple(ks), limit=problems,
+                         max_new_tokens=max_new or self.b.max_new_tokens)
+        cmd = "m1 eval " + shlex.join(to_argv(cfg) + ["--out", str(out)])
         self._stage(f"eval {out.name}", out, cmd,
                     lambda: run_eval(cfg, out, progress=self.progress, log=self.log))
         return json.loads((out / "summary.json").read_text())

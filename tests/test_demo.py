@@ -17,6 +17,7 @@ def test_smoke_demo_end_to_end_and_resume(tmp_path, capsys, recipe):
     argv = ["demo", "--budget", "smoke", "--out", str(out), "--no-progress", "--recipe", recipe]
     assert main(argv) == 0
     general = recipe == "general"
+    stages_of_hybrid = ["base", "distill", "sft", "grpo"] if general else ["base", "distill", "grpo"]
     report = (out / "report.md").read_text()
     for png in ("accuracy_vs_k.png", "accuracy_vs_seconds.png", "bench/bench.png"):
         assert (out / png).stat().st_size > 1000, png
@@ -77,6 +78,16 @@ def test_smoke_demo_end_to_end_and_resume(tmp_path, capsys, recipe):
         saved = json.loads((Path(a.out) / GRPO_CONFIG_FILE).read_text())["settings"]
         saved.pop("model_fingerprint"), saved.pop("reward_weights")  # not settings: Python API only
         assert asdict(from_args(GRPOSettings, a)) == saved, line
+    # ... and every printed eval command: what it parses to is what that eval recorded as its settings
+    from m1.eval_run import EvalConfig
+
+    eval_lines = [line for line in report.splitlines() if line.startswith("m1 eval ")]
+    assert len(eval_lines) == 3 + len(stages_of_hybrid) + 3  # teacher base/sft/grpo, the hybrid's, 3 GSM8K
+    for line in eval_lines:
+        a = build_parser().parse_args(shlex.split(line)[1:])
+        saved = json.loads((Path(a.out) / "eval_config.json").read_text())
+        printed = from_args(EvalConfig, a)
+        assert printed.identity() == saved["identity"] and list(printed.ks) == saved["ks"], line
     for d in ("teacher/base", "hybrid/base", "hybrid/distill", "teacher/sft", "teacher/grpo", "hybrid/grpo") + (
             ("hybrid/sft",) if general else ()):
         assert (out / d / "config.json").exists() and (out / d / "m1.json").exists(), d

@@ -159,3 +159,48 @@ def test_lists_switches_short_options_and_exclusive_groups():
 ])
 def test_to_argv_inverts_lists_and_switches(cfg):
     assert from_args(_Lists, _lists_parser().parse_args(to_argv(cfg))) == cfg
+
+
+@pytest.mark.parametrize("argv,derived", [
+    ([], (1, (1,), 0.0)),                            # one greedy sample
+    (["-n", "8"], (8, (1, 8), 0.7)),                 # ks: 1 and n; sampling at 0.7
+    (["--k", "4,1,4"], (4, (1, 4), 0.7)),            # n: the largest k
+    (["-n", "16", "--k", "1,4"], (16, (1, 4), 0.7)),
+    (["-n", "2", "--temperature", "0"], (2, (1, 2), 0.0)),  # an explicit value is kept (run_eval refuses it)
+])
+def test_eval_derived_defaults(argv, derived):
+    """`m1 eval`'s -n, --k and --temperature default to each other, as they always did, and the
+    Python API derives them the same way."""
+    from m1.eval_run import EvalConfig
+
+    cfg = from_args(EvalConfig, build_parser().parse_args(["eval", "--model", "m", *argv]))
+    assert (cfg.n, cfg.ks, cfg.temperature) == derived
+    assert EvalConfig(model="m") == EvalConfig(model="m", task="gsm8k", n=1, ks=(1,), temperature=0.0)
+
+
+@pytest.mark.parametrize("kw", [{}, dict(task="arith:steps=2,digits=1", n=4, ks=(1, 2, 4), limit=40, temperature=0.9,
+                                        top_p=0.95, max_new_tokens=96, few_shot=2, seed=3, dtype="bfloat16")])
+def test_eval_cli_is_the_config(kw):
+    """Every EvalConfig setting is a flag of `m1 eval` (-n, --k), and a config survives to_argv -> the
+    real CLI parser -> from_args; --model and --from-samples exclude each other."""
+    from m1.eval_run import EvalConfig
+
+    cfg = EvalConfig(model="m", **kw)
+    a = build_parser().parse_args(["eval", *to_argv(cfg), "--out", "o"])
+    assert from_args(EvalConfig, a) == cfg and a.out == "o" and a.from_samples is None
+    assert to_argv(EvalConfig(model="m", n=4)) == ["--model", "m", "-n", "4", "--k", "1,4", "--temperature", "0.7"]
+    assert build_parser().parse_args(["eval", "--from-samples", "s.jsonl", "--k", "1,8"]).ks == "1,8"
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["eval", "--model", "m", "--from-samples", "s.jsonl"])
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["eval", "--task", "gsm8k"])  # neither
+
+
+def test_eval_bad_k_and_temperature_are_one_line_errors():
+    from m1.errors import M1Error
+    from m1.eval_run import EvalConfig
+
+    with pytest.raises(M1Error, match="--k 0,2: --k must be comma-separated positive integers"):
+        EvalConfig(model="m", ks="0,2")
+    with pytest.raises(M1Error, match="--temperature must be >= 0"):
+        EvalConfig(model="m", temperature=-1.0)
