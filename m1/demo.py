@@ -337,17 +337,15 @@ class Demo:
         return done
 
     def _bench(self, hybrid: Path, teacher: Path) -> dict:
-        from .bench import run_bench
+        from .bench import BenchSettings, run_bench
 
         b = self.b
         path = self.out / "bench"
-        cmd = (f"m1 bench --model {hybrid} --baseline {teacher} --batch {','.join(map(str, b.bench_batches))} "
-               f"--prompt-len {b.bench_prompt_len} --gen-len {','.join(map(str, b.bench_gen_lens))} "
-               f"--json {path}/bench.json")
-        self._stage("bench", path, cmd, lambda: run_bench(
-            model=str(hybrid), baseline=str(teacher), batches=b.bench_batches, prompt_len=b.bench_prompt_len,
-            gen_lens=b.bench_gen_lens, json_path=path / "bench.json", plot_path=path / "bench.png", log=self.log,
-            labels=("hybrid", "teacher")))
+        cfg = BenchSettings(model=str(hybrid), baseline=str(teacher), batches=b.bench_batches,
+                            prompt_len=b.bench_prompt_len, gen_lens=b.bench_gen_lens,
+                            json_path=str(path / "bench.json"))
+        self._stage("bench", path, "m1 bench " + shlex.join(to_argv(cfg)),
+                    lambda: run_bench(cfg, log=self.log, labels=("hybrid", "teacher")))
         return json.loads((path / "bench.json").read_text())
 
 

@@ -88,6 +88,15 @@ def test_smoke_demo_end_to_end_and_resume(tmp_path, capsys, recipe):
         saved = json.loads((Path(a.out) / "eval_config.json").read_text())
         printed = from_args(EvalConfig, a)
         assert printed.identity() == saved["identity"] and list(printed.ks) == saved["ks"], line
+    # ... and the printed bench command: the cells it asks for are the cells bench.json holds
+    from m1.bench import BenchSettings
+
+    (line,) = [line for line in report.splitlines() if line.startswith("m1 bench ")]
+    printed = from_args(BenchSettings, build_parser().parse_args(shlex.split(line)[1:]))
+    bench = json.loads(Path(printed.json_path).read_text())
+    assert printed.model == str(out / "hybrid" / "grpo") and printed.baseline == str(out / "teacher" / "grpo")
+    assert {(r["batch"], r["prompt_len"], r["gen_len"]) for r in bench["rows"]} == {
+        (b, printed.prompt_len, g) for b in printed.batches for g in printed.gen_lens}
     for d in ("teacher/base", "hybrid/base", "hybrid/distill", "teacher/sft", "teacher/grpo", "hybrid/grpo") + (
             ("hybrid/sft",) if general else ()):
         assert (out / d / "config.json").exists() and (out / d / "m1.json").exists(), d

@@ -204,3 +204,34 @@ def test_eval_bad_k_and_temperature_are_one_line_errors():
         EvalConfig(model="m", ks="0,2")
     with pytest.raises(M1Error, match="--temperature must be >= 0"):
         EvalConfig(model="m", temperature=-1.0)
+
+
+@pytest.mark.parametrize("kw", [dict(shape="tiny"), dict(
+    model="h", baseline="t", batches=(1, "max"), prompt_len=64, gen_lens=(128, 256), dtype="bfloat16", device="cuda",
+    cuda_graphs=False, fused_decode=True, compile=True, ssm_dtype="model", contexts=(1024, 2048), steps=8,
+    memory_gib=74.5, json_path="b.json", resume=True, plot_path="b2.png")])
+def test_bench_cli_is_the_config(kw):
+    """Every BenchSettings field is a flag of `m1 bench` (--batch, --gen-len, --context, --json, --plot,
+    --no-cuda-graphs), and a config survives to_argv -> the real CLI parser -> from_args."""
+    from m1.bench import BenchSettings
+
+    cfg = BenchSettings(**kw)
+    a = build_parser().parse_args(["bench", *to_argv(cfg)])
+    assert from_args(BenchSettings, a) == cfg
+    argv = to_argv(cfg)
+    if cfg.model:
+        assert "--no-cuda-graphs" in argv and argv[argv.index("--batch") + 1] == "1,max"
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["bench", "--shape", "tiny", "--model", "m"])
+
+
+def test_bench_derived_plot_path_and_list_text():
+    from m1.bench import BenchSettings
+    from m1.errors import M1Error
+
+    assert BenchSettings(shape="tiny").plot_file() is None
+    assert BenchSettings(shape="tiny", json_path="runs/b.json").plot_file() == "runs/b.png"  # beside --json
+    assert BenchSettings(shape="tiny", json_path="runs/b.json", plot_path="p.png").plot_file() == "p.png"
+    assert BenchSettings(shape="tiny", batches="1, max", gen_lens=[64]).batches == (1, "max")
+    with pytest.raises(M1Error, match="--context must be"):
+        BenchSettings(shape="tiny", contexts="64,x")
