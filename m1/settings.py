@@ -19,7 +19,7 @@ dashed, grouped by topic and plain switches; this keeps them exactly so.
 How a field's type becomes a flag:
 
     int, float, str              --name VALUE
-    X | None                     --name VALUE, where "none" means None
+    X | None                     --name VALUE; for a number "none" means None
     bool = False                 --name, a switch
     bool = True                  --no-name, a switch that turns it off
     bool | None = None           --name / --no-name (None: decided later, e.g. from the model)
@@ -73,7 +73,7 @@ def _value_type(annotation):
 
 
 def _or_none(typ):
-    """The value type of an optional setting, where "none" on the command line means None."""
+    """The value type of an optional number, where "none" on the command line means None."""
     def parse(text: str):
         return None if text.strip().lower() in ("none", "") else typ(text)
 
@@ -122,7 +122,8 @@ def _argument(cls, f: dataclasses.Field, annotation) -> dict:
         return {**kw, "action": "append", "type": str, "default": None, "metavar": f.metadata.get("metavar")}
     if _is_tuple(typ):
         typ = str  # the dataclass splits the text (see the module docstring)
-    kw["type"] = _or_none(typ) if optional else typ
+    # "none" is None only for numbers: text stays text (a prompt, a path or a name may be "none" or "")
+    kw["type"] = _or_none(typ) if optional and typ is not str else typ
     if f.metadata.get("choices"):
         kw["choices"] = list(f.metadata["choices"])
     elif f.metadata.get("metavar"):

@@ -235,3 +235,34 @@ def test_bench_derived_plot_path_and_list_text():
     assert BenchSettings(shape="tiny", batches="1, max", gen_lens=[64]).batches == (1, "max")
     with pytest.raises(M1Error, match="--context must be"):
         BenchSettings(shape="tiny", contexts="64,x")
+
+
+def test_optional_text_stays_text():
+    """"none" means None for an optional number only: a prompt, path or name is what was typed."""
+    from m1.generate import GenerateSettings
+
+    for text in ("none", ""):
+        a = build_parser().parse_args(["generate", "--model", "m", "--prompt", text, "--output", text])
+        assert (a.prompt, a.output) == (text, text)
+    assert build_parser().parse_args(["bench", "--model", "none"]).model == "none"
+    assert from_args(GenerateSettings, build_parser().parse_args(
+        ["generate", "--model", "m", "--prompt", "hi", "--max-batch-size", "none"])).max_batch_size is None
+
+
+@pytest.mark.parametrize("kw", [dict(prompt="hi"), dict(
+    file="p.jsonl", n=8, temperature=0.0, top_p=0.9, top_k=5, min_p=0.05, max_new_tokens=64, seed=3,
+    stop=("\n\n", "a,b"), ignore_eos=True, chat=False, vote=True, verifier="self", budget_seconds=30.0,
+    output="s.jsonl", overwrite=True, backend="hf", device="cpu", dtype="bfloat16", max_batch_size=16, compile=True,
+    cuda_graphs=False, fused_decode=True)])
+def test_generate_cli_is_the_config(kw):
+    """Every GenerateSettings field is a flag of `m1 generate` (-n/--n, repeated --stop, --chat/--no-chat,
+    --no-cuda-graphs), and a config survives to_argv -> the real CLI parser -> from_args."""
+    from m1.generate import GenerateSettings
+
+    cfg = GenerateSettings(model="m", **kw)
+    a = build_parser().parse_args(["generate", *to_argv(cfg)])
+    assert from_args(GenerateSettings, a) == cfg
+    a = build_parser().parse_args(["generate", "--model", "m", "--prompt", "p", "-n", "3", "--stop", "x", "--chat"])
+    assert (a.n, a.stop, a.chat) == (3, ["x"], True)
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["generate", "--model", "m", "--prompt", "p", "--file", "f"])
