@@ -21,6 +21,7 @@ from pathlib import Path
 
 from .errors import M1Error
 from .info import mamba_state_sizes, state_bytes_per_row  # noqa: F401 (state_bytes_per_row: re-exported)
+from .settings import setting
 
 # Shapes of public models (config.json values), so nobody needs the weights to benchmark them.
 SHAPES = {
@@ -477,148 +478,240 @@ def parse_ints(text, what: str, allow_max: bool = False) -> list:
     return values
 
 
-def run_bench(shape: str | None = None, model: str | None = None, baseline: str | None = None,
-              layout: str = "m1", batches=(1, 16), prompt_len: int = 256, gen_lens=(1024,),
-              dtype: str = "float32", device: str = "cpu", json_path=None, plot_path=None, log=print,
-              labels: tuple[str, str] | None = None, cuda_graphs: bool = True,
-              fused_decode: bool = False, compile: bool = False, ssm_dtype: str = "float32",
-              resume: bool = False, contexts=None, steps: int = 32,
-              memory_gib: float | None = None) -> list:
+@dataclass
+class BenchSettings:
+    """Every setting of an ``m1 bench`` run; the flags are generated from these fields (m1.settings).
+    ``batches``, ``gen_lens`` and ``contexts`` are the comma-separated --batch, --gen-len and
+    --context: Python callers may pass tuples (or lists) or that text."""
+    shape: str | None = setting(None, "smollm2-135m | llama-3.2-1b | llama-3.2-3b | tiny (random weights; tiny: tests, "
+                                      "dry runs)", group="source")
+    model: str | None = setting(None, "checkpoint directory (the hybrid)", group="source")
+    baseline: str | None = setting(None, "with --model: the checkpoint to compare against (e.g. the teacher)")
+    layout: str = setting("m1", "with --shape: m1 (1 in 5 attention) | all-attention | FRACTION")
+    batches: tuple[int | str, ...] = setting((1, 16), "comma-separated batch sizes; 'max' = the largest batch whose "
+                                                      "state fits, per model", flag="--batch", metavar="BATCH")
+    prompt_len: int = setting(256, "prompt tokens per row")
+    gen_lens: tuple[int, ...] = setting((1024,), "comma-separated generation lengths", flag="--gen-len",
+                                        metavar="GEN_LEN")
+    dtype: str = setting("float32", "float32 | bfloat16 | float16")
+    device: str = setting("cpu", "cpu | cuda")
+    cuda_graphs: bool = setting(True, "on CUDA, decode eagerly instead of replaying CUDA graphs (to see what they buy)")
+    fused_decode: bool = setting(False, "on CUDA, update the Mamba state with the fused Triton kernel "
+                                        "(m1.kernels.mamba_state_step_fused)")
+    compile: bool = setting(False, "decode with the torch.compile'd static step (fuses the elementwise kernels; "
+                                   "compiling takes minutes)")
+    ssm_dtype: str = setting("float32", "dtype of the Mamba SSM state between steps: float32 (default) or the model "
+                                        "dtype (vLLM's default)", choices=("float32", "model"))
+    contexts: tuple[int, ...] | None = setting(
+        None, "comma-separated contexts L (e.g. 1024,2048,4096,8192): time --steps decode steps with every row at L "
+              "tokens (one prefill) instead of whole generations, and integrate them into the throughput of the "
+              "--prompt-len + --gen-len generation (see m1.bench.integrate_generation)",
+        flag="--context", metavar="CONTEXT")
+    steps: int = setting(32, "with --context: timed decode steps per L (default 32)")
+    memory_gib: float | None = setting(None, "with --batch max: fit the batch into a device of this many GiB instead "
+                                             "of the free memory (e.g. 80 for an H100's batch on an H200)")
+    json_path: str | None = setting(None, "write all rows as JSON here (rewritten after each measurement)",
+                                    flag="--json")
+    resume: bool = setting(False, "with --json: keep the rows an interrupted run already measured there (same "
+                                  "settings) and measure only the missing ones")
+    plot_path: str | None = setting(None, "PNG of tokens/s vs batch (default: beside --json)", flag="--plot")
+
+    def __post_init__(self):
+        self.batches = _ints(self.batches, "--batch", allow_max=True)
+        self.gen_lens = _ints(self.gen_lens, "--gen-len")
+        if self.contexts is not None:
+            self.contexts = _ints(self.contexts, "--context")
+
+    def plot_file(self) -> str | None:
+        """Where the plot goes: --plot, else beside --json, else nowhere."""
+        if self.plot_path or not self.json_path:
+            return self.plot_path
+        return str(Path(self.json_path).with_suffix(".png"))
+
+
+def _ints(value, what: str, allow_max: bool = False) -> tuple:
+    """A comma-separated flag's text, or the numbers themselves (checked later, by run_bench)."""
+    return tuple(parse_ints(value, what, allow_max) if isinstance(value, str) else value)
+
+
+def _check_settings(cfg: BenchSettings) -> list[int] | None:
+    """Every check that needs no model, so that bad input fails before anything is built; returns the
+    sorted distinct contexts of a --context run."""
+    import torch
+
+    if cfg.device.startswith("cuda") and not torch.cuda.is_available():
+        raise M1Error("--device cuda was asked for, but no CUDA device is available here: use --device cpu")
+    if cfg.dtype not in ("float32", "bfloat16", "float16"):
+        raise M1Error(f"--dtype must be float32, bfloat16 or float16, got '{cfg.dtype}'")
+    if cfg.prompt_len <= 0:
+        raise M1Error(f"--prompt-len must be positive, got {cfg.prompt_len}")
+    if any(b != "max" and b <= 0 for b in cfg.batches) or any(g <= 0 for g in cfg.gen_lens):
+        raise M1Error("--batch and --gen-len values must be positive")
+    if cfg.memory_gib is not None and cfg.memory_gib <= 0:
+        raise M1Error(f"--memory-gib must be positive, got {cfg.memory_gib}")
+    if cfg.contexts is None:
+        return None
+    contexts = sorted(set(cfg.contexts))
+    if not contexts or any(c <= 0 for c in contexts):
+        raise M1Error(f"--context must be positive token counts, got {contexts}")
+    if cfg.steps < 1:
+        raise M1Error(f"--steps must be at least 1, got {cfg.steps}")
+    if len(cfg.gen_lens) != 1 or cfg.gen_lens[0] < 2:
+        raise M1Error("with --context, --gen-len is the one generation (>= 2 tokens) to integrate over; "
+                      f"got {','.join(map(str, cfg.gen_lens))}")
+    if cfg.resume:
+        raise M1Error("--resume is for whole-generation runs; a --context run is short: run it again")
+    return contexts
+
+
+def _model_makers(cfg: BenchSettings, labels, contexts) -> tuple[dict, int | None]:
+    """{name: a function that builds that model} for the --shape or --model pair, and the context
+    the shape allows (None for checkpoints: read from each model once built)."""
+    import torch
+
+    tdtype = getattr(torch, cfg.dtype)
+    if (cfg.shape is None) == (cfg.model is None):
+        raise M1Error("give either --shape NAME or --model DIR")
+    if cfg.shape is not None:
+        shape, layout = cfg.shape, cfg.layout
+        if shape not in SHAPES:
+            raise M1Error(f"unknown --shape '{shape}': choose one of {', '.join(SHAPES)}")
+        n = SHAPES[shape]["num_hidden_layers"]
+        models = {f"{shape} {layout}": (lambda: shape_model(shape, layout_layers(layout, n), tdtype, cfg.device)),
+                  f"{shape} all-attention": (lambda: shape_model(shape, list(range(n)), tdtype, cfg.device))}
+        context = SHAPES[shape]["max_position_embeddings"]
+        _check_contexts(contexts, cfg.steps, context)
+        _check_fits(cfg, context)
+        return models, context
+    from .checkpoint import load_model
+
+    names = labels or (cfg.model, cfg.baseline)
+    models = {names[0]: (lambda: load_model(cfg.model, dtype=tdtype, device=cfg.device)[0])}
+    if cfg.baseline:
+        models[names[1]] = lambda: load_model(cfg.baseline, dtype=tdtype, device=cfg.device)[0]
+    if contexts is not None:  # from config.json, before any weights are loaded
+        from .checkpoint import check_model_dir, read_config
+
+        for d in filter(None, (cfg.model, cfg.baseline)):
+            _check_contexts(contexts, cfg.steps, read_config(check_model_dir(d)).get("max_position_embeddings"))
+    return models, None
+
+
+def _check_fits(cfg: BenchSettings, context: int | None) -> None:
+    if context and cfg.prompt_len + max(cfg.gen_lens) > context:
+        raise M1Error(f"--prompt-len {cfg.prompt_len} + --gen-len {max(cfg.gen_lens)} exceeds the model context of "
+                      f"{context} tokens")
+
+
+def _json_settings(cfg: BenchSettings, contexts) -> dict:
+    """What the JSON records and a --resume must match (as the engine will run: "model" = the weights' dtype)."""
+    cuda = cfg.device.startswith("cuda")
+    settings = {"device": cfg.device, "dtype": cfg.dtype,
+                "ssm_dtype": "float32" if cfg.ssm_dtype == "float32" else cfg.dtype,
+                "decode": "torch.compile" if cfg.compile else ("cuda graphs" if cfg.cuda_graphs and cuda else "eager"),
+                "mamba_state_step": "mamba_state_step_fused" if cfg.fused_decode else "mamba_state_step"}
+    if contexts is not None:
+        settings.update(mode="context", contexts=contexts, steps=cfg.steps, prompt_len=cfg.prompt_len,
+                        gen_len=cfg.gen_lens[0])
+    if cfg.memory_gib is not None:
+        settings["memory_gib"] = cfg.memory_gib
+    return settings
+
+
+def run_bench(cfg: BenchSettings, log=print, labels: tuple[str, str] | None = None) -> list:
     """Benchmark a --shape pair or a --model [--baseline] pair; ``labels`` names the two in the output.
 
-    ``batches`` may hold ``"max"``: each model at the largest batch whose state fits (see
+    ``cfg.batches`` may hold ``"max"``: each model at the largest batch whose state fits (see
     :func:`largest_batch`; ``memory_gib``: into a device of that size), the ratio then compares the
     two maxima. Rows are written to ``json_path`` (atomically) as they are measured; with ``resume``
     the rows already there for the same settings are kept and only the missing (model, batch,
     length) cells are measured.
 
-    ``contexts`` (``--context``): decode at those contexts instead of over whole generations: for
-    each batch, :func:`measure_at_context` at every L (``steps`` timed steps), then one integrated
-    row per model for the generation ``prompt_len + gen_lens[0]`` (:func:`generation_row`); rows are
-    :class:`ContextRow`. A max batch is the one that fits that generation (and the longest L + steps),
-    so the integrated figure stands for the same run as a full-generation ``--batch max`` row."""
+    ``cfg.contexts`` (``--context``): decode at those contexts instead of over whole generations:
+    for each batch, :func:`measure_at_context` at every L (``steps`` timed steps), then one
+    integrated row per model for the generation ``prompt_len + gen_lens[0]``
+    (:func:`generation_row`); rows are :class:`ContextRow`. A max batch is the one that fits that
+    generation (and the longest L + steps), so the integrated figure stands for the same run as a
+    full-generation ``--batch max`` row."""
     import torch
 
-    from .engine import Engine
-
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise M1Error("--device cuda was asked for, but no CUDA device is available here: use --device cpu")
-    if dtype not in ("float32", "bfloat16", "float16"):
-        raise M1Error(f"--dtype must be float32, bfloat16 or float16, got '{dtype}'")
-    if prompt_len <= 0:
-        raise M1Error(f"--prompt-len must be positive, got {prompt_len}")
-    if any(b != "max" and b <= 0 for b in batches) or any(g <= 0 for g in gen_lens):
-        raise M1Error("--batch and --gen-len values must be positive")
-    if memory_gib is not None and memory_gib <= 0:
-        raise M1Error(f"--memory-gib must be positive, got {memory_gib}")
-    if contexts is not None:
-        contexts = sorted(set(contexts))
-        if not contexts or any(c <= 0 for c in contexts):
-            raise M1Error(f"--context must be positive token counts, got {contexts}")
-        if steps < 1:
-            raise M1Error(f"--steps must be at least 1, got {steps}")
-        if len(gen_lens) != 1 or gen_lens[0] < 2:
-            raise M1Error("with --context, --gen-len is the one generation (>= 2 tokens) to integrate over; "
-                          f"got {','.join(map(str, gen_lens))}")
-        if resume:
-            raise M1Error("--resume is for whole-generation runs; a --context run is short: run it again")
-    tdtype = getattr(torch, dtype)
     from .kernels import enable as enable_fast_scan
     from .kernels import scan_backend
 
+    contexts = _check_settings(cfg)
     enable_fast_scan()
-    if (shape is None) == (model is None):
-        raise M1Error("give either --shape NAME or --model DIR")
-    if shape is not None:
-        if shape not in SHAPES:
-            raise M1Error(f"unknown --shape '{shape}': choose one of {', '.join(SHAPES)}")
-        n = SHAPES[shape]["num_hidden_layers"]
-        models = {f"{shape} {layout}": (lambda: shape_model(shape, layout_layers(layout, n), tdtype, device)),
-                  f"{shape} all-attention": (lambda: shape_model(shape, list(range(n)), tdtype, device))}
-        context = SHAPES[shape]["max_position_embeddings"]
-        _check_contexts(contexts, steps, context)
-        if prompt_len + max(gen_lens) > context:
-            raise M1Error(f"--prompt-len {prompt_len} + --gen-len {max(gen_lens)} exceeds the model context of {context} tokens")
-    else:
-        from .checkpoint import load_model
-
-        names = labels or (model, baseline)
-        models = {names[0]: (lambda: load_model(model, dtype=tdtype, device=device)[0])}
-        if baseline:
-            models[names[1]] = lambda: load_model(baseline, dtype=tdtype, device=device)[0]
-        context = None
-        if contexts is not None:  # from config.json, before any weights are loaded
-            from .checkpoint import check_model_dir, read_config
-
-            for d in filter(None, (model, baseline)):
-                _check_contexts(contexts, steps, read_config(check_model_dir(d)).get("max_position_embeddings"))
-    # what the JSON records and a --resume must match (as the engine will run: "model" = the weights' dtype)
-    settings = {"device": device, "dtype": dtype, "ssm_dtype": "float32" if ssm_dtype == "float32" else dtype,
-                "decode": "torch.compile" if compile else ("cuda graphs" if cuda_graphs and device.startswith("cuda")
-                                                          else "eager"),
-                "mamba_state_step": "mamba_state_step_fused" if fused_decode else "mamba_state_step"}
-    if contexts is not None:
-        settings.update(mode="context", contexts=contexts, steps=steps, prompt_len=prompt_len, gen_len=gen_lens[0])
-    if memory_gib is not None:
-        settings["memory_gib"] = memory_gib
-    memory = None if memory_gib is None else int(memory_gib * 2**30)
+    models, context = _model_makers(cfg, labels, contexts)
+    settings = _json_settings(cfg, contexts)
     rows: list[BenchRow] = []
-    if resume:
-        if not json_path:
+    if cfg.resume:
+        if not cfg.json_path:
             raise M1Error("--resume needs --json FILE (the rows of the interrupted run)")
-        rows = _rows_to_keep(json_path, settings, list(models), prompt_len, batches, gen_lens)
-        log(f"resuming: {len(rows)} measured rows kept from {json_path}")
+        rows = _rows_to_keep(cfg.json_path, settings, list(models), cfg.prompt_len, cfg.batches, cfg.gen_lens)
+        log(f"resuming: {len(rows)} measured rows kept from {cfg.json_path}")
     kept = {r.cell for r in rows}
-    bandwidth = measure_bandwidth(device)
-    if device.startswith("cuda"):
-        log(f"mamba2 prefill scan on {device}: {scan_backend(device)}")
+    bandwidth = measure_bandwidth(cfg.device)
+    if cfg.device.startswith("cuda"):
+        log(f"mamba2 prefill scan on {cfg.device}: {scan_backend(cfg.device)}")
+
+    def save():
+        if cfg.json_path:
+            _write_json(cfg.json_path, settings, bandwidth, scan_backend(cfg.device), rows)
+
     for name, make in models.items():
-        if all((name, b, g) in kept for g in gen_lens for b in batches):
+        if all((name, b, g) in kept for g in cfg.gen_lens for b in cfg.batches):
             continue
         m = make()
-        ctx = context or getattr(m.config, "max_position_embeddings", None)
-        if ctx and prompt_len + max(gen_lens) > ctx:
-            raise M1Error(f"--prompt-len {prompt_len} + --gen-len {max(gen_lens)} exceeds the model context of {ctx} tokens")
-        # one group per run: the engine's own limits (256 rows, half the free memory) would split it
-        engine = Engine(m, _NullTokenizer(), max_cache_bytes=1 << 62,
-                        cuda_graphs=cuda_graphs and device.startswith("cuda"), fused_decode=fused_decode,
-                        compile=compile, ssm_dtype=ssm_dtype,
-                        max_batch_size=max([b for b in batches if b != "max"], default=1))
+        _check_fits(cfg, context or getattr(m.config, "max_position_embeddings", None))
+        engine = _engine(cfg, m)
         if contexts is not None:
-            _context_runs(engine, name, batches, contexts, steps, prompt_len, gen_lens[0], memory, bandwidth,
-                          rows, list(models), log, lambda: json_path and _write_json(
-                              json_path, settings, bandwidth, scan_backend(device), rows))
-            del m, engine
-            gc.collect()
-            if device.startswith("cuda"):
-                torch.cuda.empty_cache()
-            continue
-        for g in gen_lens:
-            for b in batches:
-                if (name, b, g) in kept:
-                    continue
-                at_max = b == "max"
-                if at_max:
-                    engine.release()  # free the last run's buffers before measuring what fits
-                    b = largest_batch(engine, prompt_len, g, memory)
-                    engine.max_batch_size = max(engine.max_batch_size, b)
-                    log(f"{name}: largest batch that fits at {prompt_len}+{g} tokens: {b}")
-                row = measure(engine, name, b, prompt_len, g, bandwidth)
-                row.at_max_batch = at_max
-                log(f"{name:32s} batch {b:4d} gen {g:6d}: {row.decode_tokens_per_s:10.1f} tok/s, "
-                    f"TTFT {row.ttft_s:.3f}s, state {row.state_bytes / 2**20:.1f} MiB"
-                    + (f", roofline {row.roofline_fraction:.0%}" if row.roofline_fraction else ""))
-                rows.append(row)
-                _add_ratios(rows, list(models))
-                if json_path:
-                    _write_json(json_path, settings, bandwidth, scan_backend(device), rows)
+            _context_runs(engine, name, cfg.batches, contexts, cfg.steps, cfg.prompt_len, cfg.gen_lens[0],
+                          _memory(cfg), bandwidth, rows, list(models), log, save)
+        else:
+            _generation_runs(engine, name, cfg, kept, bandwidth, rows, list(models), log, save)
         del m, engine
-        gc.collect()  # the engine holds bound methods of itself (a cycle): free its buffers and graphs now
-        if device.startswith("cuda"):
+        gc.collect()  # free the model, its buffers and graphs now (before the next model is built)
+        if cfg.device.startswith("cuda"):
             torch.cuda.empty_cache()
-    if plot_path and contexts is None:
-        plot(rows, plot_path)
+    if cfg.plot_file() and contexts is None:
+        plot(rows, cfg.plot_file())
     return rows
+
+
+def _memory(cfg: BenchSettings) -> int | None:
+    return None if cfg.memory_gib is None else int(cfg.memory_gib * 2**30)
+
+
+def _engine(cfg: BenchSettings, model):
+    from .engine import Engine
+
+    # one group per run: the engine's own limits (256 rows, half the free memory) would split it
+    return Engine(model, _NullTokenizer(), max_cache_bytes=1 << 62,
+                  cuda_graphs=cfg.cuda_graphs and cfg.device.startswith("cuda"), fused_decode=cfg.fused_decode,
+                  compile=cfg.compile, ssm_dtype=cfg.ssm_dtype,
+                  max_batch_size=max([b for b in cfg.batches if b != "max"], default=1))
+
+
+def _generation_runs(engine, name: str, cfg: BenchSettings, kept: set, bandwidth, rows: list, names: list[str],
+                     log, save) -> None:
+    """Whole generations for one model: a row per (length, batch) not already ``kept`` (appended to ``rows``)."""
+    for g in cfg.gen_lens:
+        for b in cfg.batches:
+            if (name, b, g) in kept:
+                continue
+            at_max = b == "max"
+            if at_max:
+                engine.release()  # free the last run's buffers before measuring what fits
+                b = largest_batch(engine, cfg.prompt_len, g, _memory(cfg))
+                engine.max_batch_size = max(engine.max_batch_size, b)
+                log(f"{name}: largest batch that fits at {cfg.prompt_len}+{g} tokens: {b}")
+            row = measure(engine, name, b, cfg.prompt_len, g, bandwidth)
+            row.at_max_batch = at_max
+            log(f"{name:32s} batch {b:4d} gen {g:6d}: {row.decode_tokens_per_s:10.1f} tok/s, "
+                f"TTFT {row.ttft_s:.3f}s, state {row.state_bytes / 2**20:.1f} MiB"
+                + (f", roofline {row.roofline_fraction:.0%}" if row.roofline_fraction else ""))
+            rows.append(row)
+            _add_ratios(rows, names)
+            save()
 
 
 def _check_contexts(contexts, steps: int, max_positions) -> None:

@@ -299,12 +299,9 @@ class Demo:
     def _eval(self, model: Path, out: Path, task: str, problems: int, n: int, ks, max_new: int | None = None) -> dict:
         from .eval_run import EvalConfig, run_eval
 
-        max_new = max_new or self.b.max_new_tokens
-        temperature = 0.0 if n == 1 else 0.7
-        cfg = EvalConfig(model=str(model), task=task, n=n, ks=tuple(ks), limit=problems, temperature=temperature,
-                         max_new_tokens=max_new, seed=0)
-        cmd = (f"m1 eval --model {model} --task {task} -n {n} --k {','.join(map(str, ks))} --limit {problems} "
-               f"--temperature {temperature} --max-new-tokens {max_new} --out {out}")
+        cfg = EvalConfig(model=str(model), task=task, n=n, ks=tuple(ks), limit=problems,
+                         max_new_tokens=max_new or self.b.max_new_tokens)
+        cmd = "m1 eval " + shlex.join(to_argv(cfg) + ["--out", str(out)])
         self._stage(f"eval {out.name}", out, cmd,
                     lambda: run_eval(cfg, out, progress=self.progress, log=self.log))
         return json.loads((out / "summary.json").read_text())
@@ -340,17 +337,15 @@ class Demo:
         return done
 
     def _bench(self, hybrid: Path, teacher: Path) -> dict:
-        from .bench import run_bench
+        from .bench import BenchSettings, run_bench
 
         b = self.b
         path = self.out / "bench"
-        cmd = (f"m1 bench --model {hybrid} --baseline {teacher} --batch {','.join(map(str, b.bench_batches))} "
-               f"--prompt-len {b.bench_prompt_len} --gen-len {','.join(map(str, b.bench_gen_lens))} "
-               f"--json {path}/bench.json")
-        self._stage("bench", path, cmd, lambda: run_bench(
-            model=str(hybrid), baseline=str(teacher), batches=b.bench_batches, prompt_len=b.bench_prompt_len,
-            gen_lens=b.bench_gen_lens, json_path=path / "bench.json", plot_path=path / "bench.png", log=self.log,
-            labels=("hybrid", "teacher")))
+        cfg = BenchSettings(model=str(hybrid), baseline=str(teacher), batches=b.bench_batches,
+                            prompt_len=b.bench_prompt_len, gen_lens=b.bench_gen_lens,
+                            json_path=str(path / "bench.json"))
+        self._stage("bench", path, "m1 bench " + shlex.join(to_argv(cfg)),
+                    lambda: run_bench(cfg, log=self.log, labels=("hybrid", "teacher")))
         return json.loads((path / "bench.json").read_text())
 
 

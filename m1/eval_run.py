@@ -16,22 +16,53 @@ from pathlib import Path
 
 from .checkpoint import check_fits_context, check_model_dir, write_json_atomic
 from .errors import M1Error
+from .settings import setting
+
+
+def parse_ks_flag(ks) -> list[int]:
+    """``--k`` as text ("1,4,16") or as numbers: sorted, distinct, positive."""
+    from .evaluate import parse_ks
+
+    try:
+        return parse_ks(ks)
+    except ValueError as e:
+        raise M1Error(f"--k {ks if isinstance(ks, str) else ','.join(map(str, ks))}: {e}") from None
+
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
 @dataclass
 class EvalConfig:
-    model: str
-    task: str
-    n: int = 1
-    ks: tuple = (1,)
-    limit: int | None = None
-    temperature: float = 0.0
-    top_p: float = 1.0
-    max_new_tokens: int = 512
-    seed: int = 0
-    few_shot: int = 0
-    batch_problems: int = 8
-    dtype: str = "auto"  # weights/KV dtype for sampling: auto (as saved) | float32 | bfloat16 | float16
+    """What ``m1 eval --model`` samples and how it scores; its flags are generated from these fields
+    (m1.settings). ``n``, ``ks`` and ``temperature`` left at None are derived from each other in
+    ``__post_init__``, the one place that does it for the CLI and for Python callers alike."""
+    model: str = setting(help="checkpoint directory to evaluate", group="source")
+    task: str = setting("gsm8k", "task name")
+    n: int | None = setting(None, "samples per problem (default: the largest k, else 1)", flag="-n")
+    ks: tuple[int, ...] | None = setting(None, "comma-separated k values for pass@k / maj@k (default: 1 and n)",
+                                         flag="--k", metavar="K")
+    limit: int | None = setting(None, "evaluate a seeded random subset of N problems")
+    temperature: float | None = setting(None, "0 = greedy (default 0 for n=1, else 0.7)")
+    top_p: float = setting(1.0, "nucleus sampling (1 = off)")
+    max_new_tokens: int = setting(512, "new tokens per sample")
+    few_shot: int = setting(0, "few-shot examples in the prompt (for base models)")
+    seed: int = setting(0, "seed of the problem subset and of the samples")
+    dtype: str = setting("auto", "weights dtype while sampling (default: as saved); bfloat16 is ~2x faster on GPUs "
+                                 "and on CPUs with AMX, at bf16 precision", choices=DTYPES)
+    batch_problems: int = 8  # problems decoded together: not a flag, and not part of what is sampled
+
+    def __post_init__(self):
+        if self.ks is not None:
+            self.ks = tuple(parse_ks_flag(self.ks))
+        if self.n is None:
+            self.n = max(self.ks) if self.ks else 1
+        if self.ks is None:
+            self.ks = tuple(sorted({1, self.n}))
+        if self.temperature is None:
+            self.temperature = 0.0 if self.n == 1 else 0.7
+        if self.temperature < 0:
+            raise M1Error(f"--temperature must be >= 0, got {self.temperature}")
 
     def identity(self) -> dict:
         """Settings that change what is sampled: a resume must match them."""
@@ -54,7 +85,7 @@ def run_eval(cfg: EvalConfig, out: str | Path, budget_seconds: float | None = No
 
     if cfg.n < 1:
         raise M1Error(f"-n must be at least 1, got {cfg.n}")
-    if cfg.dtype not in ("auto", "float32", "bfloat16", "float16"):
+    if cfg.dtype not in DTYPES:
         raise M1Error(f"--dtype must be auto, float32, bfloat16 or float16, got '{cfg.dtype}'")
     if max(cfg.ks) > cfg.n:
         raise M1Error(f"--k {max(cfg.ks)} is larger than -n {cfg.n}: sample at least as many completions as the largest k")

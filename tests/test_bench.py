@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 
@@ -96,27 +97,32 @@ def test_resume_measures_only_the_missing_cells(tiny_hybrid, tiny_teachers, tmp_
     real = bench.measure
     monkeypatch.setattr(bench, "measure", lambda eng, name, b, *a, **k: measured.append((name, b)) or real(eng, name, b, *a, **k))
     out = tmp_path / "b.json"
-    kw = dict(model=str(tiny_hybrid), baseline=str(tiny_teachers["llama_untied"]), labels=("hyb", "base"),
-              batches=(1, 2), prompt_len=5, gen_lens=(4,), json_path=out, log=lambda m: None)
-    full = bench.run_bench(**kw)
+    cfg = bench.BenchSettings(model=str(tiny_hybrid), baseline=str(tiny_teachers["llama_untied"]), batches=(1, 2),
+                              prompt_len=5, gen_lens=(4,), json_path=str(out))
+
+    def run(**changes):
+        return bench.run_bench(replace(cfg, **changes), labels=("hyb", "base"), log=lambda m: None)
+
+    full = run()
     assert measured == [("hyb", 1), ("hyb", 2), ("base", 1), ("base", 2)]
+    assert (tmp_path / "b.png").stat().st_size > 1000  # the plot goes beside --json
     data = json.loads(out.read_text())
     data["rows"] = data["rows"][:3]  # killed while measuring the baseline at batch 2
     out.write_text(json.dumps(data))
     measured.clear()
-    rows = bench.run_bench(**kw, resume=True)
+    rows = run(resume=True)
     assert measured == [("base", 2)]
     assert [(r.model, r.batch) for r in rows] == [(r.model, r.batch) for r in full]
     assert rows[0].decode_tokens_per_s == full[0].decode_tokens_per_s  # kept, not re-measured
     assert all(r.ratio is not None for r in rows if r.model == "hyb")
     assert len(json.loads(out.read_text())["rows"]) == 4
     measured.clear()
-    bench.run_bench(**kw, resume=True)
+    run(resume=True)
     assert measured == []  # nothing left to measure
     with pytest.raises(M1Error, match="other settings"):
-        bench.run_bench(**{**kw, "dtype": "bfloat16"}, resume=True)
+        run(dtype="bfloat16", resume=True)
     with pytest.raises(M1Error, match="needs --json"):
-        bench.run_bench(**{**kw, "json_path": None}, resume=True)
+        run(json_path=None, resume=True)
 
 
 @pytest.mark.parametrize("argv,needle", [
@@ -140,11 +146,11 @@ def test_bad_input(capsys, argv, needle):
 # ------------------------------------------------------------------------------- --context mode
 def test_context_mode_rows(tmp_path):
     """Per-L rows and one integrated row per model, paired for ratios, written as JSON."""
-    from m1.bench import ContextRow, run_bench
+    from m1.bench import BenchSettings, ContextRow, run_bench
 
     out = tmp_path / "ctx.json"
-    rows = run_bench(shape="tiny", batches=(2,), prompt_len=8, gen_lens=(24,), contexts=[16, 8, 24], steps=3,
-                     json_path=out, log=lambda m: None)
+    rows = run_bench(BenchSettings(shape="tiny", batches=(2,), prompt_len=8, gen_lens=(24,), contexts=[16, 8, 24],
+                                   steps=3, json_path=str(out)), log=lambda m: None)
     assert all(isinstance(r, ContextRow) for r in rows) and len(rows) == 8
     hyb, base = rows[:4], rows[4:]
     assert [r.context for r in hyb] == [8, 16, 24, None] and [r.model for r in base] == ["tiny all-attention"] * 4

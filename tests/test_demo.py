@@ -17,6 +17,7 @@ def test_smoke_demo_end_to_end_and_resume(tmp_path, capsys, recipe):
     argv = ["demo", "--budget", "smoke", "--out", str(out), "--no-progress", "--recipe", recipe]
     assert main(argv) == 0
     general = recipe == "general"
+    stages_of_hybrid = ["base", "distill", "sft", "grpo"] if general else ["base", "distill", "grpo"]
     report = (out / "report.md").read_text()
     for png in ("accuracy_vs_k.png", "accuracy_vs_seconds.png", "bench/bench.png"):
         assert (out / png).stat().st_size > 1000, png
@@ -77,6 +78,25 @@ def test_smoke_demo_end_to_end_and_resume(tmp_path, capsys, recipe):
         saved = json.loads((Path(a.out) / GRPO_CONFIG_FILE).read_text())["settings"]
         saved.pop("model_fingerprint"), saved.pop("reward_weights")  # not settings: Python API only
         assert asdict(from_args(GRPOSettings, a)) == saved, line
+    # ... and every printed eval command: what it parses to is what that eval recorded as its settings
+    from m1.eval_run import EvalConfig
+
+    eval_lines = [line for line in report.splitlines() if line.startswith("m1 eval ")]
+    assert len(eval_lines) == 3 + len(stages_of_hybrid) + 3  # teacher base/sft/grpo, the hybrid's, 3 GSM8K
+    for line in eval_lines:
+        a = build_parser().parse_args(shlex.split(line)[1:])
+        saved = json.loads((Path(a.out) / "eval_config.json").read_text())
+        printed = from_args(EvalConfig, a)
+        assert printed.identity() == saved["identity"] and list(printed.ks) == saved["ks"], line
+    # ... and the printed bench command: the cells it asks for are the cells bench.json holds
+    from m1.bench import BenchSettings
+
+    (line,) = [line for line in report.splitlines() if line.startswith("m1 bench ")]
+    printed = from_args(BenchSettings, build_parser().parse_args(shlex.split(line)[1:]))
+    bench = json.loads(Path(printed.json_path).read_text())
+    assert printed.model == str(out / "hybrid" / "grpo") and printed.baseline == str(out / "teacher" / "grpo")
+    assert {(r["batch"], r["prompt_len"], r["gen_len"]) for r in bench["rows"]} == {
+        (b, printed.prompt_len, g) for b in printed.batches for g in printed.gen_lens}
     for d in ("teacher/base", "hybrid/base", "hybrid/distill", "teacher/sft", "teacher/grpo", "hybrid/grpo") + (
             ("hybrid/sft",) if general else ()):
         assert (out / d / "config.json").exists() and (out / d / "m1.json").exists(), d
@@ -106,12 +126,12 @@ def test_small_budget_follows_the_hardware(monkeypatch, tmp_path):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(training, "cpu_bf16_supported", lambda: True)
     fast = Demo("small", tmp_path, log=lambda m: None)
-    assert fast.bf16 and fast.b == BUDGETS["small"] and fast.b.distill_steps == 120 and fast.b.recipe == "general"
+    assert fast.bf16 and fast.b == BUDGETS["small"] and fast.b.distill_steps == 40 and fast.b.recipe == "general"
     monkeypatch.setattr(training, "cpu_bf16_supported", lambda: False)
     said = []
     slow = Demo("small", tmp_path, log=said.append)
     assert not slow.bf16 and slow.bf16_flag == " --bf16 off"
-    assert (slow.b.distill_steps, slow.b.grpo_steps, slow.b.distill_align_steps) == (40, 6, 40)
+    assert (slow.b.distill_steps, slow.b.grpo_steps, slow.b.distill_align_steps) == (20, 2, 10)
     assert any("float32" in m for m in said)
     assert Demo("smoke", tmp_path, log=lambda m: None).b == BUDGETS["smoke"]  # smoke is never cut
 

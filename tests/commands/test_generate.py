@@ -154,3 +154,23 @@ def test_vllm_backend_through_the_cli(tiny_hybrid, tmp_path, capsys, fake_vllm):
                  "--no-chat"]) == 1
     assert "longer than the model's context" in _one_error_line(capsys.readouterr().err)
     assert len(fake.calls) == 1
+
+
+def test_library_function_is_the_command(tiny_hybrid, tmp_path, capsys):
+    """m1.generate.generate(GenerateSettings(...)) writes the rows `m1 generate` writes for the same settings."""
+    import io
+
+    from m1.generate import GenerateSettings, generate
+
+    f = tmp_path / "p.jsonl"
+    f.write_text(json.dumps("What is 3 * 4?") + "\n" + json.dumps({"question": "2 + 2?", "answer": "4"}) + "\n")
+    cfg = GenerateSettings(model=str(tiny_hybrid), file=str(f), n=2, max_new_tokens=5, seed=1, chat=False, vote=True)
+    buf = io.StringIO()
+    res = generate(cfg, stream=buf, log=lambda m: None, progress=False)
+    assert (res.prompts, res.written, res.streamed) == (2, 2, None)
+    assert main(["generate", "--model", str(tiny_hybrid), "--file", str(f), "-n", "2", "--max-new-tokens", "5",
+                 "--seed", "1", "--no-chat", "--vote"]) == 0
+    strip = lambda text: [{k: v for k, v in json.loads(x).items() if k != "seconds"}  # noqa: E731
+                          for x in text.splitlines()]
+    assert strip(buf.getvalue()) == strip(capsys.readouterr().out)
+    assert json.loads(buf.getvalue().splitlines()[1])["gold"] == "4"
