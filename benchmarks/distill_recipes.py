@@ -145,25 +145,17 @@ def run_stage(kind: str, settings: dict, src: Path, dst: Path, paths: dict, bf16
 
 
 def teacher_answers(paths: dict, out: Path, n: int = 40) -> tuple[list[list[int]], list[int]]:
-    """The SFT'd teacher's greedy answers to ``n`` held-out prompts (prompt + completion ids), cached."""
+    """The SFT'd teacher's greedy answers to the ``n`` held-out prompts the pass@1 eval scores, cached."""
     cache = out / "teacher_answers.json"
     if cache.exists():
         d = json.loads(cache.read_text())
         return d["rows"], d["prompt_lens"]
-    from m1.engine import Engine, SamplingParams
-    from m1.tasks import load_task
-    from m1.tasks.prompts import build_messages
-
-    eng = Engine.from_pretrained(paths["teacher-sft"], dtype="float32")
-    probs = load_task("arith", split="test", limit=n, steps=2, digits=1)
-    prompts = [eng.tokenizer.apply_chat_template(build_messages(p), add_generation_prompt=True, tokenize=True,
-                                                 return_dict=True)["input_ids"] for p in probs]
-    outs = eng.generate(prompts, SamplingParams(max_new_tokens=96, temperature=0.0))
-    rows = [list(p) + list(o.completions[0].token_ids) for p, o in zip(prompts, outs)]
     from m1.checkpoint import write_json_atomic
+    from m1.heldout import teacher_answers as answers
 
-    write_json_atomic(cache, {"rows": rows, "prompt_lens": [len(p) for p in prompts]})
-    return rows, [len(p) for p in prompts]
+    rows, plens = answers(paths["teacher-sft"], TASK, n, max_new_tokens=96)
+    write_json_atomic(cache, {"rows": rows, "prompt_lens": plens})
+    return rows, plens
 
 
 def evaluate(model: Path, paths: dict, out: Path) -> dict:

@@ -203,6 +203,8 @@ class Demo:
                                1, (1,), max_new=max(b.max_new_tokens, 192)) for who, path in gsm_models.items()}
         ppl = self._perplexity({"teacher base": models["teacher"] / "base", "teacher": models["teacher"] / "grpo",
                                 "hybrid distill": models["hybrid"] / "distill", "hybrid": models["hybrid"] / "grpo"})
+        task_kl = self._task_kl(models["teacher"] / "grpo",
+                                {f"hybrid {st}": models["hybrid"] / st for st in stages["hybrid"][1:]})
         bench = self._bench(models["hybrid"] / "grpo", models["teacher"] / "grpo")
         stages_s = sum(v for k, v in self.timings.items() if not k.startswith("total"))
         self.timings["total (this invocation)"] = round(time.time() - t_start, 1)
@@ -210,7 +212,7 @@ class Demo:
             self.timings["total (all stages, earlier invocations included)"] = round(stages_s, 1)
         from .demo_report import write_report
 
-        report = write_report(self, stages, evals, gsm, bench, ppl=ppl, models=models)
+        report = write_report(self, stages, evals, gsm, bench, ppl=ppl, models=models, task_kl=task_kl)
         self.log(f"[demo] report: {report}")
         return report
 
@@ -334,6 +336,34 @@ class Demo:
                 path.write_text(json.dumps(done, indent=2))
         self.timings["gsm8k-chat perplexity"] = round(time.time() - t0, 1)
         self.peak_rss["gsm8k-chat perplexity"] = peak_rss_gb()
+        return done
+
+    def _task_kl(self, teacher: Path, students: dict[str, Path]) -> dict:
+        """KL(teacher || student) on the teacher's own greedy answers to the held-out problems the evals
+        score (issue #17's target: <= 0.15 nats/token), overall and on digit tokens (the results)."""
+        path = self.out / "eval" / "task-kl.json"
+        self.commands.append(f"# task KL: m1.heldout.completion_report on m1.heldout.teacher_answers({teacher}, "
+                             f"{self.b.task}, {self.b.eval_problems})")
+        done = json.loads(path.read_text()) if path.exists() else {}
+        if all(k in done for k in students):
+            self.log(f"[demo] task KL: done already ({path})")
+            self._reuse_timing("task KL on the teacher's answers")
+            return done
+        from .checkpoint import load_model, write_json_atomic
+        from .heldout import completion_report, teacher_answers
+
+        self.log("[demo] task KL on the teacher's answers ...")
+        t0 = time.time()
+        rows, plens = teacher_answers(teacher, self.b.task, self.b.eval_problems, self.b.max_new_tokens)
+        t_model, tok = load_model(teacher, dtype="float32")
+        for name, d in students.items():
+            if name not in done:
+                s_model, _ = load_model(d, dtype="float32")
+                done[name] = {**completion_report(s_model, t_model, tok, rows, plens), "path": str(d),
+                              "teacher": str(teacher)}
+                write_json_atomic(path, done)
+        self.timings["task KL on the teacher's answers"] = round(time.time() - t0, 1)
+        self.peak_rss["task KL on the teacher's answers"] = peak_rss_gb()
         return done
 
     def _bench(self, hybrid: Path, teacher: Path) -> dict:

@@ -75,8 +75,21 @@ def _layout_line(base: Path) -> str:
             f"{n - len(attn)} Mamba2), chosen as {how}.") if attn is not None and n else "Hybrid layout: unknown."
 
 
+def _task_kl_lines(task_kl: dict) -> list[str]:
+    first = next(iter(task_kl.values()))
+    lines = ["## How close the hybrid is to the teacher on the task", "",
+             f"KL(teacher || hybrid) in nats per token on the teacher's own greedy answers to the held-out "
+             f"problems ({first['tokens']:,} completion tokens, {first['digit_tokens']:,} of them digit tokens: the "
+             f"results of the arithmetic); teacher = `{first.get('teacher', 'the teacher after GRPO')}`, its own NLL "
+             f"there {first['teacher_nll']:.3f}. m1's target: at most 0.15 for the final hybrid.", "",
+             "| hybrid after | KL, completion tokens | KL, digit tokens | hybrid NLL |", "| --- | ---: | ---: | ---: |"]
+    lines += [f"| {name.removeprefix('hybrid ')} | {r['kl']:.3f} | {r['kl_digits']:.3f} | {r['student_nll']:.3f} |"
+              for name, r in task_kl.items()]
+    return lines + [""]
+
+
 def write_report(demo, stages: dict, evals: dict, gsm: dict, bench: dict, ppl: dict | None = None,
-                 models: dict | None = None) -> Path:
+                 models: dict | None = None, task_kl: dict | None = None) -> Path:
     from .bench import BenchRow, markdown_table
 
     out, b = demo.out, demo.b
@@ -104,6 +117,12 @@ def write_report(demo, stages: dict, evals: dict, gsm: dict, bench: dict, ppl: d
         cells = [(_acc_cell(evals[w][st]) if st in evals[w] else "—") for w in ("teacher", "hybrid")]
         lines.append(f"| {st} | {cells[0]} | {cells[1]} |")
     lines.append("")
+    t_last, h_last = evals["teacher"]["grpo"].get("pass@1"), evals["hybrid"]["grpo"].get("pass@1")
+    if t_last:
+        lines += [f"After each model's last stage the hybrid's pass@1 is **{h_last / t_last:.3f}x** the teacher's "
+                  f"({h_last:.1f} / {t_last:.1f}; m1's target for this demo: at least 0.9x).", ""]
+    if task_kl:
+        lines += _task_kl_lines(task_kl)
     # pass@k / maj@k of the final models
     ks = list(b.eval_ks)
     lines += ["## pass@k and maj@k after GRPO", "", "| model | " + " | ".join(

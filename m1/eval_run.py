@@ -147,7 +147,7 @@ def _sample_and_grade(cfg, engine, todo, finished, results, budget_seconds, prog
                     "(rerun the same command to continue)")
                 break
             chunk = todo[b:b + cfg.batch_problems]
-            prompts = [_render(tok, build_messages(p, few_shot=cfg.few_shot)) for _, p in chunk]
+            prompts = [render_prompt(tok, build_messages(p, few_shot=cfg.few_shot)) for _, p in chunk]
             params = [SamplingParams(n=cfg.n, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
                                      top_p=cfg.top_p, seed=cfg.seed * 1_000_003 + i) for i, _ in chunk]
 
@@ -167,7 +167,7 @@ def _sample_and_grade(cfg, engine, todo, finished, results, budget_seconds, prog
     bar.close()
 
 
-def _render(tokenizer, messages) -> list[int]:
+def render_prompt(tokenizer, messages) -> list[int]:
     """Prompt token ids: the chat template when there is one (it carries its own special tokens)."""
     if getattr(tokenizer, "chat_template", None):
         text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)

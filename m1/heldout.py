@@ -164,3 +164,18 @@ def completion_report(student, teacher, tokenizer, rows: list[list[int]], prompt
     return {"kl": sums["kl"] / max(n_all, 1), "kl_digits": sums["kl_digits"] / max(n_dig, 1),
             "student_nll": sums["student_nll"] / max(n_all, 1), "teacher_nll": sums["teacher_nll"] / max(n_all, 1),
             "tokens": n_all, "digit_tokens": n_dig}
+
+
+def teacher_answers(model_dir, task: str, limit: int, max_new_tokens: int, seed: int = 0) -> tuple[list, list[int]]:
+    """A model's greedy answers to the ``limit`` problems ``m1 eval --task TASK --limit LIMIT --seed SEED``
+    scores, prompted as it prompts them: (prompt + completion ids per problem, prompt lengths), for
+    :func:`completion_report` (KL on the teacher's own answers)."""
+    from .engine import Engine, SamplingParams
+    from .eval_run import render_prompt
+    from .tasks import load_task
+    from .tasks.prompts import build_messages
+
+    eng = Engine.from_pretrained(model_dir, dtype="float32")
+    prompts = [render_prompt(eng.tokenizer, build_messages(p)) for p in load_task(task, limit=limit, seed=seed)]
+    outs = eng.generate(prompts, SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0))
+    return [list(p) + list(o.completions[0].token_ids) for p, o in zip(prompts, outs)], [len(p) for p in prompts]

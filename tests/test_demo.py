@@ -39,6 +39,16 @@ def test_smoke_demo_end_to_end_and_resume(tmp_path, capsys, recipe):
         assert re.search(rf"^\| {who} \| [\d.]+ \| [\d,]+ \|$", report, re.M), who
     assert re.search(r"^\| hybrid \| [\d.]+ \| [\d.]+ \| [\d.]+ \| [\d.]+ \|$", report, re.M)  # pass@k/maj@k
     assert re.search(r"^\| hybrid \| 4 \| 16 \| [\d.]+ \| [\d.]+ \| [\d.]+ \| [\d.]+ \|", report, re.M)
+    assert re.search(r"the hybrid's pass@1 is \*\*[\d.]+x\*\* the teacher's", report) or "| grpo | 0.0 " in report
+    # KL to the final teacher on its own answers, for every hybrid stage after conversion; the teacher's
+    # answers are its greedy output, so its own NLL there is small, and the random tiny hybrid is far from it
+    import json
+
+    task_kl = json.loads((out / "eval" / "task-kl.json").read_text())
+    assert list(task_kl) == [f"hybrid {st}" for st in (["distill", "sft", "grpo"] if general else ["distill", "grpo"])]
+    for name, r in task_kl.items():
+        assert r["teacher"] == str(out / "teacher" / "grpo") and r["tokens"] > 0 and r["kl"] > 0, name
+        assert re.search(rf"^\| {name.removeprefix('hybrid ')} \| {r['kl']:.3f} \| ", report, re.M), name
     # the hybrid's layout is chosen by sensitivity and the report says which layers it kept
     layout = re.search(r"^Hybrid layout: attention at layers ([\d,]+) of 5 .*`--attn-layers auto`", report, re.M)
     assert layout, report[:2000]
