@@ -112,7 +112,7 @@ def test_smoke_demo_end_to_end_and_resume(tmp_path, capsys, recipe):
         assert (out / d / "config.json").exists() and (out / d / "m1.json").exists(), d
     wall = report.split("## Wall time and memory")[1].split("## Reproduce")[0]
     peaks = [float(g) for g in re.findall(r"^\| [^|]+ \| \d+ \| ([\d.]+) \|$", wall, re.M)]
-    n_stages = 19 if general else 17
+    n_stages = 20 if general else 18
     assert len(peaks) == n_stages and peaks[0] > 0.1 and peaks == sorted(peaks)  # one process: its peak only grows
     capsys.readouterr()
     # a rerun finds every stage done and only rewrites the report

