@@ -253,19 +253,21 @@ def test_vllm_serve_answers_as_the_fast_engine(tmp_path):
                                 kv_heads=1, intermediate=256)
     hybrid = convert(str(teacher), tmp_path / "hybrid", attn_layers="1,3", log=lambda m: None)
     eng = Engine.from_pretrained(hybrid, backend="fast", dtype=torch.float32)
-    sp = SamplingParams(max_new_tokens=16, temperature=0.0)
+    sp = SamplingParams(max_new_tokens=16, temperature=0.0, ignore_eos=True)  # 16 tokens: nothing vacuous
     port = _free_port()
     proc = _serve(hybrid, port, tmp_path / "serve.log")
     try:
         url = f"http://127.0.0.1:{port}/v1"
         for prompt in PROMPTS[:2]:
             chat = _post(f"{url}/chat/completions", {"model": str(hybrid), "max_tokens": 16, "temperature": 0,
+                                                     "ignore_eos": True,
                                                      "messages": [{"role": "user", "content": prompt}]})
             want = eng.generate(prompt, sp, chat=True)[0].completions[0]
+            assert want.num_tokens == 16 and want.text.strip()
             assert chat["choices"][0]["message"]["content"] == want.text, prompt
             ids = eng.encode(prompt)
             comp = _post(f"{url}/completions", {"model": str(hybrid), "prompt": ids, "max_tokens": 16,
-                                                "temperature": 0})
+                                                "temperature": 0, "ignore_eos": True})
             assert comp["choices"][0]["text"] == eng.generate(ids, sp)[0].completions[0].text, prompt
     finally:
         proc.terminate()
