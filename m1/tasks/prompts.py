@@ -1,7 +1,7 @@
 r"""Chat prompts for math problems.
 
 One instruction for every task -- reason step by step, put the final answer
-in ``\boxed{}`` -- because :func:`m1.grading.extract_answer` looks for the last
+in ``\boxed{}`` -- because :func:`m1.eval.grading.extract_answer` looks for the last
 box first, and because this is the wording Qwen2.5-Math / M1 evaluations use.
 Instruct models get a single user turn.  Base models do much better with a few
 solved examples first (``few_shot=k``): they are taken from the GSM8K train
