@@ -315,9 +315,9 @@ def test_sampled_frequencies_match_filtered_softmax(t, top_k, top_p, min_p):
 def test_filter_logits_prefix_widths_equal_direct_filter(monkeypatch, widths):
     """top-k / top-p from a sorted prefix (topk, widened for rows whose nucleus does not end inside it,
     then a full sort) keep exactly the tokens the one-token-at-a-time filter keeps, row by row."""
-    import m1.engine as engine
+    import m1.engine.sampling as sampling
 
-    monkeypatch.setattr(engine, "TOP_P_WIDTHS", widths)
+    monkeypatch.setattr(sampling, "TOP_P_WIDTHS", widths)
     gen = torch.Generator().manual_seed(3)
     rows, vocab = 40, 30
     # rows from peaked (nucleus of 1-2 tokens) to flat (nucleus of most of the vocabulary), with ties

@@ -67,10 +67,10 @@ def test_broken_vllm_is_one_line_naming_the_fix(tiny_hybrid, monkeypatch, capsys
 
     real_import = builtins.__import__
 
-    def fake_import(name, *a, **kw):
-        if name == "vllm":
+    def fake_import(name, globals=None, locals=None, fromlist=(), level=0):
+        if name == "vllm" and level == 0:  # the vllm package, not m1.engine's own vllm module
             raise RuntimeError("operator torchvision::nms does not exist")
-        return real_import(name, *a, **kw)
+        return real_import(name, globals, locals, fromlist, level)
 
     monkeypatch.delitem(sys.modules, "vllm", raising=False)
     monkeypatch.setattr(builtins, "__import__", fake_import)
