@@ -23,7 +23,7 @@ from pathlib import Path
 
 
 def _convert(root: Path) -> list[tuple[str, str]]:
-    from m1.convert import convert
+    from m1.model.convert import convert
 
     out = []
     for name, layers in (("hybrid", None), ("attention", "all")):
@@ -59,9 +59,9 @@ def main(argv=None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     import torch
 
-    from m1.checkpoint import load_model
     from m1.engine import Engine, SamplingParams
-    from m1.kernels import enable as enable_fast_scan
+    from m1.model.checkpoint import load_model
+    from m1.model.kernels import enable as enable_fast_scan
 
     if a.threads:
         torch.set_num_threads(a.threads)

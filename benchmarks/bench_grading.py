@@ -1,4 +1,4 @@
-"""Answer-checking throughput (checks per second) of m1.grading.
+"""Answer-checking throughput (checks per second) of m1.eval.grading.
 
     python benchmarks/bench_grading.py [--workers 2] [--timeout 5]
 
@@ -22,7 +22,7 @@ import json
 import time
 from pathlib import Path
 
-from m1.grading import Checker
+from m1.eval.grading import Checker
 from m1.tasks import load_task
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"

@@ -100,8 +100,8 @@ def setup(out: Path, bf16: str, demo: Path | None = None, names: list[str] = ())
     """The shared starting points (built once): converted hybrids and the SFT'd teacher. With ``demo``
     (an `m1 demo` output directory), its teacher/base, teacher/sft and hybrid/base are linked instead
     of being made again: the same commands, already run."""
-    from m1.convert import convert
-    from m1.sft import sft
+    from m1.model.convert import convert
+    from m1.train.sft import sft
 
     paths = {"teacher-base": out / "teacher-base", "teacher-sft": out / "teacher-sft", "hybrid": out / "hybrid",
              "hybrid-distill": out / "hybrid-distill", "teacher-final": out / "teacher-final",
@@ -128,14 +128,14 @@ def run_stage(kind: str, settings: dict, src: Path, dst: Path, paths: dict, bf16
     """Train one stage from ``src`` into ``dst``; returns its seconds, steps and tokens."""
     t0 = time.time()
     if kind == "distill":
-        from m1.distill import DistillConfig, distill
+        from m1.train.distill import DistillConfig, distill
 
         s = {**COMMON, "data": TASK, "bf16": bf16, **settings}
         which = {"base": "teacher-base", "final": "teacher-final"}.get(s.get("teacher"), "teacher-sft")
         s["teacher"] = str(paths[which])
         res = distill(DistillConfig(student=str(src), out=str(dst), **s), force=True, log=log, progress=False)
         return {"seconds": time.time() - t0, "steps": res.steps, "tokens": res.tokens}
-    from m1.sft import sft
+    from m1.train.sft import sft
 
     from m1.demo_report import training_budget
 
@@ -150,8 +150,8 @@ def teacher_answers(paths: dict, out: Path, n: int = 40) -> tuple[list[list[int]
     if cache.exists():
         d = json.loads(cache.read_text())
         return d["rows"], d["prompt_lens"]
-    from m1.checkpoint import write_json_atomic
-    from m1.heldout import teacher_answers as answers
+    from m1.model.checkpoint import write_json_atomic
+    from m1.train.heldout import teacher_answers as answers
 
     rows, plens = answers(paths["teacher-sft"], TASK, n, max_new_tokens=96)
     write_json_atomic(cache, {"rows": rows, "prompt_lens": plens})
@@ -159,10 +159,10 @@ def teacher_answers(paths: dict, out: Path, n: int = 40) -> tuple[list[list[int]
 
 
 def evaluate(model: Path, paths: dict, out: Path) -> dict:
-    from m1.checkpoint import load_model
-    from m1.eval_run import EvalConfig, run_eval
-    from m1.heldout import completion_report
-    from m1.metrics import bootstrap_interval
+    from m1.eval.metrics import bootstrap_interval
+    from m1.eval.run import EvalConfig, run_eval
+    from m1.model.checkpoint import load_model
+    from m1.train.heldout import completion_report
 
     res = {}
     for key, task, n in (("pass1", TASK, 4), ("pass1_hard", HARD, 2)):
@@ -286,7 +286,7 @@ def main() -> None:
         sys.exit(f"error: unknown recipe(s) {', '.join(unknown)}; known: {', '.join(RECIPES)}")
     bf16 = a.bf16
     if bf16 == "auto":
-        from m1.training import cpu_bf16_supported, resolve_precision
+        from m1.train.run import cpu_bf16_supported, resolve_precision
 
         bf16 = "on" if (resolve_precision("auto") or cpu_bf16_supported()) else "off"
     run(out, names, bf16, Path(a.from_demo) if a.from_demo else None)

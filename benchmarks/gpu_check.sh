@@ -39,7 +39,7 @@ if (( DRY )); then
   PY=${PYTHON:-$( [[ -x .venv/bin/python ]] && echo .venv/bin/python || echo python3 )}
   export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
   DEV=cpu; SHAPE=tiny; MEM=(--memory-gib 2.03); CTX=64,128,224; STEPS=4; GEN=224; PROMPT=32; B1PROMPT=32; B1GEN=32
-  FAST=(--ssm-dtype model)  # the fused Triton step needs CUDA (tests/test_kernels.py runs its math in Triton's interpreter)
+  FAST=(--ssm-dtype model)  # the fused Triton step needs CUDA (tests/model/test_kernels.py runs its math in Triton's interpreter)
   PARITY=(--shape tiny --prompt-len 64 --steps 16)
 else
   PY=${PYTHON:-python3}
@@ -116,7 +116,7 @@ run_stage() {
         $PY -c \"import torch, transformers, importlib.util as u; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), 'transformers', transformers.__version__, 'triton', u.find_spec('triton') is not None, 'fla', u.find_spec('fla') is not None)\"" ;;
     tests)  # fused decode kernel vs reference, engine eager / CUDA graphs vs the CPU reference, fla's scan
       # (exit 5 = nothing selected: a renamed test shows here, also in the dry run where all skip)
-      stage tests 150 "" $PY -m pytest -q -rs -m gpu -p no:cacheprovider tests/test_kernels.py tests/test_engine.py \
+      stage tests 150 "" $PY -m pytest -q -rs -m gpu -p no:cacheprovider tests/model/test_kernels.py tests/test_engine.py \
         -k "($TESTS) and not compile" ;;
     parity)  # bf16 SSM state and fused step vs float32 state / torch step at the headline shape
       stage parity 120 "$w/parity.json" $PY benchmarks/gpu_parity.py "${PARITY[@]}" --device "$DEV" --json "$w/parity.json" ;;

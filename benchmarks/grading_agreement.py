@@ -5,7 +5,7 @@
 The corpus (``tests/grading_corpus.py``) holds model outputs, gold answers and
 the verdict a careful human grader gives.  Both graders see the same pairs:
 
-* m1: one :class:`m1.grading.Checker`, ``check_many`` over all pairs, defaults
+* m1: one :class:`m1.eval.grading.Checker`, ``check_many`` over all pairs, defaults
   (``last_number=False``, ``lists="unordered"``);
 * math-verify, called directly with its defaults:
   ``verify(parse(gold), parse(output))``; an exception counts as False.
@@ -36,7 +36,7 @@ sys.path.insert(0, str(REPO / "tests"))
 
 from grading_corpus import CASES  # noqa: E402
 
-from m1.grading import Checker  # noqa: E402
+from m1.eval.grading import Checker  # noqa: E402
 
 
 def grade_m1(workers: int) -> tuple[list[bool], float]:

@@ -11,10 +11,10 @@ import time
 
 import torch
 
-from m1.convert import build_hybrid, calibrate, calibration_texts, default_attention_layers, parse_layout
-from m1.heldout import heldout_loss
+from m1.model.convert import build_hybrid, calibrate, calibration_texts, default_attention_layers, parse_layout
+from m1.model.teachers import load_teacher
 from m1.tasks import load_task
-from m1.teachers import load_teacher
+from m1.train.heldout import heldout_loss
 
 
 def main():

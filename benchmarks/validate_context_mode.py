@@ -48,7 +48,7 @@ def main(argv=None) -> int:
     from m1.bench import (SHAPES, _NullTokenizer, generation_row, layout_layers, measure, measure_at_context,
                           measure_bandwidth, shape_model)
     from m1.engine import Engine
-    from m1.kernels import enable
+    from m1.model.kernels import enable
 
     enable()
     contexts = sorted(set(parse_ints(a.context, "--context")))

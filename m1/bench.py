@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from .errors import M1Error
-from .info import mamba_state_sizes, state_bytes_per_row  # noqa: F401 (state_bytes_per_row: re-exported)
+from .model.info import mamba_state_sizes, state_bytes_per_row  # noqa: F401 (state_bytes_per_row: re-exported)
 from .settings import setting
 
 # Shapes of public models (config.json values), so nobody needs the weights to benchmark them.
@@ -66,7 +66,7 @@ class BenchRow:
 
 
 def layout_layers(layout: str, n_layers: int) -> list[int]:
-    from .convert import default_attention_layers
+    from .model.convert import default_attention_layers
 
     if layout == "m1":
         return default_attention_layers(n_layers, 0.2)
@@ -86,7 +86,7 @@ def shape_model(shape: str, attn_layers: list[int], dtype, device):
     import torch
     from transformers import GraniteMoeHybridForCausalLM, LlamaConfig
 
-    from .convert import hybrid_config
+    from .model.convert import hybrid_config
 
     if shape not in SHAPES:
         raise M1Error(f"unknown --shape '{shape}': choose one of {', '.join(SHAPES)}")
@@ -497,7 +497,7 @@ class BenchSettings:
     device: str = setting("cpu", "cpu | cuda")
     cuda_graphs: bool = setting(True, "on CUDA, decode eagerly instead of replaying CUDA graphs (to see what they buy)")
     fused_decode: bool = setting(False, "on CUDA, update the Mamba state with the fused Triton kernel "
-                                        "(m1.kernels.mamba_state_step_fused)")
+                                        "(m1.model.kernels.mamba_state_step_fused)")
     compile: bool = setting(False, "decode with the torch.compile'd static step (fuses the elementwise kernels; "
                                    "compiling takes minutes)")
     ssm_dtype: str = setting("float32", "dtype of the Mamba SSM state between steps: float32 (default) or the model "
@@ -583,14 +583,14 @@ def _model_makers(cfg: BenchSettings, labels, contexts) -> tuple[dict, int | Non
         _check_contexts(contexts, cfg.steps, context)
         _check_fits(cfg, context)
         return models, context
-    from .checkpoint import load_model
+    from .model.checkpoint import load_model
 
     names = labels or (cfg.model, cfg.baseline)
     models = {names[0]: (lambda: load_model(cfg.model, dtype=tdtype, device=cfg.device)[0])}
     if cfg.baseline:
         models[names[1]] = lambda: load_model(cfg.baseline, dtype=tdtype, device=cfg.device)[0]
     if contexts is not None:  # from config.json, before any weights are loaded
-        from .checkpoint import check_model_dir, read_config
+        from .model.checkpoint import check_model_dir, read_config
 
         for d in filter(None, (cfg.model, cfg.baseline)):
             _check_contexts(contexts, cfg.steps, read_config(check_model_dir(d)).get("max_position_embeddings"))
@@ -635,8 +635,8 @@ def run_bench(cfg: BenchSettings, log=print, labels: tuple[str, str] | None = No
     full-generation ``--batch max`` row."""
     import torch
 
-    from .kernels import enable as enable_fast_scan
-    from .kernels import scan_backend
+    from .model.kernels import enable as enable_fast_scan
+    from .model.kernels import scan_backend
 
     contexts = _check_settings(cfg)
     enable_fast_scan()

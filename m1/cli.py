@@ -1,7 +1,7 @@
 """The ``m1`` command line: parses arguments, calls the Python API, prints errors in one line.
 
-No logic lives here. Every command maps onto a function of the package (``m1.convert.convert``,
-``m1.info.model_info``, ...), so anything the CLI does can be done from Python.
+No logic lives here. Every command maps onto a function of the package (``m1.model.convert.convert``,
+``m1.model.info.model_info``, ...), so anything the CLI does can be done from Python.
 """
 
 from __future__ import annotations
@@ -52,8 +52,8 @@ def _add_convert(sub):
 
 
 def _run_convert(a):
-    from .convert import convert
-    from .info import format_info, model_info
+    from .model.convert import convert
+    from .model.info import format_info, model_info
 
     out = convert(a.teacher, a.out, attn_layers=a.attn_layers, attn_fraction=a.attn_fraction, init=a.init,
                   dtype=a.dtype, force=a.force, seed=a.seed, log=lambda m: print(m, file=sys.stderr))
@@ -71,7 +71,7 @@ def _add_info(sub):
 
 
 def _run_info(a):
-    from .info import format_info, info_json, model_info
+    from .model.info import format_info, info_json, model_info
 
     info = model_info(a.model)
     print(info_json(info) if a.json else format_info(info))

@@ -116,7 +116,7 @@ class Demo:
         self.peak_rss: dict[str, float] = {}  # stage -> the process's peak RSS (GB) when it ended
         # training forwards in bf16 autocast where the hardware has bf16 matmuls (CUDA, or a CPU with
         # AVX512-BF16/AMX: ~2x faster steps there); float32 weights and optimizer either way
-        from .training import cpu_bf16_supported, resolve_precision
+        from .train.run import cpu_bf16_supported, resolve_precision
 
         self.bf16 = resolve_precision("auto") or cpu_bf16_supported()
         self.bf16_flag = " --bf16 on" if self.bf16 else " --bf16 off"
@@ -165,7 +165,7 @@ class Demo:
         self.out.mkdir(parents=True, exist_ok=True)
         b, o = self.b, self.out
         teacher = self._teacher_spec()
-        from .convert import convert
+        from .model.convert import convert
 
         models = {"teacher": o / "teacher", "hybrid": o / "hybrid"}
         self._stage("convert teacher (all attention, exact)", models["teacher"] / "base",
@@ -219,7 +219,7 @@ class Demo:
     def _teacher_spec(self) -> str:
         if self.b.teacher != "tiny":
             return self.b.teacher
-        from .tiny import make_tiny_teacher
+        from .model.tiny import make_tiny_teacher
 
         path = self.out / "tiny-teacher"
         if not (path / "config.json").exists():
@@ -228,7 +228,7 @@ class Demo:
 
     def _distill_general(self, teacher: str, root: Path) -> None:
         """The hybrid distilled from the base teacher on GSM8K chats (all tokens), before SFT."""
-        from .distill import DistillConfig
+        from .train.distill import DistillConfig
 
         b = self.b
         heldout = 16 if self.name != "smoke" else 4
@@ -240,7 +240,7 @@ class Demo:
 
     def _distill_task(self, teacher: Path, root: Path) -> None:
         """The hybrid distilled from the fine-tuned teacher on the task: align, kd on completions, on-policy."""
-        from .distill import DistillConfig
+        from .train.distill import DistillConfig
 
         b = self.b
         stage = "align,kd" + (",onpolicy" if b.distill_onpolicy_steps else "")
@@ -255,7 +255,7 @@ class Demo:
 
     def _distill_task_kd(self, teacher: Path, student: Path, out: Path) -> None:
         """kd from the teacher after SFT on the task's solutions (completion tokens only)."""
-        from .distill import DistillConfig
+        from .train.distill import DistillConfig
 
         b = self.b
         cfg = DistillConfig(student=str(student), out=str(out), teacher=str(teacher), data=b.task, stage="kd",
@@ -266,13 +266,13 @@ class Demo:
 
     def _run_distill(self, name: str, out: Path, cfg) -> None:
         """One `m1 distill` stage of the demo: its exact command for the report, then the run (resumed if cut)."""
-        from .distill import distill
+        from .train.distill import distill
 
         self._stage(name, out, "m1 distill " + shlex.join(to_argv(cfg)),
                     lambda: self._train(lambda **kw: distill(cfg, log=self.log, progress=self.progress, **kw)))
 
     def _sft(self, model: Path, out: Path) -> None:
-        from .sft import SFTSettings, sft
+        from .train.sft import SFTSettings, sft
 
         b = self.b
         cfg = SFTSettings(model=str(model), data=b.task, max_steps=b.sft_steps, limit=b.sft_examples,
@@ -285,7 +285,7 @@ class Demo:
                     lambda: self._train(sft, cfg.model, cfg.data, out, log=self.log, **options))
 
     def _grpo(self, model: Path, out: Path) -> None:
-        from .grpo import GRPOSettings, grpo
+        from .train.grpo import GRPOSettings, grpo
 
         b = self.b
         cfg = GRPOSettings(model=str(model), task=b.task, max_steps=b.grpo_steps, prompts_per_step=b.grpo_prompts,
@@ -299,7 +299,7 @@ class Demo:
                     lambda: self._train(grpo, cfg.model, cfg.task, out, log=self.log, **options))
 
     def _eval(self, model: Path, out: Path, task: str, problems: int, n: int, ks, max_new: int | None = None) -> dict:
-        from .eval_run import EvalConfig, run_eval
+        from .eval.run import EvalConfig, run_eval
 
         cfg = EvalConfig(model=str(model), task=task, n=n, ks=tuple(ks), limit=problems,
                          max_new_tokens=max_new or self.b.max_new_tokens)
@@ -312,7 +312,7 @@ class Demo:
         """Held-out GSM8K-chat perplexity of each model (the same chats ``m1 distill --data gsm8k-train``
         holds out with seed 0): what fine-tuning on arith costs in general language modelling."""
         path = self.out / "eval" / "gsm8k-chat-perplexity.json"
-        self.commands.append(f"# perplexity: m1.heldout.heldout_loss on {self.b.ppl_texts} held-out GSM8K train chats")
+        self.commands.append(f"# perplexity: m1.train.heldout.heldout_loss on {self.b.ppl_texts} held-out GSM8K train chats")
         done = json.loads(path.read_text()) if path.exists() else {}
         if all(k in done for k in models):
             self.log(f"[demo] perplexity: done already ({path})")
@@ -320,9 +320,9 @@ class Demo:
             return done
         from transformers import AutoTokenizer
 
-        from .checkpoint import load_model
-        from .data import load_data
-        from .heldout import heldout_loss
+        from .model.checkpoint import load_model
+        from .train.data import load_data
+        from .train.heldout import heldout_loss
 
         t0 = time.time()
         tok = AutoTokenizer.from_pretrained(next(iter(models.values())))
@@ -342,15 +342,15 @@ class Demo:
         """KL(teacher || student) on the teacher's own greedy answers to the held-out problems the evals
         score (issue #17's target: <= 0.15 nats/token), overall and on digit tokens (the results)."""
         path = self.out / "eval" / "task-kl.json"
-        self.commands.append(f"# task KL: m1.heldout.completion_report on m1.heldout.teacher_answers({teacher}, "
+        self.commands.append(f"# task KL: m1.train.heldout.completion_report on m1.train.heldout.teacher_answers({teacher}, "
                              f"{self.b.task}, {self.b.eval_problems})")
         done = json.loads(path.read_text()) if path.exists() else {}
         if all(k in done for k in students):
             self.log(f"[demo] task KL: done already ({path})")
             self._reuse_timing("task KL on the teacher's answers")
             return done
-        from .checkpoint import load_model, write_json_atomic
-        from .heldout import completion_report, teacher_answers
+        from .model.checkpoint import load_model, write_json_atomic
+        from .train.heldout import completion_report, teacher_answers
 
         self.log("[demo] task KL on the teacher's answers ...")
         t0 = time.time()

@@ -17,7 +17,7 @@ def _per_problem_accuracy(results: Path) -> list[float]:
 
 
 def _acc_cell(summary: dict) -> str:
-    from .metrics import bootstrap_interval
+    from .eval.metrics import bootstrap_interval
 
     values = _per_problem_accuracy(Path(summary["file"]))
     lo, hi = bootstrap_interval(values)
@@ -49,7 +49,7 @@ def _plot_lines(series: dict[str, list], path: Path, xlabel: str, title: str, lo
 
 def training_budget(model_dir: Path) -> dict:
     """Steps, tokens and seconds of every training stage behind a checkpoint (from its m1.json)."""
-    from .checkpoint import read_record
+    from .model.checkpoint import read_record
 
     rec = read_record(model_dir)
     stage = rec.get("stage")
@@ -64,7 +64,7 @@ def training_budget(model_dir: Path) -> dict:
 
 def _layout_line(base: Path) -> str:
     """Which layers the hybrid kept as attention, and how they were chosen (from its m1.json)."""
-    from .checkpoint import read_record
+    from .model.checkpoint import read_record
 
     rec = read_record(base)
     conv = rec.get("convert", rec)

@@ -8,7 +8,7 @@ One prompt with ``n=1`` and no ``output`` streams its text; otherwise one JSON r
 ``output`` (or the stream), each as soon as its prompt is done. A rerun with the same ``output``
 skips the prompts already there, provided the prompts and the settings that decide the samples
 (:meth:`GenerateSettings.record`) match. The sampling itself is :mod:`m1.engine`; votes, verifiers
-and budgets are :mod:`m1.scaling`.
+and budgets are :mod:`m1.eval.scaling`.
 """
 
 from __future__ import annotations
@@ -130,8 +130,8 @@ def read_prompts(cfg: GenerateSettings) -> list[dict]:
 
 
 def load_engine(cfg: GenerateSettings):
-    from .checkpoint import check_model_dir
     from .engine import Engine
+    from .model.checkpoint import check_model_dir
 
     check_model_dir(cfg.model)
     device = cfg.device
@@ -170,7 +170,7 @@ def generate(cfg: GenerateSettings, stream=None, log=None, progress: bool = True
         engine.tokenize(r["prompt"], chat=chat)
     verifier = None
     if cfg.verifier:
-        from .scaling import load_verifier
+        from .eval.scaling import load_verifier
 
         verifier = load_verifier(cfg.verifier, engine)
     if len(rows) == 1 and cfg.n == 1 and cfg.output is None and cfg.budget_seconds is None \
@@ -179,7 +179,7 @@ def generate(cfg: GenerateSettings, stream=None, log=None, progress: bool = True
     record = cfg.record(chat)
     todo = list(range(len(rows)))
     if cfg.output:
-        from .evaluate import ResultsWriter
+        from .eval.evaluate import ResultsWriter
 
         done = _finished_rows(cfg.output, rows, record, cfg.overwrite)
         todo = [i for i in todo if i not in done]
@@ -201,7 +201,7 @@ def _sample_rows(cfg, engine, verifier, params, chat, rows, todo, write, progres
     """Sample, vote and score the ``todo`` prompts, handing each finished row to ``write``."""
     checker = None  # votes merge answers the checker calls equivalent, as m1 eval's maj@k does
     if cfg.vote or verifier is not None or cfg.budget_seconds is not None:
-        from .grading import Checker
+        from .eval.grading import Checker
 
         checker = Checker(timeout=5.0)
     bar = None
@@ -211,7 +211,7 @@ def _sample_rows(cfg, engine, verifier, params, chat, rows, todo, write, progres
         bar = tqdm(total=len(todo), file=sys.stderr, unit="prompt", dynamic_ncols=True, desc="generate")
     try:
         if cfg.budget_seconds is not None:
-            from .scaling import sample_until_budget
+            from .eval.scaling import sample_until_budget
 
             for i in todo:
                 r = rows[i]
@@ -231,7 +231,7 @@ def _sample_rows(cfg, engine, verifier, params, chat, rows, todo, write, progres
             for i, r, o in zip(idx, chunk, outputs):
                 row = {"index": i, **r, **_completions(o)}
                 if cfg.vote:
-                    from .scaling import majority_vote
+                    from .eval.scaling import majority_vote
 
                     v = majority_vote(row["completions"], checker=checker)
                     row.update(answers=v.answers, vote=v.answer, votes={g.answer: g.count for g in v.groups})
@@ -255,7 +255,7 @@ def _completions(o) -> dict:
 
 
 def _add_verifier(row: dict, verifier, prompt: str, texts: list[str], checker=None) -> None:
-    from .scaling import best_of_n, weighted_vote
+    from .eval.scaling import best_of_n, weighted_vote
 
     scores = verifier.score([prompt] * len(texts), texts)
     row["scores"] = [round(s, 6) for s in scores]

@@ -24,7 +24,7 @@ SHARED_DATA = REPO.parent / "shared" / "data"
 @pytest.fixture(scope="session")
 def tiny_teachers(tmp_path_factory):
     """name -> directory of a tiny random teacher: llama3-rope tied/untied Llama and a Qwen2 with biases."""
-    from m1.tiny import make_tiny_teacher
+    from m1.model.tiny import make_tiny_teacher
 
     root = tmp_path_factory.mktemp("teachers")
     return {
@@ -37,7 +37,7 @@ def tiny_teachers(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_hybrid(tiny_teachers, tmp_path_factory):
     """A converted tiny Llama hybrid (default layout: 1 of 4 layers attention)."""
-    from m1.convert import convert
+    from m1.model.convert import convert
 
     out = tmp_path_factory.mktemp("hybrids") / "llama_hybrid"
     return convert(str(tiny_teachers["llama_untied"]), out, attn_layers="1,3", log=lambda m: None)
@@ -46,7 +46,7 @@ def tiny_hybrid(tiny_teachers, tmp_path_factory):
 @pytest.fixture(scope="session")
 def smollm2_teacher():
     from m1.errors import M1Error
-    from m1.teachers import load_teacher
+    from m1.model.teachers import load_teacher
 
     try:
         return load_teacher("smollm2-135m")
@@ -57,7 +57,7 @@ def smollm2_teacher():
 @pytest.fixture(scope="session")
 def smollm2_hybrid(smollm2_teacher, tmp_path_factory):
     """SmolLM2-135M converted once per session with the default layout (6 of 30 attention)."""
-    from m1.convert import convert
+    from m1.model.convert import convert
 
     out = tmp_path_factory.mktemp("smollm2") / "hybrid"
     return convert("smollm2-135m", out, log=lambda m: None)

@@ -1,4 +1,4 @@
-r"""Labelled corpus for the answer checker (:mod:`m1.grading`), issue #18.
+r"""Labelled corpus for the answer checker (:mod:`m1.eval.grading`), issue #18.
 
 Every case is ``Case(category, output, gold, expected, hard=False, note="")``:
 
@@ -6,7 +6,7 @@ Every case is ``Case(category, output, gold, expected, hard=False, note="")``:
 * ``gold``: the reference answer, as a benchmark stores it;
 * ``expected``: what a careful human grader says -- is ``output``'s final
   answer mathematically the gold answer?  Not whatever m1 returns today.
-  Where m1's documented policy (module docstring of ``m1/grading.py``)
+  Where m1's documented policy (module docstring of ``m1/eval/grading.py``)
   deliberately decides a debatable point, the case follows the policy and
   its ``note`` says so;
 * ``hard``: an expected-False case where calling it correct would be a plain
@@ -14,7 +14,7 @@ Every case is ``Case(category, output, gold, expected, hard=False, note="")``:
   corpus test allows *no* false positive among these.
 
 All cases were written for this project.  Plain data only: the test
-(``tests/test_grading_corpus.py``) and the agreement benchmark
+(``tests/eval/test_grading_corpus.py``) and the agreement benchmark
 (``benchmarks/grading_agreement.py``) do the work.
 """
 
@@ -32,7 +32,7 @@ class Case(NamedTuple):
     note: str = ""
 
 
-POLICY = "m1 policy (see m1/grading.py docstring)"
+POLICY = "m1 policy (see m1/eval/grading.py docstring)"
 
 CASES: list[Case] = [
     # ------------------------------------------------------------ GSM8K style

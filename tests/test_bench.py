@@ -55,8 +55,8 @@ def test_max_batch_pairs_the_two_maxima():
 
 def test_largest_batch_counts_the_state_at_full_length(tiny_hybrid, monkeypatch):
     import m1.bench as bench
-    from m1.checkpoint import load_model
     from m1.engine import Engine
+    from m1.model.checkpoint import load_model
 
     model, _ = load_model(tiny_hybrid)
     eng = Engine(model, bench._NullTokenizer())
@@ -80,8 +80,8 @@ def test_layouts():
 
 def test_measure_on_a_tiny_hybrid(tiny_hybrid):
     from m1.bench import _NullTokenizer, measure
-    from m1.checkpoint import load_model
     from m1.engine import Engine
+    from m1.model.checkpoint import load_model
 
     model, _ = load_model(tiny_hybrid)
     row = measure(Engine(model, _NullTokenizer()), "tiny", batch=3, prompt_len=5, gen_len=8, bandwidth=None)
@@ -173,9 +173,9 @@ def test_context_state_holds_L_tokens_in_every_row(tiny_hybrid):
     import torch
 
     from m1.bench import _NullTokenizer, context_state
-    from m1.checkpoint import load_model
     from m1.engine import Engine, SamplingParams
     from m1.engine.scheduler import Request, Row
+    from m1.model.checkpoint import load_model
 
     model, _ = load_model(tiny_hybrid)
     eng = Engine(model, _NullTokenizer())
@@ -196,8 +196,8 @@ def test_context_state_holds_L_tokens_in_every_row(tiny_hybrid):
 
 def test_context_mode_times_K_steps_after_a_warm_up_over_the_same_columns(tiny_hybrid, monkeypatch):
     import m1.bench as bench
-    from m1.checkpoint import load_model
     from m1.engine import Engine
+    from m1.model.checkpoint import load_model
 
     model, _ = load_model(tiny_hybrid)
     eng = Engine(model, bench._NullTokenizer())
@@ -270,9 +270,9 @@ def test_context_bad_input_before_any_model_is_built(capsys, monkeypatch, argv, 
 
 
 def test_context_beyond_a_checkpoints_positions_fails_before_loading(tiny_hybrid, capsys, monkeypatch):
-    import m1.checkpoint
+    import m1.model.checkpoint
 
-    monkeypatch.setattr(m1.checkpoint, "load_model", lambda *a, **k: pytest.fail("loaded the weights"))
+    monkeypatch.setattr(m1.model.checkpoint, "load_model", lambda *a, **k: pytest.fail("loaded the weights"))
     assert main(["bench", "--model", str(tiny_hybrid), "--context", "1000000"]) == 1
     err = capsys.readouterr().err
     assert "exceeds the model's" in err and len(err.strip().splitlines()) == 1
@@ -281,8 +281,8 @@ def test_context_beyond_a_checkpoints_positions_fails_before_loading(tiny_hybrid
 def test_max_batch_in_a_smaller_device(tiny_hybrid, monkeypatch):
     """--memory-gib: the batch that fits a device of that size (what is in use counted against it)."""
     import m1.bench as bench
-    from m1.checkpoint import load_model
     from m1.engine import Engine
+    from m1.model.checkpoint import load_model
 
     model, _ = load_model(tiny_hybrid)
     eng = Engine(model, bench._NullTokenizer())

@@ -45,7 +45,7 @@ def test_unsupported_architecture(capsys, tmp_path):
 
 
 def test_head_dim_mismatch(capsys, tmp_path):
-    from m1.tiny import make_tiny_teacher
+    from m1.model.tiny import make_tiny_teacher
 
     d = make_tiny_teacher(tmp_path / "t", head_dim=32)  # 4 heads x 32 != hidden 64
     code, _, err = _run(capsys, "convert", "--teacher", str(d), "--out", str(tmp_path / "o"))

@@ -63,14 +63,14 @@ def test_smoke_demo_end_to_end_and_resume(tmp_path, capsys, recipe):
     from dataclasses import asdict
 
     from m1.cli import build_parser
-    from m1.distill import CONFIG_FILE, DistillConfig
     from m1.settings import from_args
+    from m1.train.distill import CONFIG_FILE, DistillConfig
 
     line = next(line for line in report.splitlines() if line.startswith("m1 distill "))
     printed = from_args(DistillConfig, build_parser().parse_args(shlex.split(line)[1:]))
     assert asdict(printed) == json.loads((out / "hybrid" / "distill" / CONFIG_FILE).read_text())
     # ... and so does every printed sft command (teacher and, in the general recipe, hybrid)
-    from m1.sft import SFT_CONFIG_FILE, SFTSettings
+    from m1.train.sft import SFT_CONFIG_FILE, SFTSettings
 
     sft_lines = [line for line in report.splitlines() if line.startswith("m1 sft ")]
     assert len(sft_lines) == (2 if general else 1)
@@ -79,7 +79,7 @@ def test_smoke_demo_end_to_end_and_resume(tmp_path, capsys, recipe):
         saved = json.loads((Path(a.out) / SFT_CONFIG_FILE).read_text())["settings"]
         saved.pop("model_fingerprint")
         assert asdict(from_args(SFTSettings, a)) == saved, line
-    from m1.grpo import GRPO_CONFIG_FILE, GRPOSettings
+    from m1.train.grpo import GRPO_CONFIG_FILE, GRPOSettings
 
     grpo_lines = [line for line in report.splitlines() if line.startswith("m1 grpo ")]
     assert len(grpo_lines) == 2
@@ -89,7 +89,7 @@ def test_smoke_demo_end_to_end_and_resume(tmp_path, capsys, recipe):
         saved.pop("model_fingerprint"), saved.pop("reward_weights")  # not settings: Python API only
         assert asdict(from_args(GRPOSettings, a)) == saved, line
     # ... and every printed eval command: what it parses to is what that eval recorded as its settings
-    from m1.eval_run import EvalConfig
+    from m1.eval.run import EvalConfig
 
     eval_lines = [line for line in report.splitlines() if line.startswith("m1 eval ")]
     assert len(eval_lines) == 3 + len(stages_of_hybrid) + 3  # teacher base/sft/grpo, the hybrid's, 3 GSM8K
@@ -130,7 +130,7 @@ def test_smoke_demo_end_to_end_and_resume(tmp_path, capsys, recipe):
 def test_small_budget_follows_the_hardware(monkeypatch, tmp_path):
     import torch
 
-    import m1.training as training
+    import m1.train.run as training
     from m1.demo import BUDGETS, Demo
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)

@@ -27,7 +27,7 @@ PROMPTS = ["Tom has 12 apples.", "What is 3 * 4 - 5? The answer is", "Solve", "T
 @pytest.fixture(scope="module")
 def models(tiny_teachers, tiny_hybrid):
     """name -> (model, tokenizer): the tiny hybrid (attention at 1,3), its Llama teacher, a Qwen2 teacher."""
-    from m1.checkpoint import load_model
+    from m1.model.checkpoint import load_model
 
     return {"hybrid": load_model(tiny_hybrid), "teacher": load_model(tiny_teachers["llama_untied"]),
             "qwen2": load_model(tiny_teachers["qwen2"])}
@@ -96,7 +96,7 @@ def test_fast_step_logits_match_model_forward(models, name):
 
 @pytest.mark.slow
 def test_greedy_equals_hf_generate_smollm2_hybrid(smollm2_hybrid):
-    from m1.checkpoint import load_model
+    from m1.model.checkpoint import load_model
 
     model, tok = load_model(smollm2_hybrid)
     eng = Engine(model, tok)
@@ -315,9 +315,9 @@ def test_sampled_frequencies_match_filtered_softmax(t, top_k, top_p, min_p):
 def test_filter_logits_prefix_widths_equal_direct_filter(monkeypatch, widths):
     """top-k / top-p from a sorted prefix (topk, widened for rows whose nucleus does not end inside it,
     then a full sort) keep exactly the tokens the one-token-at-a-time filter keeps, row by row."""
-    import m1.engine.sampling as engine
+    import m1.engine.sampling as sampling
 
-    monkeypatch.setattr(engine, "TOP_P_WIDTHS", widths)
+    monkeypatch.setattr(sampling, "TOP_P_WIDTHS", widths)
     gen = torch.Generator().manual_seed(3)
     rows, vocab = 40, 30
     # rows from peaked (nucleus of 1-2 tokens) to flat (nucleus of most of the vocabulary), with ties
@@ -378,7 +378,7 @@ def test_static_step_with_key_buckets_equals_fast_step(tiny_hybrid, monkeypatch)
     finish, keys read in buckets, buffers reset and reused by the next group), run eagerly here:
     the same samples as the dynamic fast step."""
     import m1.engine.graphs as graphs_mod
-    from m1.checkpoint import load_model
+    from m1.model.checkpoint import load_model
 
     model, tok = load_model(tiny_hybrid)
     monkeypatch.setattr(graphs_mod, "GRAPH_KEY_BUCKET", 8)
@@ -423,7 +423,7 @@ def test_compiled_step_on_cpu_equals_fast_step(tiny_hybrid, monkeypatch):
     import m1.engine.graphs as graphs_mod
     from torch._dynamo.utils import counters
 
-    from m1.checkpoint import load_model
+    from m1.model.checkpoint import load_model
 
     model, tok = load_model(tiny_hybrid)
     monkeypatch.setattr(graphs_mod, "GRAPH_KEY_BUCKET", 8)
@@ -446,7 +446,7 @@ def test_compiled_step_on_cpu_equals_fast_step(tiny_hybrid, monkeypatch):
 
 def test_ssm_state_in_model_dtype(tiny_hybrid):
     """ssm_dtype: the SSM state buffers in bf16 (half the bytes per step), updates in float32."""
-    from m1.checkpoint import load_model
+    from m1.model.checkpoint import load_model
 
     model, tok = load_model(tiny_hybrid)
     params = SamplingParams(n=2, max_new_tokens=6, temperature=0)
@@ -467,17 +467,17 @@ def test_ssm_state_in_model_dtype(tiny_hybrid):
 
 
 def test_cpu_prefill_uses_small_scan_chunks_and_restores_them(tiny_hybrid, monkeypatch):
-    import m1.kernels
-    from m1.checkpoint import load_model
+    import m1.model.kernels
+    from m1.model.checkpoint import load_model
 
     model, tok = load_model(tiny_hybrid)
-    from m1.kernels import mamba_mixers
+    from m1.model.kernels import mamba_mixers
 
     mixers = mamba_mixers(model)
     saved = mixers[0].chunk_size
     seen = []
     hook = mixers[0].register_forward_pre_hook(lambda mod, args: seen.append(mod.chunk_size))
-    monkeypatch.setattr(m1.kernels, "CPU_SCAN_CHUNK", 4)
+    monkeypatch.setattr(m1.model.kernels, "CPU_SCAN_CHUNK", 4)
     params = SamplingParams(n=2, max_new_tokens=8, temperature=0)
     got = Engine(model, tok).generate(PROMPTS[:2], params)
     hook.remove()
@@ -495,7 +495,7 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUD
 @pytest.mark.parametrize("mode", ["eager", "graphs", "compile"])
 def test_cuda_engine_matches_cpu_reference(tiny_hybrid, mode):
     """On CUDA (eager, CUDA graphs, torch.compile) greedy samples equal the CPU reference backend."""
-    from m1.checkpoint import load_model
+    from m1.model.checkpoint import load_model
 
     params = [SamplingParams(n=3, max_new_tokens=16, temperature=0), SamplingParams(n=2, max_new_tokens=12, temperature=0)]
     model, tok = load_model(tiny_hybrid)
@@ -518,7 +518,7 @@ def test_bf16_cpu_decode_uses_bucketed_key_lengths(tiny_hybrid, monkeypatch):
     """bf16 on CPU: the attention reads key lengths in multiples of KEY_BUCKET (masked beyond the
     sequence), so oneDNN sees few shapes; the tokens equal those of exact-length attention."""
     import m1.engine.state as state_mod
-    from m1.checkpoint import load_model
+    from m1.model.checkpoint import load_model
 
     model, tok = load_model(tiny_hybrid, dtype=torch.bfloat16)
     eng = Engine(model, tok)
@@ -613,8 +613,8 @@ def test_vllm_backend_missing_is_one_error(tiny_hybrid, monkeypatch):
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
 def test_non_finite_logits_are_refused_not_sampled(tiny_hybrid, temperature):
     """NaN weights used to give greedy text silently, or token ids past the vocabulary when sampling."""
-    from m1.checkpoint import load_model
     from m1.engine import NonFiniteLogits
+    from m1.model.checkpoint import load_model
 
     model, tok = load_model(tiny_hybrid)
     with torch.no_grad():

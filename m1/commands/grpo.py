@@ -1,4 +1,4 @@
-"""``m1 grpo``: argument parsing only; the work is :func:`m1.grpo.grpo`."""
+"""``m1 grpo``: argument parsing only; the work is :func:`m1.train.grpo.grpo`."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ RL with verifiable math rewards (M1 stage 3): GRPO on TRL's GRPOTrainer.
 
 Every step samples --num-generations completions (the group, default 8) for each of
 --prompts-per-step problems, rewards each completion 1 if its final \\boxed{} answer is right
-(checked by m1.grading, exactly as `m1 eval` scores) and optionally --format-reward for a finished,
+(checked by m1.eval.grading, exactly as `m1 eval` scores) and optionally --format-reward for a finished,
 boxed answer, and takes a clipped policy-gradient step on advantages relative to the group.
 M1's choices are the defaults: no KL term (--beta 0, no reference model) and an entropy bonus
 (--entropy-coef). A reward that raises or times out scores 0 for that sample and is reported;
@@ -40,8 +40,8 @@ def register(subparsers) -> None:
     p = subparsers.add_parser("grpo", help="RL with verifiable math rewards (GRPO on TRL)",
                               description=DESCRIPTION, epilog=EPILOG,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
-    from ..grpo import GRPOSettings
     from ..settings import add_arguments
+    from ..train.grpo import GRPOSettings
 
     groups = add_arguments(p, GRPOSettings)
     groups["what"].add_argument("--out", required=True,
@@ -56,8 +56,8 @@ def register(subparsers) -> None:
 def run(a) -> None:
     from dataclasses import asdict
 
-    from ..grpo import GRPOSettings, grpo
     from ..settings import from_args
+    from ..train.grpo import GRPOSettings, grpo
 
     options = asdict(from_args(GRPOSettings, a))
     del options["reward_funcs"]  # Python API only

@@ -1,4 +1,4 @@
-"""``m1 sft``: argument parsing only; the work is :func:`m1.sft.sft`."""
+"""``m1 sft``: argument parsing only; the work is :func:`m1.train.sft.sft`."""
 
 from __future__ import annotations
 
@@ -38,7 +38,7 @@ def register(subparsers) -> None:
                               description=DESCRIPTION, epilog=EPILOG,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
     from ..settings import add_arguments
-    from ..sft import SFTSettings
+    from ..train.sft import SFTSettings
 
     groups = add_arguments(p, SFTSettings)
     groups["what"].add_argument("--out", required=True,
@@ -54,7 +54,7 @@ def run(a) -> None:
     from dataclasses import asdict
 
     from ..settings import from_args
-    from ..sft import SFTSettings, sft
+    from ..train.sft import SFTSettings, sft
 
     options = asdict(from_args(SFTSettings, a))
     res = sft(options.pop("model"), options.pop("data"), a.out, resume=a.resume, force=a.force,

@@ -38,7 +38,7 @@ runs with static shapes and is **captured as CUDA graphs** and replayed (``graph
 ~1 minute per shape on CPU.
 
 ``fused_decode=True`` (CUDA, needs Triton) updates each Mamba layer's state with one Triton kernel
-(:func:`m1.kernels.mamba_state_step_fused`: the state read and written once, against about 2.5
+(:func:`m1.model.kernels.mamba_state_step_fused`: the state read and written once, against about 2.5
 passes for the torch version); opt-in until measured on a GPU (its math is tested on CPU under
 Triton's interpreter).
 

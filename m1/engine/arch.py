@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..checkpoint import mamba_layer_mask
+from ..model.checkpoint import mamba_layer_mask
 
 
 class Arch:

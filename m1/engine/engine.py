@@ -8,8 +8,8 @@ import sys
 import time
 from typing import Callable, Sequence
 
-from ..checkpoint import eos_token_ids, load_model
 from ..errors import M1Error
+from ..model.checkpoint import eos_token_ids, load_model
 from .arch import Arch
 from .backends import FastBackend, HFBackend
 from .graphs import StaticRunner
@@ -101,7 +101,7 @@ class Engine:
         return dt
 
     def _state_step(self, fused: bool):
-        from .. import kernels
+        from ..model import kernels
 
         if not fused:
             return kernels.mamba_state_step
@@ -132,7 +132,7 @@ class Engine:
     # ----------------------------------------------------------------------------- construction
     @classmethod
     def from_pretrained(cls, directory, *, device: str | None = None, dtype=None, backend: str = "auto", **kw):
-        """Load a checkpoint directory (m1 or plain HF) with :func:`m1.checkpoint.load_model`."""
+        """Load a checkpoint directory (m1 or plain HF) with :func:`m1.model.checkpoint.load_model`."""
         if backend not in BACKENDS:
             raise M1Error(f"backend must be one of {', '.join(BACKENDS)}, got '{backend}'")
         if backend == "vllm":

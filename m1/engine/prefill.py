@@ -40,12 +40,12 @@ class cpu_scan_chunk:
     def __init__(self, model):
         self.saved = []
         if next(model.parameters()).device.type == "cpu":
-            from ..kernels import mamba_mixers
+            from ..model.kernels import mamba_mixers
 
             self.saved = [(m, m.chunk_size) for m in mamba_mixers(model)]
 
     def __enter__(self):
-        from ..kernels import CPU_SCAN_CHUNK
+        from ..model.kernels import CPU_SCAN_CHUNK
 
         for m, c in self.saved:
             m.chunk_size = min(c, CPU_SCAN_CHUNK)

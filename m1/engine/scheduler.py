@@ -65,7 +65,7 @@ def prefill_batches(req_ids, lengths, max_tokens: int) -> list[list[int]]:
 
 def row_bytes(config, length: int, dtype, ssm_dtype) -> int:
     """Bytes one row of ``length`` tokens holds in the decode buffers (state, bias, position)."""
-    from ..info import state_bytes_per_row
+    from ..model.info import state_bytes_per_row
 
     return state_bytes_per_row(config, length, torch_esize(dtype), torch_esize(ssm_dtype)) + 8 * length
 

@@ -18,7 +18,7 @@ LM_HEAD_SLICE = 1024  # vocabulary rows per slice of the CPU output projection (
 
 class DecodeStep:
     """``arch``: the model's layout; ``state_step``: the Mamba state update
-    (:func:`m1.kernels.mamba_state_step` or its fused kernel); ``slice_head``: project to the
+    (:func:`m1.model.kernels.mamba_state_step` or its fused kernel); ``slice_head``: project to the
     vocabulary in slices (CPU float32, see :meth:`lm_head`)."""
 
     def __init__(self, arch: Arch, state_step, slice_head: bool = False):

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import time
 
-from ..checkpoint import check_model_dir, read_config, saved_dtype
 from ..errors import M1Error
+from ..model.checkpoint import check_model_dir, read_config, saved_dtype
 from .params import FINISH_LENGTH, FINISH_STOP, Completion, RequestOutput, requests_of
 from .prompts import check_context, encode_prompt
 

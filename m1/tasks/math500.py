@@ -1,7 +1,7 @@
 """MATH-500 (the PRM800K test subset of Hendrycks et al.'s MATH), 500 problems.
 
 ``answer`` is already a bare LaTeX string (``\\frac{14}{3}``, ``10,\\!080``,
-``\\text{(C)}``); we keep it as is and let `m1.grading` normalise both sides the
+``\\text{(C)}``); we keep it as is and let `m1.eval.grading` normalise both sides the
 same way.  ``level`` (1-5) and ``subject`` go into ``meta`` for breakdowns.
 """
 

@@ -1,7 +1,7 @@
 r"""Chat prompts for math problems.
 
 One instruction for every task -- reason step by step, put the final answer
-in ``\boxed{}`` -- because :func:`m1.grading.extract_answer` looks for the last
+in ``\boxed{}`` -- because :func:`m1.eval.grading.extract_answer` looks for the last
 box first, and because this is the wording Qwen2.5-Math / M1 evaluations use.
 Instruct models get a single user turn.  Base models do much better with a few
 solved examples first (``few_shot=k``): they are taken from the GSM8K train
@@ -76,3 +76,11 @@ def build_messages(problem: Problem, few_shot: int = 0, *, system: str | None = 
         messages.append({"role": "assistant", "content": ex.solution.strip()})
     messages.append({"role": "user", "content": user_message(problem.question, instruction)})
     return messages
+
+
+def render_prompt(tokenizer, messages) -> list[int]:
+    """Prompt token ids: the chat template when there is one (it carries its own special tokens)."""
+    if getattr(tokenizer, "chat_template", None):
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return list(tokenizer(text, add_special_tokens=False).input_ids)
+    return list(tokenizer("\n\n".join(m["content"] for m in messages) + "\n").input_ids)

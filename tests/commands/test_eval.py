@@ -134,7 +134,7 @@ class _KilledAfter:
 
 def test_kill_mid_batch_keeps_every_problem_graded_before_it(tiny_hybrid, tmp_path):
     from m1.engine import Engine
-    from m1.eval_run import EvalConfig, run_eval
+    from m1.eval.run import EvalConfig, run_eval
 
     cfg = EvalConfig(model=str(tiny_hybrid), task="arith:steps=1,digits=1", n=2, ks=(1, 2), limit=6,
                      temperature=1.0, max_new_tokens=8, batch_problems=8)  # all six problems in one batch

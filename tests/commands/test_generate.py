@@ -139,7 +139,7 @@ def test_output_resumes_after_an_interruption(tiny_hybrid, tmp_path, capsys):
 
 def test_vllm_backend_through_the_cli(tiny_hybrid, tmp_path, capsys, fake_vllm):
     """`--backend vllm` with a stand-in vllm module: prompts checked up front, rows written."""
-    from m1.checkpoint import load_model
+    from m1.model.checkpoint import load_model
 
     fake = fake_vllm(load_model(tiny_hybrid)[1])
     out = tmp_path / "v.jsonl"

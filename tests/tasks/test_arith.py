@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from m1.grading import extract_answer
+from m1.eval.grading import extract_answer
 from m1.tasks import load_task
 from m1.tasks.arith import iter_problems
 

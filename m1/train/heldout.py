@@ -1,0 +1,180 @@
+"""Held-out language-modelling loss: mean next-token NLL (and perplexity) of a model on texts.
+
+Used to compare initialisations after ``m1 convert`` and to report before/after numbers of
+``m1 distill``. Texts are scored one padded batch at a time; padding and the first token of each
+text carry no loss, so the result does not depend on the batch size.
+
+``heldout_report`` scores a student against its teacher on the same positions: the mean
+KL(teacher || student) of the next-token distributions, and both models' NLL / perplexity.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+
+@dataclass
+class HeldoutLoss:
+    nll: float  # mean negative log-likelihood per predicted token, nats
+    tokens: int
+
+    @property
+    def perplexity(self) -> float:
+        return math.exp(self.nll)
+
+
+def _batches(tokenizer, texts: list[str], max_len: int, batch_size: int, device):
+    """Right-padded (ids, mask) batches of the texts, tokenized without special tokens."""
+    enc = [tokenizer(t, add_special_tokens=False).input_ids[:max_len] for t in texts]
+    yield from _id_batches(enc, tokenizer.pad_token_id or 0, batch_size, device)
+
+
+def _id_batches(ids_list: list[list[int]], pad: int, batch_size: int, device):
+    """Right-padded (ids, mask) batches of token lists (positions start at 0 in every row)."""
+    from .data import collate
+
+    for i in range(0, len(ids_list), batch_size):
+        ids, mask = collate(ids_list[i:i + batch_size], pad)
+        yield ids.to(device), mask.to(device)
+
+
+def _nll(logits, ids, mask):
+    """Per-position next-token NLL (positions 0..L-2) and the mask of positions that have a next token."""
+    import torch.nn.functional as F
+
+    logp = F.log_softmax(logits[:, :-1].float(), dim=-1)
+    nll = -logp.gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+    return nll, mask[:, 1:].bool()
+
+
+def heldout_loss(model, tokenizer, texts: list[str], max_len: int = 256, batch_size: int = 8) -> HeldoutLoss:
+    import torch
+
+    total, count = 0.0, 0
+    device = next(model.parameters()).device
+    for ids, mask in _batches(tokenizer, texts, max_len, batch_size, device):
+        with torch.no_grad():
+            logits = model(input_ids=ids, attention_mask=mask).logits
+        nll, m = _nll(logits, ids, mask)
+        total += nll[m].double().sum().item()
+        count += int(m.sum().item())
+    return HeldoutLoss(nll=total / max(count, 1), tokens=count)
+
+
+@dataclass
+class HeldoutReport:
+    kl: float  # mean KL(teacher || student) per predicted token, nats
+    student_nll: float
+    teacher_nll: float
+    tokens: int
+
+    @property
+    def student_ppl(self) -> float:
+        return math.exp(self.student_nll)
+
+    @property
+    def teacher_ppl(self) -> float:
+        return math.exp(self.teacher_nll)
+
+    def as_dict(self) -> dict:
+        return {"kl": self.kl, "student_nll": self.student_nll, "student_ppl": self.student_ppl,
+                "teacher_nll": self.teacher_nll, "teacher_ppl": self.teacher_ppl, "tokens": self.tokens}
+
+    @staticmethod
+    def combine(parts: list["HeldoutReport"]) -> "HeldoutReport":
+        """Token-weighted merge of reports over disjoint text shards."""
+        n = sum(p.tokens for p in parts)
+        w = [p.tokens / max(n, 1) for p in parts]
+        return HeldoutReport(kl=sum(a * p.kl for a, p in zip(w, parts)),
+                             student_nll=sum(a * p.student_nll for a, p in zip(w, parts)),
+                             teacher_nll=sum(a * p.teacher_nll for a, p in zip(w, parts)), tokens=n)
+
+
+def heldout_report(student, teacher, tokenizer, texts: list[str] | None, max_len: int = 256,
+                   batch_size: int = 8, ids: list[list[int]] | None = None) -> HeldoutReport:
+    """KL(teacher || student) and both perplexities on ``texts`` (or on token ``ids``, as they are),
+    over the positions that predict a next token."""
+    import torch
+
+    from .losses import forward_kl_per_token
+
+    kl, s_nll, t_nll, count = 0.0, 0.0, 0.0, 0
+    device = next(student.parameters()).device
+    batches = (_id_batches(ids, tokenizer.pad_token_id or 0, batch_size, device) if ids is not None
+               else _batches(tokenizer, texts, max_len, batch_size, device))
+    for ids, mask in batches:
+        with torch.no_grad():
+            s_logits = student(input_ids=ids, attention_mask=mask).logits
+            t_logits = teacher(input_ids=ids, attention_mask=mask).logits
+        s, m = _nll(s_logits, ids, mask)
+        t, _ = _nll(t_logits, ids, mask)
+        k = forward_kl_per_token(s_logits[:, :-1], t_logits[:, :-1])
+        kl += k[m].double().sum().item()
+        s_nll += s[m].double().sum().item()
+        t_nll += t[m].double().sum().item()
+        count += int(m.sum().item())
+    c = max(count, 1)
+    return HeldoutReport(kl=kl / c, student_nll=s_nll / c, teacher_nll=t_nll / c, tokens=count)
+
+
+def digit_token_mask(tokenizer):
+    """(vocab,) bool tensor: tokens whose text holds a digit -- where arithmetic results are written."""
+    import torch
+
+    vocab = len(tokenizer)
+    texts = tokenizer.convert_ids_to_tokens(list(range(vocab)))
+    return torch.tensor([any(ch.isdigit() for ch in (t or "")) for t in texts], dtype=torch.bool)
+
+
+def completion_report(student, teacher, tokenizer, rows: list[list[int]], prompt_lens: list[int],
+                      batch_size: int = 8) -> dict:
+    """KL(teacher || student) on the completion tokens of prompt + completion ``rows`` (e.g. the
+    teacher's own answers to held-out prompts), overall and on the positions whose target token holds
+    a digit (the results of the arithmetic: the average over all tokens hides them, since most
+    completion tokens are copied wording), plus both models' NLL there."""
+    import torch
+
+    from .losses import forward_kl_per_token
+
+    device = next(student.parameters()).device
+    digits = digit_token_mask(tokenizer).to(device)
+    sums = {"kl": 0.0, "kl_digits": 0.0, "student_nll": 0.0, "teacher_nll": 0.0}
+    n_all = n_dig = 0
+    batches = _id_batches(rows, tokenizer.pad_token_id or 0, batch_size, device)
+    for i, (ids, mask) in zip(range(0, len(rows), batch_size), batches):
+        pos = torch.arange(ids.shape[1] - 1, device=device)
+        lens = mask.sum(1, keepdim=True)
+        plen = torch.tensor(prompt_lens[i:i + batch_size], device=device).unsqueeze(1)
+        comp = (pos >= plen - 1) & (pos < lens - 1)  # positions that predict a completion token
+        target = ids[:, 1:]
+        dig = comp & digits[target.clamp(max=digits.numel() - 1)]
+        with torch.no_grad():
+            s_logits = student(input_ids=ids, attention_mask=mask).logits.float()
+            t_logits = teacher(input_ids=ids, attention_mask=mask).logits.float()
+        k = forward_kl_per_token(s_logits[:, :-1], t_logits[:, :-1])
+        s_nll, _ = _nll(s_logits, ids, mask)
+        t_nll, _ = _nll(t_logits, ids, mask)
+        sums["kl"] += k[comp].double().sum().item()
+        sums["kl_digits"] += k[dig].double().sum().item()
+        sums["student_nll"] += s_nll[comp].double().sum().item()
+        sums["teacher_nll"] += t_nll[comp].double().sum().item()
+        n_all += int(comp.sum())
+        n_dig += int(dig.sum())
+    return {"kl": sums["kl"] / max(n_all, 1), "kl_digits": sums["kl_digits"] / max(n_dig, 1),
+            "student_nll": sums["student_nll"] / max(n_all, 1), "teacher_nll": sums["teacher_nll"] / max(n_all, 1),
+            "tokens": n_all, "digit_tokens": n_dig}
+
+
+def teacher_answers(model_dir, task: str, limit: int, max_new_tokens: int, seed: int = 0) -> tuple[list, list[int]]:
+    """A model's greedy answers to the ``limit`` problems ``m1 eval --task TASK --limit LIMIT --seed SEED``
+    scores, prompted as it prompts them: (prompt + completion ids per problem, prompt lengths), for
+    :func:`completion_report` (KL on the teacher's own answers)."""
+    from ..engine import Engine, SamplingParams
+    from ..tasks import load_task
+    from ..tasks.prompts import build_messages, render_prompt
+
+    eng = Engine.from_pretrained(model_dir, dtype="float32")
+    prompts = [render_prompt(eng.tokenizer, build_messages(p)) for p in load_task(task, limit=limit, seed=seed)]
+    outs = eng.generate(prompts, SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0))
+    return [list(p) + list(o.completions[0].token_ids) for p, o in zip(prompts, outs)], [len(p) for p in prompts]

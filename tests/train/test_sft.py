@@ -1,0 +1,276 @@
+"""m1 sft: data conversion, completion-only labels, bad rows, resume checks, a tiny end-to-end run."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from m1.errors import M1Error
+from m1.train.sft import (SFT_CONFIG_FILE, SFTSettings, build_sft_trainer, collate_preview, find_checkpoints,
+                          load_sft_examples, read_sft_jsonl, set_mamba_chunk_size, sft, solution_from_fields,
+                          to_dataset, work_dir)
+
+QUIET = dict(log=lambda m: None)
+
+
+# ------------------------------------------------------------------------------------------ data
+def test_gsm8k_row_becomes_boxed_solution_without_calculator_annotations():
+    row = {"question": "q", "answer": "Natalia sold 48/2 = <<48/2=24>>24 clips.\nSo 1,056 in all.\n#### 1,080"}
+    sol = solution_from_fields(row, "f:1")
+    assert "<<" not in sol and ">>" not in sol and "####" not in sol
+    assert "48/2 = 24 clips" in sol
+    assert sol.endswith("The answer is \\boxed{1080}.")
+
+
+def test_solution_gets_boxed_answer_appended_or_kept():
+    assert solution_from_fields({"solution": "2 + 2 = 4.", "answer": "4"}, "f:1").endswith("\\boxed{4}.")
+    boxed = "So it is \\boxed{\\frac{1}{2}}."
+    assert solution_from_fields({"solution": boxed}, "f:1") == boxed
+
+
+def test_builtin_data_specs():
+    ex = load_sft_examples("gsm8k-train", limit=3)
+    assert len(ex) == 3
+    for e in ex:
+        assert e.prompt[-1]["role"] == "user" and "\\boxed{}" in e.prompt[-1]["content"]
+        assert "<<" not in e.solution and e.solution.rstrip(".").endswith("}")
+    ar = load_sft_examples("arith:steps=1,digits=1", limit=5, seed=3)
+    assert len(ar) == 5 and all("\\boxed{" in e.solution for e in ar)
+    again = load_sft_examples("arith:steps=1,digits=1", limit=5, seed=3)
+    assert [e.solution for e in ar] == [e.solution for e in again]
+    with pytest.raises(M1Error, match="no train split.*--data math500:split=test"):
+        load_sft_examples("math500")
+    with pytest.raises(M1Error, match="unknown task"):
+        load_sft_examples("nonsense-set")
+
+
+@pytest.mark.parametrize("steps", [0, -3])
+def test_max_steps_other_than_positive_or_minus_one_is_refused(tiny_hybrid, tmp_path, steps):
+    # -3 used to mean "off" silently and train a whole epoch instead
+    with pytest.raises(M1Error, match=rf"--max-steps must be >= 1 \(or -1: train for --epochs\), got {steps}"):
+        sft(tiny_hybrid, "arith:steps=1,digits=1", tmp_path / "s", max_steps=steps)
+    assert not (tmp_path / "s").exists()
+
+
+def test_bad_rows_name_file_and_line(tmp_path):
+    f = tmp_path / "d.jsonl"
+    f.write_text(json.dumps({"question": "1+1?", "solution": "1+1=2 so \\boxed{2}"}) + "\n"
+                 + json.dumps({"question": "2+2?"}) + "\n")
+    with pytest.raises(M1Error, match=rf"{f}:2: row has no solution"):
+        read_sft_jsonl(f)
+    f.write_text(json.dumps({"solution": "\\boxed{2}"}) + "\n")
+    with pytest.raises(M1Error, match=rf"{f}:1: row has no question"):
+        read_sft_jsonl(f)
+    f.write_text("{not json\n")
+    with pytest.raises(M1Error, match=rf"{f}:1: not valid JSON"):
+        read_sft_jsonl(f)
+    f.write_text(json.dumps({"question": "q", "solution": "no box here"}) + "\n")
+    with pytest.raises(M1Error, match="does not end in"):
+        read_sft_jsonl(f)
+    f.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}]}) + "\n")
+    with pytest.raises(M1Error, match="assistant turn"):
+        read_sft_jsonl(f)
+    ok = tmp_path / "ok.jsonl"
+    ok.write_text("\n" + json.dumps({"messages": [{"role": "user", "content": "1+1?"},
+                                                  {"role": "assistant", "content": "\\boxed{2}"}]}) + "\n")
+    (ex,) = read_sft_jsonl(ok)
+    assert ex.prompt == [{"role": "user", "content": "1+1?"}] and ex.solution == "\\boxed{2}"
+    assert ex.where == f"{ok}:2"
+
+
+# ------------------------------------------------------------------------ completion-only loss
+def test_collated_labels_cover_exactly_the_completion(tiny_hybrid, tmp_path):
+    """The loss mask: every prompt and padding position is -100, every completion token is a label."""
+    from m1.train.sft import load_policy
+
+    model, tok = load_policy(Path(tiny_hybrid), lambda m: None)
+    examples = load_sft_examples("arith:steps=1,digits=1", limit=3, seed=1)
+    examples[1].solution += " Extra words make this row longer than the others."  # forces padding
+    cfg = SFTSettings(model=str(tiny_hybrid), max_steps=1, batch_size=3)
+    trainer = build_sft_trainer(cfg, {}, model, tok, to_dataset(examples), tmp_path / "w", [])
+    assert not trainer.args.packing and not trainer.args.padding_free
+    batch = collate_preview(trainer, 3)
+    ids, labels, mask = batch["input_ids"], batch["labels"], batch["attention_mask"]
+    assert ids.shape[0] == 3 and ids.shape[1] == max(int(m.sum()) for m in mask)
+    for i, e in enumerate(examples):
+        prompt_ids = tok.apply_chat_template(e.prompt, add_generation_prompt=True, tokenize=True,
+                                             return_dict=True)["input_ids"]
+        full_ids = tok.apply_chat_template(e.prompt + [{"role": "assistant", "content": e.solution}],
+                                           tokenize=True, return_dict=True)["input_ids"]
+        n = len(full_ids)
+        assert ids[i, :n].tolist() == full_ids
+        assert mask[i, :n].all() and not mask[i, n:].any()
+        # prompt positions and padding are masked ...
+        assert (labels[i, :len(prompt_ids)] == -100).all()
+        assert (labels[i, n:] == -100).all()
+        # ... and every completion token (the solution and its end-of-turn token) is a label
+        assert labels[i, len(prompt_ids):n].tolist() == full_ids[len(prompt_ids):]
+        completion = tok.decode(labels[i, len(prompt_ids):n])
+        assert completion.startswith(e.solution) and tok.eos_token in completion[len(e.solution):]
+
+
+def test_mamba_chunk_size_is_a_runtime_setting(tiny_hybrid):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_hybrid)
+    assert set_mamba_chunk_size(model, 16) == 16
+    assert all(m.chunk_size == 16 for m in model.modules() if type(m).__name__.endswith("Mamba2Mixer")
+               or (hasattr(m, "chunk_size") and "mamba" in type(m).__name__.lower()))
+    assert model.config.mamba_chunk_size == 256  # what gets saved is unchanged
+
+
+# -------------------------------------------------------------------------- run, kill, resume
+class _Kill(Exception):
+    pass
+
+
+def _killer(at_step: int):
+    from transformers import TrainerCallback
+
+    class Kill(TrainerCallback):  # raises right after the metrics row of `at_step` was written
+        def on_log(self, args, state, control, **kw):
+            if state.global_step >= at_step:
+                raise _Kill()
+
+    return Kill()
+
+
+RUN = dict(limit=16, max_steps=4, batch_size=4, learning_rate=1e-3, save_steps=2, logging_steps=1)
+
+
+def test_sft_run_resume_and_mismatch(tiny_hybrid, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from m1.model.checkpoint import read_record
+    from m1.model.info import model_info
+
+    out = tmp_path / "sft"
+    data = "arith:steps=1,digits=1"
+    with pytest.raises(_Kill):  # "killed" after step 3: checkpoint-2 is complete, step 3 is lost
+        sft(tiny_hybrid, data, out, callbacks=[_killer(3)], **RUN, **QUIET)
+    work = work_dir(out)
+    ckpt, incomplete = find_checkpoints(work, SFT_CONFIG_FILE)
+    assert ckpt is not None and ckpt.name == "checkpoint-2" and not incomplete
+    assert not out.exists()
+    # a half-written later checkpoint (no marker) must be ignored
+    (work / "checkpoints" / "checkpoint-3").mkdir()
+    before = sorted(p.relative_to(work).as_posix() for p in work.rglob("*"))
+
+    with pytest.raises(M1Error, match="unfinished run"):
+        sft(tiny_hybrid, data, out, **RUN, **QUIET)
+    with pytest.raises(M1Error, match=r"different settings.*learning_rate"):
+        sft(tiny_hybrid, data, out, resume=True, **{**RUN, "learning_rate": 5e-4}, **QUIET)
+    with pytest.raises(M1Error, match=r"different settings.*data"):
+        sft(tiny_hybrid, "arith:steps=2,digits=1", out, resume=True, **RUN, **QUIET)
+    assert sorted(p.relative_to(work).as_posix() for p in work.rglob("*")) == before  # nothing touched
+    assert not out.exists()
+
+    res = sft(tiny_hybrid, data, out, resume=True, **{**RUN, "save_steps": 3}, **QUIET)  # save_steps is neutral
+    assert res.steps == 4 and not work.exists()
+    steps = [r["step"] for r in res.metrics if "loss" in r]
+    assert steps == [1, 2, 3, 4]  # the killed run's step-3 row was dropped, then logged again
+    rec = read_record(out)
+    assert rec["stage"] == "sft" and rec["sft"]["settings"]["data"] == data
+    assert rec["attn_layers"] == [1, 3] and rec["history"][-1]["stage"] == "convert"
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "generation_config.json", "m1.json",
+                 SFT_CONFIG_FILE, "sft_metrics.jsonl"):
+        assert (out / name).is_file(), name
+    assert json.loads((out / "config.json").read_text())["mamba_chunk_size"] == 256
+    assert model_info(out).record["stage"] == "sft"
+    AutoModelForCausalLM.from_pretrained(out)
+    with pytest.raises(M1Error, match="already exists"):
+        sft(tiny_hybrid, data, out, **RUN, **QUIET)
+    with pytest.raises(M1Error, match="nothing to resume"):
+        sft(tiny_hybrid, data, tmp_path / "other", resume=True, **RUN, **QUIET)
+
+
+def test_options_are_checked_before_anything_runs(tiny_hybrid, tmp_path):
+    with pytest.raises(M1Error, match="unknown option"):
+        sft(tiny_hybrid, "arith", tmp_path / "x", learning_rat=1.0, **QUIET)
+    with pytest.raises(M1Error, match="--batch-size"):
+        sft(tiny_hybrid, "arith", tmp_path / "x", batch_size=0, **QUIET)
+    with pytest.raises(M1Error, match="contradict"):
+        sft(tiny_hybrid, "arith", tmp_path / "x", resume=True, force=True, **QUIET)
+    with pytest.raises(M1Error, match="does not exist"):
+        sft(tmp_path / "nope", "arith", tmp_path / "x", **QUIET)
+    assert not (tmp_path / "x").exists() and not work_dir(tmp_path / "x").exists()
+
+
+def test_cli_sft_help_and_error(capsys, tmp_path):
+    from m1.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["sft", "--help"])
+    assert e.value.code == 0
+    assert "completion" in capsys.readouterr().out
+    f = tmp_path / "bad.jsonl"
+    f.write_text(json.dumps({"question": "q"}) + "\n")
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "config.json").write_text("{}")
+    assert main(["sft", "--model", str(tmp_path / "m"), "--data", str(f), "--out", str(tmp_path / "o")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and f"{f}:1" in err
+
+
+def test_two_process_accelerate_launch(tiny_hybrid, tmp_path):
+    """`accelerate launch --multi_gpu --num_processes 2` on a CPU machine: DDP over gloo, one output."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
+    out = tmp_path / "two"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "m1", "sft",
+           "--model", str(tiny_hybrid), "--data", "arith:steps=1,digits=1", "--limit", "16", "--max-steps", "2",
+           "--batch-size", "2", "--logging-steps", "1", "--out", str(out)]
+    p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    rec = json.loads((out / "m1.json").read_text())
+    assert rec["sft"]["processes"] == 2 and rec["sft"]["steps"] == 2
+    assert p.stdout.count("sft: 2 steps") == 1  # only the main process reports
+    assert [json.loads(x)["step"] for x in (out / "sft_metrics.jsonl").read_text().splitlines()
+            if "loss" in json.loads(x)] == [1, 2]
+
+
+def test_distill_task_data_is_what_sft_trains_on(tiny_hybrid, tmp_path):
+    """m1 distill --data arith:... tokenizes each problem exactly as TRL's SFTTrainer does in m1 sft:
+    the same input_ids row by row, and the completion (TRL's labels != -100) starts at prompt_len."""
+    from m1.train.data import load_data
+    from m1.train.sft import load_policy
+
+    spec = "arith:steps=1,digits=1,n=20"
+    model, tok = load_policy(Path(tiny_hybrid), lambda m: None)
+    trainer = build_sft_trainer(SFTSettings(model=str(tiny_hybrid), max_steps=1, batch_size=2), {}, model, tok,
+                                to_dataset(load_sft_examples(spec)), tmp_path / "w", [])
+    ds = trainer.train_dataset
+    data = load_data(spec, tok, seq_len=4096, heldout=0)  # heldout 0: the rows in task order
+    assert len(ds) == len(data.train) == 20
+    for i in range(20):
+        ids, labels = ds[i]["input_ids"], ds[i]["labels"]
+        assert data.train[i] == list(ids), i
+        n = data.prompt_lens[i]
+        assert 0 < n < len(ids)
+        assert all(x == -100 for x in labels[:n]), i  # TRL: the prompt carries no loss
+        assert list(labels[n:]) == list(ids[n:]), i  # ... and every completion token does
+    # the same held-out prompt is what distill's onpolicy stage samples from and m1 eval feeds the model
+    held = load_data(spec, tok, seq_len=4096, heldout=5)
+    assert all(tok.decode(r[:n]).endswith("<|im_start|>assistant\n") for r, n in
+               zip(held.heldout_ids, held.heldout_prompt_lens))
+
+
+def test_diverged_run_stops_with_an_error_and_keeps_the_last_finite_checkpoint(tiny_hybrid, tmp_path):
+    """`m1 sft --lr 1e9` used to exit 0 with a finished checkpoint of NaN weights and delete its work dir."""
+    from safetensors.torch import load_file
+
+    out = tmp_path / "sft"
+    opts = {**RUN, "learning_rate": 1e9, "max_steps": 6, "save_steps": 2}
+    with pytest.raises(M1Error, match=r"training diverged: the (weights|loss|grad norm) became .* at step \d.*--lr"):
+        sft(tiny_hybrid, "arith:steps=1,digits=1", out, **opts, **QUIET)
+    assert not out.exists()  # nothing finalised
+    ckpt, _ = find_checkpoints(work_dir(out), SFT_CONFIG_FILE)
+    assert ckpt is not None  # the work dir and its last counted checkpoint survive
+    weights = load_file(str(ckpt / "model.safetensors"))
+    assert all(bool(t.isfinite().all()) for t in weights.values())  # a checkpoint of broken weights never counts
