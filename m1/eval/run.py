@@ -17,6 +17,7 @@ from pathlib import Path
 from ..errors import M1Error
 from ..model.checkpoint import check_fits_context, check_model_dir, write_json_atomic
 from ..settings import setting
+from .grading import LIST_POLICIES
 
 
 def parse_ks_flag(ks) -> list[int]:
@@ -50,6 +51,12 @@ class EvalConfig:
     seed: int = setting(0, "seed of the problem subset and of the samples")
     dtype: str = setting("auto", "weights dtype while sampling (default: as saved); bfloat16 is ~2x faster on GPUs "
                                  "and on CPUs with AMX, at bf16 precision", choices=DTYPES)
+    lists: str = setting("unordered", "how a list answer matches a list gold: unordered (as sets: '3, 1' = "
+                                      "'1, 3') or ordered (as tuples); an interval or ordered pair is always ordered",
+                         choices=LIST_POLICIES, group="grading")
+    last_number: bool = setting(False, "grade a completion with no \\boxed{}, 'the answer is' or final-answer line "
+                                       "by its last number (default: such a completion is wrong: it gave no answer)",
+                                group="grading")
     batch_problems: int = 8  # problems decoded together: not a flag, and not part of what is sampled
 
     def __post_init__(self):
@@ -71,6 +78,9 @@ class EvalConfig:
             d.pop(k)
         if d["dtype"] == "auto":
             d.pop("dtype")  # evals written before --dtype existed stay resumable
+        for k, default in (("lists", "unordered"), ("last_number", False)):  # ... and before the grading policies
+            if d[k] == default:
+                d.pop(k)
         return d
 
 
@@ -127,7 +137,7 @@ def run_eval(cfg: EvalConfig, out: str | Path, budget_seconds: float | None = No
                           ResultsWriter, result_row, Checker, tqdm)
     summary = summarize_results(results, cfg.ks, seed=cfg.seed)
     summary.update({"model": cfg.model, "task": cfg.task, "n": cfg.n, "temperature": cfg.temperature,
-                    "problems_total": len(problems)})
+                    "problems_total": len(problems), "lists": cfg.lists, "last_number": cfg.last_number})
     _write_report(out, summary, results)
     return summary
 
@@ -140,7 +150,8 @@ def _sample_and_grade(cfg, engine, todo, finished, results, budget_seconds, prog
     tok = engine.tokenizer
     start = time.monotonic()
     bar = tqdm(total=len(todo), desc=f"eval {cfg.task}", unit="problem", disable=not progress)
-    with ResultsWriter(results) as writer, Checker(timeout=5.0) as checker:
+    checker = Checker(timeout=5.0, lists=cfg.lists, last_number=cfg.last_number)
+    with ResultsWriter(results) as writer, checker:
         for b in range(0, len(todo), cfg.batch_problems):
             if budget_seconds is not None and time.monotonic() - start > budget_seconds:
                 log(f"time budget of {budget_seconds:g}s spent: stopped with {len(todo) - b} problems left "

@@ -158,3 +158,42 @@ def test_kill_mid_batch_keeps_every_problem_graded_before_it(tiny_hybrid, tmp_pa
     assert len(rows) == 12 and {(r["problem_id"], r["sample_idx"], r["completion"], r["correct"]) for r in rows} == {
         (r["problem_id"], r["sample_idx"], r["completion"], r["correct"]) for r in ref.values()}
     assert again["pass@1"] == whole["pass@1"] and again["pass@2"] == whole["pass@2"]
+
+
+class _Answers:
+    """A real engine whose completions are replaced, before grading, by the gold answer written as a
+    bare last number (no box, no "the answer is"): model output under the test's control. ``golds``
+    by prompt index: the eval must hand over its problems in one batch (limit <= batch_problems)."""
+
+    def __init__(self, engine, golds):
+        self.engine, self.golds, self.tokenizer = engine, golds, engine.tokenizer
+
+    def generate(self, prompts, params, on_output=None, **kw):
+        def hook(o):
+            for c in o.completions:
+                c.text = f"Step by step: 3 + 4 = 7, and then we get {self.golds[o.index]}"
+            on_output(o)
+
+        return self.engine.generate(prompts, params, on_output=hook, **kw)
+
+
+@pytest.mark.parametrize("last_number", [False, True])
+def test_last_number_policy_is_an_eval_option(tiny_hybrid, tmp_path, capsys, last_number):
+    """--last-number decides whether an answer given only as the last number counts; the policy is part
+    of the eval's identity (a resume with the other policy is refused) and recorded in the summary."""
+    from m1.engine import Engine
+    from m1.eval.run import EvalConfig, run_eval
+    from m1.tasks import load_task
+
+    task = "arith:steps=1,digits=1"
+    cfg = EvalConfig(model=str(tiny_hybrid), task=task, limit=4, max_new_tokens=4, last_number=last_number)
+    problems = load_task(task, limit=4, seed=0)
+    engine = Engine.from_pretrained(tiny_hybrid)
+    golds = [p.answer for p in problems]
+    summary = run_eval(cfg, tmp_path / "e", progress=False, engine=_Answers(engine, golds), log=lambda m: None)
+    assert summary["pass@1"] == (100.0 if last_number else 0.0) and summary["last_number"] is last_number
+    rows = _rows(tmp_path / "e" / "results.jsonl")
+    assert len(rows) == 4 and all(r["correct"] is last_number for r in rows)
+    other = main(["eval", "--model", str(tiny_hybrid), "--task", task, "--limit", "4", "--max-new-tokens", "4",
+                  "--out", str(tmp_path / "e")] + ([] if last_number else ["--last-number"]))
+    assert other == 1 and "other settings" in capsys.readouterr().err
