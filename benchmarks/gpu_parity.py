@@ -1,6 +1,6 @@
 """Decode-path parity at a real shape: the bf16 SSM state and the fused Triton step vs the reference.
 
-The CUDA tests (tests/model/test_kernels.py, tests/test_engine.py) check the fused kernel and the
+The CUDA tests (tests/model/test_kernels.py, tests/engine/test_engine.py) check the fused kernel and the
 compiled / graph-replayed step on a tiny model; nothing there runs the bf16 SSM state on a GPU, or
 any of it at the llama-3.2-3b shape the headline is measured at. This script does, for a
 random-weight hybrid of ``--shape``: every variant decodes the same teacher-forced tokens (each row

