@@ -88,6 +88,32 @@ def _task_kl_lines(task_kl: dict) -> list[str]:
     return lines + [""]
 
 
+def _budget_lines(stages: dict, models: dict) -> list[str]:
+    """Each model's training steps, tokens and seconds per stage and in total (from the checkpoints' m1.json)."""
+    lines = ["", "## Training budget of each model", "",
+             "What each stage cost (from the checkpoints' m1.json; tokens = trained tokens as each trainer counts "
+             "them, prompt tokens included for SFT/GRPO, loss positions for distillation).", "",
+             "| model | stage | steps | tokens | seconds |", "| --- | --- | ---: | ---: | ---: |"]
+    for w in ("teacher", "hybrid"):
+        total = [0, 0, 0.0]
+        for st in stages[w][1:]:
+            tb = training_budget(models[w] / st)
+            total = [total[0] + (tb["steps"] or 0), total[1] + int(tb["tokens"] or 0), total[2] + (tb["seconds"] or 0)]
+            lines.append(f"| {w} | {st} | {tb['steps'] or 0} | {int(tb['tokens'] or 0):,} | {tb['seconds'] or 0:.0f} |")
+        lines.append(f"| **{w}** | **total** | **{total[0]}** | **{total[1]:,}** | **{total[2]:.0f}** |")
+    return lines
+
+
+def _wall_time_lines(demo) -> list[str]:
+    lines = ["## Wall time and memory", "", "| stage | seconds | peak RSS so far, GB |", "| --- | ---: | ---: |"]
+    lines += [f"| {k} | {v:.0f} | {demo.peak_rss[k]:.1f} |" if k in demo.peak_rss else
+              f"| {k} | {v:.0f} | {'(earlier invocation)' if k in demo.reused else ''} |"
+              for k, v in demo.timings.items()]
+    return lines + ["", "(a stage done by an earlier invocation shows the seconds it took then; all stages of one "
+                    "invocation run in one process, so the peak RSS column only grows: the stage where it jumps "
+                    "needed the memory)", ""]
+
+
 def write_report(demo, stages: dict, evals: dict, gsm: dict, bench: dict, ppl: dict | None = None,
                  models: dict | None = None, task_kl: dict | None = None) -> Path:
     from .bench import BenchRow, markdown_table
@@ -149,17 +175,7 @@ def write_report(demo, stages: dict, evals: dict, gsm: dict, bench: dict, ppl: d
         lines.append(f"| {w} | {s.get('mean_seconds', float('nan')):.2f} | " +
                      " | ".join(f"{s.get(f'maj@{k}', 0):.1f}" for k in ks) + " |")
     if models:
-        lines += ["", "## Training budget of each model", "",
-                  "What each stage cost (from the checkpoints' m1.json; tokens = trained tokens as each trainer counts "
-                  "them, prompt tokens included for SFT/GRPO, loss positions for distillation).", "",
-                  "| model | stage | steps | tokens | seconds |", "| --- | --- | ---: | ---: | ---: |"]
-        for w in ("teacher", "hybrid"):
-            total = [0, 0, 0.0]
-            for st in stages[w][1:]:
-                tb = training_budget(models[w] / st)
-                total = [total[0] + (tb["steps"] or 0), total[1] + int(tb["tokens"] or 0), total[2] + (tb["seconds"] or 0)]
-                lines.append(f"| {w} | {st} | {tb['steps'] or 0} | {int(tb['tokens'] or 0):,} | {tb['seconds'] or 0:.0f} |")
-            lines.append(f"| **{w}** | **total** | **{total[0]}** | **{total[1]:,}** | **{total[2]:.0f}** |")
+        lines += _budget_lines(stages, models)
     lines += ["", "## Generality: GSM8K (greedy) and GSM8K-chat perplexity, before and after", "",
               "`teacher base` is where both models start (the hybrid is converted from it).", "",
               "| model | GSM8K problems | GSM8K accuracy (%) |", "| --- | ---: | ---: |"]
@@ -172,15 +188,8 @@ def write_report(demo, stages: dict, evals: dict, gsm: dict, bench: dict, ppl: d
     lines += ["", "## Throughput and memory", "",
               "Decode through the same engine, EOS ignored; `ratio` = hybrid tokens/s over teacher tokens/s at the "
               "same batch and length; `byte-limit ratio` = the speed-up that bytes read per step allow.", "",
-              markdown_table(rows), "", "![throughput](bench/bench.png)", "",
-              "## Wall time and memory", "", "| stage | seconds | peak RSS so far, GB |", "| --- | ---: | ---: |"]
-    lines += [f"| {k} | {v:.0f} | {demo.peak_rss[k]:.1f} |" if k in demo.peak_rss else
-              f"| {k} | {v:.0f} | {'(earlier invocation)' if k in demo.reused else ''} |"
-              for k, v in demo.timings.items()]
-    lines += ["", "(a stage done by an earlier invocation shows the seconds it took then; all stages of one "
-              "invocation run in one process, so the peak RSS column only grows: the stage where it jumps needed "
-              "the memory)", "",
-              "## Reproduce", "", "```"] + demo.commands + ["```", ""]
+              markdown_table(rows), "", "![throughput](bench/bench.png)", ""]
+    lines += _wall_time_lines(demo) + ["## Reproduce", "", "```"] + demo.commands + ["```", ""]
     report = out / "report.md"
     report.write_text("\n".join(lines))
     (out / "timings.json").write_text(json.dumps(demo.timings, indent=2))
