@@ -78,7 +78,8 @@ BUDGETS = {
     # the README's main job: SmolLM2-135M on 2 CPU cores within an hour. At half attention on a 2-core EPYC
     # with AVX512-BF16, 40 align + 120 kd steps and 12 GRPO steps took 2.5 h (2026-12-05, distillation alone
     # 35 min); the held-out train KL had flattened by kd step 40 (0.20 there, 0.17-0.19 after) and GRPO
-    # moved pass@1 by 2-3 points, so both shrank to fit the hour (docs/demo-small/report.md: the run)
+    # moved pass@1 by 2-3 points, so both shrank to fit the hour (docs/demo-small/report.md: the run). The
+    # trained level kept its accuracy, the untrained steps=3 did not: 22.5 -> 5.0% after SFT (docs/distill.md)
     "small": Budget(teacher="smollm2-135m", task="arith:steps=2,digits=1", distill_steps=40, distill_seq_len=256,
                     distill_align_steps=20,
                     sft_steps=40, sft_examples=2000, grpo_steps=4, grpo_prompts=4, grpo_generations=4,
