@@ -106,3 +106,13 @@ def fake_vllm(monkeypatch):
         return fake
 
     return install
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Decode steps are tiny: on 2 shared cores OpenMP spinning makes 2 threads up to 20x slower than 1.
+    Modules of decode tests take it with ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -59,13 +59,12 @@ from pathlib import Path
 from typing import Callable
 
 from ..errors import M1Error
-from ..model.checkpoint import check_fits_context, check_model_dir, eos_token_ids, write_json_atomic
+from ..model.checkpoint import check_fits_context, check_model_dir, eos_token_ids
 from ..settings import setting
-from .run import (CHECKPOINTS, METRICS_FILE, barrier, base_dtype, check_max_steps, default_micro_batch,
-                  find_checkpoints, finalize, lineage_record, load_policy, make_divergence_guard, make_metrics_callback,
-                  model_fingerprint, on_cuda, prepare_run, quiet_trainer, quiet_transformers, read_metrics,
-                  resolve_precision, run_state, set_mamba_chunk_size, step_of, train_guarded, truncate_metrics,
-                  unknown_options, with_checkpoint_marker, work_dir)
+from .run import (CHECKPOINTS, METRICS_FILE, barrier, base_dtype, check_max_steps, default_micro_batch, finalize,
+                  lineage_record, load_policy, make_divergence_guard, make_metrics_callback, model_fingerprint, on_cuda,
+                  open_work_dir, prepare_run, quiet_trainer, quiet_transformers, read_metrics, resolve_precision,
+                  run_state, set_mamba_chunk_size, train_guarded, unknown_options, with_checkpoint_marker, work_dir)
 
 logger = logging.getLogger("m1.train.grpo")
 
@@ -702,21 +701,7 @@ def _grpo(cfg, settings, base, out, ckpt, force, keep_checkpoints, reward_funcs,
         f"rewards {', '.join(f'{r.__name__} x{w:g}' for r, w in zip(rewards, weights))}; rollouts: {rollout}")
 
     if main:
-        if ckpt is None and work.exists():
-            import shutil
-
-            shutil.rmtree(work)
-        work.mkdir(parents=True, exist_ok=True)
-        if ckpt is not None:
-            import shutil
-
-            _, incomplete = find_checkpoints(work, GRPO_CONFIG_FILE)
-            for p in incomplete:
-                shutil.rmtree(p, ignore_errors=True)
-                say(f"removed incomplete checkpoint {p.name}")
-            truncate_metrics(work / METRICS_FILE, step_of(ckpt))
-            say(f"resuming from {ckpt}")
-        write_json_atomic(work / GRPO_CONFIG_FILE, {"stage": "grpo", "settings": settings})
+        open_work_dir(work, ckpt, GRPO_CONFIG_FILE, {"stage": "grpo", "settings": settings}, say)
     state.wait_for_everyone()
 
     os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")  # rollout_func (--rollout engine) is "experimental"

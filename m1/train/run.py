@@ -114,6 +114,23 @@ def prepare_run(out: Path, settings: dict, *, stage: str, marker: str, neutral: 
     return None
 
 
+def open_work_dir(work: Path, ckpt: Path | None, marker: str, record: dict, say) -> None:
+    """The main process's work directory before training: a fresh run starts it empty (``--force``
+    discards what was there); a resumed one drops incomplete checkpoints and the metrics the killed run
+    logged after ``ckpt``. Then ``record`` (stage and settings) is written beside the checkpoints."""
+    if ckpt is None and work.exists():
+        shutil.rmtree(work)
+    work.mkdir(parents=True, exist_ok=True)
+    if ckpt is not None:
+        _, incomplete = find_checkpoints(work, marker)
+        for p in incomplete:
+            shutil.rmtree(p, ignore_errors=True)
+            say(f"removed incomplete checkpoint {p.name}")
+        truncate_metrics(work / METRICS_FILE, step_of(ckpt))
+        say(f"resuming from {ckpt}")
+    write_json_atomic(work / marker, record)
+
+
 def truncate_metrics(path: Path, step: int) -> None:
     """Drop metric rows logged after ``step`` (by a killed run that is being resumed)."""
     if not path.exists():

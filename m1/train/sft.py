@@ -55,13 +55,12 @@ from pathlib import Path
 from typing import Callable
 
 from ..errors import M1Error
-from ..model.checkpoint import check_model_dir, write_json_atomic
+from ..model.checkpoint import check_model_dir
 from ..settings import setting
-from .run import (CHECKPOINTS, METRICS_FILE, barrier, base_dtype, check_max_steps, find_checkpoints, finalize,
-                  lineage_record, load_policy, make_divergence_guard, make_metrics_callback, model_fingerprint, on_cuda,
+from .run import (CHECKPOINTS, METRICS_FILE, barrier, base_dtype, check_max_steps, finalize, lineage_record,
+                  load_policy, make_divergence_guard, make_metrics_callback, model_fingerprint, on_cuda, open_work_dir,
                   prepare_run, quiet_trainer, quiet_transformers, read_metrics, resolve_precision, run_state,
-                  set_mamba_chunk_size, step_of, train_guarded, truncate_metrics, unknown_options,
-                  with_checkpoint_marker, work_dir)
+                  set_mamba_chunk_size, train_guarded, unknown_options, with_checkpoint_marker, work_dir)
 
 SFT_CONFIG_FILE = "sft_config.json"
 GSM8K_TRAIN = "gsm8k-train"
@@ -369,17 +368,7 @@ def _sft(cfg, settings, base, out, ckpt, force, keep_checkpoints, log, callbacks
 
     # ---- the work directory
     if main:
-        if ckpt is None and work.exists():
-            shutil.rmtree(work)  # --force: start over
-        work.mkdir(parents=True, exist_ok=True)
-        if ckpt is not None:
-            _, incomplete = find_checkpoints(work, SFT_CONFIG_FILE)
-            for p in incomplete:
-                shutil.rmtree(p, ignore_errors=True)
-                say(f"removed incomplete checkpoint {p.name}")
-            truncate_metrics(work / METRICS_FILE, step_of(ckpt))
-            say(f"resuming from {ckpt}")
-        write_json_atomic(work / SFT_CONFIG_FILE, {"stage": "sft", "settings": settings})
+        open_work_dir(work, ckpt, SFT_CONFIG_FILE, {"stage": "sft", "settings": settings}, say)
     state.wait_for_everyone()
 
     metrics_cb = make_metrics_callback(work / METRICS_FILE, say, SFT_COLUMNS)

@@ -12,13 +12,8 @@ import torch
 from m1.engine import Engine, SamplingParams, filter_logits, sample_tokens
 from m1.errors import M1Error
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Decode steps are tiny: on 2 shared cores OpenMP spinning makes 2 threads up to 20x slower than 1."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 PROMPTS = ["Tom has 12 apples.", "What is 3 * 4 - 5? The answer is", "Solve", "The total is 19. So"]

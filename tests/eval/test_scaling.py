@@ -12,13 +12,7 @@ from m1.errors import M1Error
 from m1.eval.scaling import RewardModel, SelfVerifier, best_of_n, majority_vote, sample_until_budget, weighted_vote
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Decode steps are tiny: on 2 shared cores OpenMP spinning makes 2 threads up to 20x slower than 1."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ import pytest
 from m1.errors import M1Error
 from m1.train.grpo import (GRPO_CONFIG_FILE, AccuracyReward, FormatReward, GRPOSettings, GuardedReward, RewardStats,
                            build_grpo_trainer, grpo, load_rl_problems, read_rl_jsonl, resolve_rollout, to_rl_dataset)
-from m1.train.sft import find_checkpoints, work_dir
+from m1.train.run import find_checkpoints, work_dir
 
 QUIET = dict(log=lambda m: None)
 EOS = 2

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 
 from m1.errors import M1Error
-from m1.train.sft import (SFT_CONFIG_FILE, SFTSettings, build_sft_trainer, collate_preview, find_checkpoints,
-                          load_sft_examples, read_sft_jsonl, set_mamba_chunk_size, sft, solution_from_fields,
-                          to_dataset, work_dir)
+from m1.train.run import find_checkpoints
+from m1.train.sft import (SFT_CONFIG_FILE, SFTSettings, build_sft_trainer, collate_preview, load_sft_examples,
+                          read_sft_jsonl, set_mamba_chunk_size, sft, solution_from_fields, to_dataset, work_dir)
 
 QUIET = dict(log=lambda m: None)
 
