@@ -23,13 +23,14 @@ from pathlib import Path
 
 
 def _convert(root: Path) -> list[tuple[str, str]]:
-    from m1.model.convert import convert
+    from m1.model.convert import ConvertSettings, convert
 
     out = []
     for name, layers in (("hybrid", None), ("attention", "all")):
         d = root / name
         if not d.exists():
-            convert("smollm2-135m", d, attn_layers=layers, log=lambda m: print(m, file=sys.stderr))
+            convert(ConvertSettings(teacher="smollm2-135m", attn_layers=layers),
+                    d, log=lambda m: print(m, file=sys.stderr))
         out.append((name, str(d)))
     return out
 

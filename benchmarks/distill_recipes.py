@@ -15,6 +15,8 @@ has had. What is measured after a stage:
 * pass@1 on ``arith:steps=3,digits=1``, a harder level no recipe trains on (40 x 2);
 * KL(teacher || student) on the teacher's own greedy answers to 40 held-out prompts: over all
   completion tokens, and over the tokens that hold digits (the results of the arithmetic);
+* perplexity on 16 held-out GSM8K chats (the demo's generality measure; the chats ``--data gsm8k-train``
+  holds out with seed 0);
 * training seconds, steps and tokens (cumulative), and the decode speed seen in the eval.
 
 Each finished stage's model stays in ``OUT/<recipe>/<k>-<stage>/`` and each evaluation is appended to
@@ -86,9 +88,31 @@ AFTER_GENERAL = {
                          [("distill", dict(stage="kd", steps=40, loss_on="completion", teacher="final"))]),
     "general-kd-task-80": ("general-kd-task with twice the steps (80)",
                            [("distill", dict(stage="kd", steps=80, loss_on="completion"))]),
+    "general-sft-kd-general": ("general distillation, the demo's SFT, then 10 kd steps from the SFT'd teacher on "
+                               "GSM8K chats (all tokens): does it give back what SFT took from the hybrid's "
+                               "general language modelling?",
+                               [("sft", dict(max_steps=40)),
+                                ("distill", dict(stage="kd", steps=10, data="gsm8k-train"))]),
+    "general-sft-kd-mix": ("general-sft-kd-general on half GSM8K chats, half arith solutions (all tokens): "
+                           "the teacher after SFT on both kinds of text",
+                           [("sft", dict(max_steps=40)),
+                            ("distill", dict(stage="kd", steps=10, data="gsm8k-train," + TASK + ",n=7473"))]),
+    "general-sft-kd-mix-lr2e-5": ("general-sft-kd-mix at a fifth of the learning rate (2e-5)",
+                                  [("sft", dict(max_steps=40)),
+                                   ("distill", dict(stage="kd", steps=10, data="gsm8k-train," + TASK + ",n=7473",
+                                                    lr=2e-5))]),
+    "general-sft-kd-mix-lr2e-5-20": ("general-sft-kd-mix-lr2e-5 with 20 kd steps",
+                                     [("sft", dict(max_steps=40)),
+                                      ("distill", dict(stage="kd", steps=20, data="gsm8k-train," + TASK + ",n=7473",
+                                                       lr=2e-5))]),
+    "general-sft-kd-general-20": ("general-sft-kd-general with 20 kd steps",
+                                  [("sft", dict(max_steps=40)),
+                                   ("distill", dict(stage="kd", steps=20, data="gsm8k-train"))]),
 }
 RECIPES.update(AFTER_GENERAL)
 FRACTIONS = {"attn-0.33": 0.33, "attn-0.5": 0.5}  # recipe-name suffix -> the hybrid it starts from
+# the demo's SFT (m1.demo.Demo._sft at the small budget), less its step count
+SFT = dict(limit=2000, batch_size=8, learning_rate=5e-5, save_steps=10, max_length=256)
 COMMON = dict(seq_len=256, batch_size=8, bf16="auto", heldout=16, checkpoint_every=25, lr=1e-4)
 
 
@@ -100,8 +124,8 @@ def setup(out: Path, bf16: str, demo: Path | None = None, names: list[str] = ())
     """The shared starting points (built once): converted hybrids and the SFT'd teacher. With ``demo``
     (an `m1 demo` output directory), its teacher/base, teacher/sft and hybrid/base are linked instead
     of being made again: the same commands, already run."""
-    from m1.model.convert import convert
-    from m1.train.sft import sft
+    from m1.model.convert import ConvertSettings, convert
+    from m1.train.sft import SFTSettings, sft
 
     paths = {"teacher-base": out / "teacher-base", "teacher-sft": out / "teacher-sft", "hybrid": out / "hybrid",
              "hybrid-distill": out / "hybrid-distill", "teacher-final": out / "teacher-final",
@@ -112,15 +136,15 @@ def setup(out: Path, bf16: str, demo: Path | None = None, names: list[str] = ())
             if not paths[key].exists() and (demo / sub / "config.json").exists():
                 paths[key].symlink_to((demo / sub).resolve())
     if not (paths["teacher-base"] / "config.json").exists():
-        convert(TEACHER, paths["teacher-base"], attn_layers="all", log=log)
+        convert(ConvertSettings(teacher=TEACHER, attn_layers="all"), paths["teacher-base"], log=log)
     if not (paths["hybrid"] / "config.json").exists():
-        convert(TEACHER, paths["hybrid"], log=log)
+        convert(ConvertSettings(teacher=TEACHER), paths["hybrid"], log=log)
     for k, frac in FRACTIONS.items():
         if any(n.endswith(k) for n in names) and not (paths[f"hybrid-{k}"] / "config.json").exists():
-            convert(TEACHER, paths[f"hybrid-{k}"], attn_fraction=frac, log=log)
+            convert(ConvertSettings(teacher=TEACHER, attn_fraction=frac), paths[f"hybrid-{k}"], log=log)
     if not (paths["teacher-sft"] / "config.json").exists():
-        sft(str(paths["teacher-base"]), TASK, paths["teacher-sft"], max_steps=40, limit=2000, batch_size=8,
-            learning_rate=5e-5, save_steps=10, max_length=256, bf16=bf16, force=True, log=log)
+        sft(SFTSettings(model=str(paths["teacher-base"]), data=TASK, max_steps=40, **SFT, bf16=bf16),
+            paths["teacher-sft"], force=True, log=log)
     return paths
 
 
@@ -135,12 +159,10 @@ def run_stage(kind: str, settings: dict, src: Path, dst: Path, paths: dict, bf16
         s["teacher"] = str(paths[which])
         res = distill(DistillConfig(student=str(src), out=str(dst), **s), force=True, log=log, progress=False)
         return {"seconds": time.time() - t0, "steps": res.steps, "tokens": res.tokens}
-    from m1.train.sft import sft
-
     from m1.demo_report import training_budget
+    from m1.train.sft import SFTSettings, sft
 
-    sft(str(src), TASK, dst, limit=2000, batch_size=8, learning_rate=5e-5, save_steps=10, max_length=256,
-        bf16=bf16, force=True, log=log, **settings)
+    sft(SFTSettings(model=str(src), data=TASK, **SFT, bf16=bf16, **settings), dst, force=True, log=log)
     return {"seconds": time.time() - t0, "steps": settings["max_steps"], "tokens": training_budget(dst)["tokens"]}
 
 
@@ -182,7 +204,25 @@ def evaluate(model: Path, paths: dict, out: Path) -> dict:
     student, tok = load_model(model, dtype="float32")
     teacher, _ = load_model(paths["teacher-sft"], dtype="float32")
     res["completion_kl"] = completion_report(student, teacher, tok, rows, plens)
+    res["ppl"] = perplexity(model, student, tok)
     return res
+
+
+def perplexity(path: Path, model=None, tok=None) -> float:
+    """GSM8K-chat perplexity of the model at ``path`` on the demo's 16 held-out chats, cached beside it."""
+    cache = path.parent / f"{path.name}-ppl.json"
+    if cache.exists():
+        return json.loads(cache.read_text())["perplexity"]
+    from m1.model.checkpoint import load_model, write_json_atomic
+    from m1.train.data import load_data
+    from m1.train.heldout import heldout_loss
+
+    if model is None:
+        model, tok = load_model(path, dtype="float32")
+    data = load_data("gsm8k-train", tok, seq_len=256, heldout=16, seed=0)
+    r = heldout_loss(model, tok, data.heldout_texts, max_len=256)
+    write_json_atomic(cache, {"perplexity": r.perplexity, "nll": r.nll, "tokens": r.tokens})
+    return r.perplexity
 
 
 def finished(results: Path) -> set[tuple[str, int]]:
@@ -221,6 +261,7 @@ def run(out: Path, names: list[str], bf16: str, demo: Path | None = None) -> Non
             if (name, k) not in finished(results):
                 log(f"{name}: evaluating after stage {k} ...")
                 row = {"recipe": name, "what": what, "stage_index": k, "stage": kind, "settings": settings,
+                       "stage_dir": dst.name,
                        **{f"train_{a}": b for a, b in cum.items()}, **evaluate(dst, paths, out)}
                 with open(results, "a") as f:
                     f.write(json.dumps(row) + "\n")
@@ -229,6 +270,16 @@ def run(out: Path, names: list[str], bf16: str, demo: Path | None = None) -> Non
                 log(f"{name} after stage {k}: pass@1 {row['pass1']:.1f}  hard {row['pass1_hard']:.1f}  "
                     f"KL {row['completion_kl']['kl']:.3f} (digits {row['completion_kl']['kl_digits']:.3f})")
             src = dst
+
+
+def stage_ppl(out: Path, row: dict) -> str:
+    """A row's perplexity: recorded with it, or measured later into its stage's cache (rows from before
+    the column existed); '-' where neither."""
+    if "ppl" in row:
+        return f"{row['ppl']:.2f}"
+    cached = [json.loads(p.read_text())["perplexity"] for p in (out / "stages").glob(f"{row['stage']}-*-ppl.json")
+              if p.name == f"{row.get('stage_dir', '')}-ppl.json"]
+    return f"{cached[0]:.2f}" if cached else "-"
 
 
 def report(out: Path, dest: Path) -> None:
@@ -241,7 +292,8 @@ def report(out: Path, dest: Path) -> None:
     rows = [json.loads(x) for x in (out / "results.jsonl").read_text().splitlines() if x.strip()]
     dest.mkdir(parents=True, exist_ok=True)
     lines = ["| recipe | after stage | train s | steps | tokens | pass@1 arith (95% CI) | pass@1 steps=3 | "
-             "KL completion | KL digits | tok/s per sample (eval) |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "KL completion | KL digits | GSM8K-chat ppl | tok/s per sample (eval) |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for name in dict.fromkeys(r["recipe"] for r in rows):
         rs = sorted((r for r in rows if r["recipe"] == name), key=lambda r: r["stage_index"])
@@ -252,7 +304,7 @@ def report(out: Path, dest: Path) -> None:
             stage = r["settings"].get("stage", r["stage"]) if r["stage"] == "distill" else r["stage"]
             lines.append(f"| {name} | {r['stage_index']} {stage} | {r['train_seconds']:.0f} | {r['train_steps']} | "
                          f"{int(r['train_tokens']):,} | {r['pass1']:.1f} [{lo:.0f}, {hi:.0f}] | {r['pass1_hard']:.1f} | "
-                         f"{ck['kl']:.3f} | {ck['kl_digits']:.3f} | {r['decode_tok_s']:.1f} |")
+                         f"{ck['kl']:.3f} | {ck['kl_digits']:.3f} | {stage_ppl(out, r)} | {r['decode_tok_s']:.1f} |")
     ax.set_xlabel("seconds of training (2-core CPU)")
     ax.set_ylabel(f"pass@1 on held-out {TASK} (%)")
     ax.legend(fontsize=8)

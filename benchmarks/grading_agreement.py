@@ -1,6 +1,6 @@
 """Agreement of m1's answer checker and of plain math-verify with the labelled grading corpus.
 
-    python benchmarks/grading_agreement.py [--json PATH] [--list] [--workers 2]
+    python benchmarks/grading_agreement.py [--json PATH] [--list] [--workers 2] [--cases FILE.jsonl]
 
 The corpus (``tests/grading_corpus.py``) holds model outputs, gold answers and
 the verdict a careful human grader gives.  Both graders see the same pairs:
@@ -17,6 +17,11 @@ the verdict a careful human grader gives.  Both graders see the same pairs:
 Prints cases, agreement, false positives (graded correct where the corpus says
 wrong; "hard" = on the corpus's hard negatives) and per-category agreement;
 ``--json`` writes the same numbers, ``--list`` also prints every disagreement.
+``--cases FILE.jsonl`` runs the same comparison on other cases instead of the
+corpus: one JSON object per line with ``output``, ``gold``, ``expected`` and
+``category`` (and ``source``, which adds a per-source table); none count as hard
+negatives.  ``benchmarks/data/grading_public.jsonl`` is such a set, harvested
+from other projects' public test suites (see its ``.SOURCE.md``).
 The ``__main__`` guard is required: the checker's workers use a forkserver.
 """
 
@@ -34,26 +39,32 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 
-from grading_corpus import CASES  # noqa: E402
+from grading_corpus import CASES, Case  # noqa: E402
 
 from m1.eval.grading import Checker  # noqa: E402
 
 
-def grade_m1(workers: int) -> tuple[list[bool], float]:
+def load_cases(path: Path) -> list[Case]:
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [Case(r["category"], r["output"], r["gold"], bool(r["expected"]), False, r.get("source", ""))
+            for r in rows]
+
+
+def grade_m1(cases: list[Case], workers: int) -> tuple[list[bool], float]:
     t0 = time.perf_counter()
     with Checker(workers) as checker:
-        verdicts = checker.check_many([(c.output, c.gold) for c in CASES])
+        verdicts = checker.check_many([(c.output, c.gold) for c in cases])
     return [v.correct for v in verdicts], time.perf_counter() - t0
 
 
-def grade_math_verify(wrap_gold: bool) -> tuple[list[bool], float]:
+def grade_math_verify(cases: list[Case], wrap_gold: bool) -> tuple[list[bool], float]:
     from math_verify import parse, verify
 
     logging.getLogger("math_verify").setLevel(logging.CRITICAL)
     logging.getLogger("latex2sympy2_extended").setLevel(logging.CRITICAL)
     out = []
     t0 = time.perf_counter()
-    for c in CASES:
+    for c in cases:
         gold = "$" + c.gold + "$" if wrap_gold else c.gold
         try:
             out.append(bool(verify(parse(gold), parse(c.output))))
@@ -62,22 +73,29 @@ def grade_math_verify(wrap_gold: bool) -> tuple[list[bool], float]:
     return out, time.perf_counter() - t0
 
 
-def summarize(got: list[bool]) -> dict:
-    agree = [g == c.expected for g, c in zip(got, CASES)]
-    fp = [g and not c.expected for g, c in zip(got, CASES)]
+def summarize(got: list[bool], cases: list[Case]) -> dict:
+    agree = [g == c.expected for g, c in zip(got, cases)]
+    fp = [g and not c.expected for g, c in zip(got, cases)]
     per_cat: dict[str, list[int]] = defaultdict(lambda: [0, 0])
-    for a, c in zip(agree, CASES):
+    per_src: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+    for a, c in zip(agree, cases):
         per_cat[c.category][0] += a
         per_cat[c.category][1] += 1
-    return {
+        per_src[c.note.split(":")[0]][0] += a
+        per_src[c.note.split(":")[0]][1] += 1
+    out = {
         "agree": sum(agree),
-        "agreement_pct": round(100 * sum(agree) / len(CASES), 1),
+        "agreement_pct": round(100 * sum(agree) / len(cases), 1),
         "false_positives": sum(fp),
-        "false_positives_hard": sum(f and c.hard for f, c in zip(fp, CASES)),
-        "false_negatives": sum(not g and c.expected for g, c in zip(got, CASES)),
+        "false_positives_hard": sum(f and c.hard for f, c in zip(fp, cases)),
+        "false_negatives": sum(not g and c.expected for g, c in zip(got, cases)),
         "per_category": {k: {"agree": a, "cases": n, "agreement_pct": round(100 * a / n, 1)}
                          for k, (a, n) in sorted(per_cat.items())},
     }
+    if cases is not CASES:
+        out["per_source"] = {k: {"agree": a, "cases": n, "agreement_pct": round(100 * a / n, 1)}
+                             for k, (a, n) in sorted(per_src.items())}
+    return out
 
 
 def main() -> None:
@@ -85,17 +103,19 @@ def main() -> None:
     ap.add_argument("--json", type=Path, help="write the numbers to this file")
     ap.add_argument("--list", action="store_true", help="print every disagreement")
     ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--cases", type=Path, help="grade the cases in this JSONL file instead of the corpus")
     args = ap.parse_args()
+    cases = load_cases(args.cases) if args.cases else CASES
 
-    m1_got, m1_s = grade_m1(args.workers)
-    mv_got, mv_s = grade_math_verify(wrap_gold=False)
-    mvw_got, mvw_s = grade_math_verify(wrap_gold=True)
-    m1, mv, mvw = summarize(m1_got), summarize(mv_got), summarize(mvw_got)
-    n = len(CASES)
-    n_false = sum(not c.expected for c in CASES)
-    n_hard = sum(c.hard for c in CASES)
+    m1_got, m1_s = grade_m1(cases, args.workers)
+    mv_got, mv_s = grade_math_verify(cases, wrap_gold=False)
+    mvw_got, mvw_s = grade_math_verify(cases, wrap_gold=True)
+    m1, mv, mvw = summarize(m1_got, cases), summarize(mv_got, cases), summarize(mvw_got, cases)
+    n = len(cases)
+    n_false = sum(not c.expected for c in cases)
+    n_hard = sum(c.hard for c in cases)
 
-    print(f"corpus: {n} cases ({n - n_false} expected True, {n_false} expected False, "
+    print(f"{args.cases or 'corpus'}: {n} cases ({n - n_false} expected True, {n_false} expected False, "
           f"{n_hard} of them hard negatives), {len(m1['per_category'])} categories\n")
     print("| grader | agreement | false positives (hard) | false negatives | seconds |")
     print("| --- | ---: | ---: | ---: | ---: |")
@@ -109,13 +129,21 @@ def main() -> None:
         b, w = mv["per_category"][cat], mvw["per_category"][cat]
         print(f"| {cat} | {a['cases']} | {a['agreement_pct']:.0f}% | {b['agreement_pct']:.0f}% "
               f"| {w['agreement_pct']:.0f}% |")
+    if "per_source" in m1:
+        print("\n| source | cases | m1 | math-verify | math-verify, `$gold$` |")
+        print("| --- | ---: | ---: | ---: | ---: |")
+        for src, a in m1["per_source"].items():
+            b, w = mv["per_source"][src], mvw["per_source"][src]
+            print(f"| {src} | {a['cases']} | {a['agreement_pct']:.0f}% | {b['agreement_pct']:.0f}% "
+                  f"| {w['agreement_pct']:.0f}% |")
 
     if args.list:
         for name, got in (("m1", m1_got), ("math-verify", mv_got), ("math-verify, $gold$", mvw_got)):
             print(f"\n{name} disagreements:")
-            for g, c in zip(got, CASES):
+            for g, c in zip(got, cases):
                 if g != c.expected:
-                    print(f"  [{c.category}] expected={c.expected} got={g} gold={c.gold!r} output={c.output!r}")
+                    src = f" source={c.note}" if args.cases else ""
+                    print(f"  [{c.category}] expected={c.expected} got={g} gold={c.gold!r} output={c.output!r}{src}")
 
     if args.json:
         versions = {}
@@ -129,6 +157,8 @@ def main() -> None:
                   "math_verify": {**mv, "seconds": round(mv_s, 2)},
                   "math_verify_gold_in_dollars": {**mvw, "seconds": round(mvw_s, 2)},
                   "versions": versions}
+        if args.cases:
+            record["cases_file"] = str(args.cases)
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(record, indent=1) + "\n")
         print(f"\nwrote {args.json}")

@@ -2,7 +2,9 @@
 
     convert (teacher -> exact all-attention copy, and -> hybrid with `--attn-layers auto`)
       recipe "general" (default):  hybrid distilled from the base teacher on GSM8K chats,
-                                   then both models: sft -> grpo (the same budget)
+                                   then both models: sft -> grpo (the same budget); before its grpo
+                                   the hybrid gets kd from the teacher after SFT (`small`: on GSM8K
+                                   chats and task solutions, half and half)
       recipe "from-teacher":       teacher: sft -> grpo; hybrid distilled from that final teacher
                                    on the task (align, kd on completions, on-policy) -> grpo
       -> eval after every stage (both) -> GSM8K and GSM8K-chat perplexity before/after -> bench -> report.md
@@ -63,25 +65,30 @@ class Budget:
     # 0.33 58.1% and 0.2 26.9% (40 problems x 4; docs/distill.md, 2026-12-03)
     hybrid_attn_fraction: float = 0.5
     # general recipe: after its SFT (or in its place, with hybrid_sft=False) the hybrid gets this many kd
-    # steps from the teacher after SFT on the task's solutions (completion tokens), 0 = none
-    hybrid_task_kd_steps: int = 0
+    # steps from the teacher after SFT (0 = none), on hybrid_kd_data: "task" = the task's solutions
+    # (completion tokens), "mix" = GSM8K chats and task solutions, as many of each (all tokens)
+    hybrid_kd_steps: int = 0
+    hybrid_kd_data: str = "task"
+    hybrid_kd_lr: float | None = None  # None: distill_lr
     hybrid_sft: bool = True
 
 
 BUDGETS = {
     # CI: a tiny random teacher; checks that every stage runs and the report is complete
     "smoke": Budget(recipe="general", teacher="tiny", task="arith:steps=1,digits=1", distill_steps=3, distill_seq_len=256,
-                    distill_onpolicy_steps=2,
+                    distill_onpolicy_steps=2, hybrid_kd_steps=2, hybrid_kd_data="mix", hybrid_kd_lr=2e-5,
                     sft_steps=4, sft_examples=32, grpo_steps=2, grpo_prompts=2, grpo_generations=2,
                     eval_problems=4, eval_n=2, eval_ks=(1, 2), max_new_tokens=12, gsm8k_problems=2,
                     bench_batches=(1, 4), bench_prompt_len=8, bench_gen_lens=(16,), batch_size=4, ppl_texts=4),
     # the README's main job: SmolLM2-135M on 2 CPU cores within an hour. At half attention on a 2-core EPYC
     # with AVX512-BF16, 40 align + 120 kd steps and 12 GRPO steps took 2.5 h (2026-12-05, distillation alone
-    # 35 min); the held-out train KL had flattened by kd step 40 (0.20 there, 0.17-0.19 after) and GRPO
-    # moved pass@1 by 2-3 points, so both shrank to fit the hour (docs/demo-small/report.md: the run). The
-    # trained level kept its accuracy, the untrained steps=3 did not: 22.5 -> 5.0% after SFT (docs/distill.md)
-    "small": Budget(teacher="smollm2-135m", task="arith:steps=2,digits=1", distill_steps=40, distill_seq_len=256,
-                    distill_align_steps=20,
+    # 35 min); the held-out train KL had flattened by kd step 40 and GRPO moved pass@1 by 2-3 points, so
+    # both shrank (20 + 40, 4 GRPO steps). That kept the trained level but lost the untrained steps=3
+    # (22.5 -> 5.0% after SFT). 20 kd steps from the teacher after SFT on GSM8K chats + arith at lr 2e-5
+    # after the hybrid's SFT gave it back (26.2%; GSM8K-chat perplexity 21.1 -> 17.2, teacher 16.1; pass@1
+    # 65.0 -> 65.6), so the general distillation's kd steps went 40 -> 20 to pay for them (docs/distill.md)
+    "small": Budget(teacher="smollm2-135m", task="arith:steps=2,digits=1", distill_steps=20, distill_seq_len=256,
+                    distill_align_steps=20, hybrid_kd_steps=20, hybrid_kd_data="mix", hybrid_kd_lr=2e-5,
                     sft_steps=40, sft_examples=2000, grpo_steps=4, grpo_prompts=4, grpo_generations=4,
                     eval_problems=40, eval_n=4, eval_ks=(1, 2, 4), max_new_tokens=96, gsm8k_problems=50,
                     bench_batches=(1, 16), bench_prompt_len=128, bench_gen_lens=(256,)),
@@ -94,6 +101,7 @@ BUDGETS = {
 
 
 RECIPES = ("general", "from-teacher")
+GSM8K_TRAIN_ROWS = 7473  # the kd "mix": as many arith solutions as there are GSM8K train chats
 
 
 class Demo:
@@ -123,9 +131,9 @@ class Demo:
         self.bf16_flag = " --bf16 on" if self.bf16 else " --bf16 off"
         if budget == "small" and not self.bf16:
             # float32 training steps are ~2x slower: keep the hour by distilling and RL-ing less
-            self.b = replace(self.b, distill_steps=20, distill_align_steps=10, grpo_steps=2)
+            self.b = replace(self.b, distill_steps=10, distill_align_steps=10, hybrid_kd_steps=10, grpo_steps=2)
             self.log("[demo] no bf16 matmuls on this machine: float32 training, small budget cut to "
-                     "10 align + 20 kd + 2 GRPO steps to stay near an hour")
+                     "10 align + 10 kd + 10 kd after SFT + 2 GRPO steps to stay near an hour")
 
     # ------------------------------------------------------------------------------- plumbing
     def _stage(self, name: str, path: Path, command: str, fn) -> Path:
@@ -166,18 +174,13 @@ class Demo:
         self.out.mkdir(parents=True, exist_ok=True)
         b, o = self.b, self.out
         teacher = self._teacher_spec()
-        from .model.convert import convert
+        from .model.convert import ConvertSettings
 
         models = {"teacher": o / "teacher", "hybrid": o / "hybrid"}
-        self._stage("convert teacher (all attention, exact)", models["teacher"] / "base",
-                    f"m1 convert --teacher {teacher} --out {models['teacher']}/base --attn-layers all",
-                    lambda: convert(teacher, models["teacher"] / "base", attn_layers="all", log=self.log))
-        layout = (f" --attn-layers {b.hybrid_layers}" if b.hybrid_layers else "") + \
-            f" --attn-fraction {b.hybrid_attn_fraction:g}"
-        self._stage("convert hybrid", models["hybrid"] / "base",
-                    f"m1 convert --teacher {teacher} --out {models['hybrid']}/base" + layout,
-                    lambda: convert(teacher, models["hybrid"] / "base", attn_layers=b.hybrid_layers or None,
-                                    attn_fraction=b.hybrid_attn_fraction, log=self.log))
+        self._convert("convert teacher (all attention, exact)", ConvertSettings(teacher=teacher, attn_layers="all"),
+                      models["teacher"] / "base")
+        self._convert("convert hybrid", ConvertSettings(teacher=teacher, attn_layers=b.hybrid_layers or None,
+                                                        attn_fraction=b.hybrid_attn_fraction), models["hybrid"] / "base")
         if b.recipe == "from-teacher":
             stages = {"teacher": ["base", "sft", "grpo"], "hybrid": ["base", "distill", "grpo"]}
             self._sft(models["teacher"] / "base", models["teacher"] / "sft")
@@ -185,15 +188,15 @@ class Demo:
             self._distill_task(models["teacher"] / "grpo", models["hybrid"])  # from the teacher's last stage
             self._grpo(models["hybrid"] / "distill", models["hybrid"] / "grpo")
         else:
-            hybrid = ["base", "distill"] + ["sft"] * b.hybrid_sft + ["kd"] * bool(b.hybrid_task_kd_steps) + ["grpo"]
+            hybrid = ["base", "distill"] + ["sft"] * b.hybrid_sft + ["kd"] * bool(b.hybrid_kd_steps) + ["grpo"]
             stages = {"teacher": ["base", "sft", "grpo"], "hybrid": hybrid}
             self._distill_general(teacher, models["hybrid"])
             self._sft(models["teacher"] / "base", models["teacher"] / "sft")
             self._grpo(models["teacher"] / "sft", models["teacher"] / "grpo")
             if b.hybrid_sft:
                 self._sft(models["hybrid"] / "distill", models["hybrid"] / "sft")
-            if b.hybrid_task_kd_steps:
-                self._distill_task_kd(models["teacher"] / "sft", models["hybrid"] / hybrid[-3], models["hybrid"] / "kd")
+            if b.hybrid_kd_steps:
+                self._distill_kd(models["teacher"] / "sft", models["hybrid"] / hybrid[-3], models["hybrid"] / "kd")
             self._grpo(models["hybrid"] / hybrid[-2], models["hybrid"] / "grpo")
         evals = {who: {st: self._eval(models[who] / st, o / "eval" / f"{who}-{st}", b.task, b.eval_problems,
                                       b.eval_n, b.eval_ks) for st in stages[who]} for who in models}
@@ -227,6 +230,12 @@ class Demo:
             make_tiny_teacher(path, arch="llama", layers=5, hidden=64, heads=4, kv_heads=2)
         return str(path)
 
+    def _convert(self, name: str, cfg, out: Path) -> None:
+        from .model.convert import convert
+
+        self._stage(name, out, "m1 convert " + shlex.join(to_argv(cfg) + ["--out", str(out)]),
+                    lambda: convert(cfg, out, log=self.log))
+
     def _distill_general(self, teacher: str, root: Path) -> None:
         """The hybrid distilled from the base teacher on GSM8K chats (all tokens), before SFT."""
         from .train.distill import DistillConfig
@@ -254,15 +263,21 @@ class Demo:
                             checkpoint_every=max(10, b.distill_steps // 4), bf16="on" if self.bf16 else "off")
         self._run_distill("distill hybrid", root / "distill", cfg)
 
-    def _distill_task_kd(self, teacher: Path, student: Path, out: Path) -> None:
-        """kd from the teacher after SFT on the task's solutions (completion tokens only)."""
+    def _distill_kd(self, teacher: Path, student: Path, out: Path) -> None:
+        """kd from the teacher after SFT: on the task's solutions (completion tokens), or on GSM8K chats and
+        task solutions, as many of each (all tokens: the teacher's general text too)."""
         from .train.distill import DistillConfig
 
         b = self.b
-        cfg = DistillConfig(student=str(student), out=str(out), teacher=str(teacher), data=b.task, stage="kd",
-                            steps=b.hybrid_task_kd_steps, seq_len=b.distill_seq_len, loss_on="completion",
-                            lr=b.distill_lr, batch_size=b.batch_size, heldout=16 if self.name != "smoke" else 4,
-                            checkpoint_every=max(10, b.hybrid_task_kd_steps // 4), bf16="on" if self.bf16 else "off")
+        if b.hybrid_kd_data not in ("task", "mix"):
+            raise M1Error(f"hybrid_kd_data must be task or mix, got '{b.hybrid_kd_data}'")
+        mix = b.hybrid_kd_data == "mix"
+        data = f"gsm8k-train,{b.task},n={GSM8K_TRAIN_ROWS}" if mix else b.task
+        cfg = DistillConfig(student=str(student), out=str(out), teacher=str(teacher), data=data, stage="kd",
+                            steps=b.hybrid_kd_steps, seq_len=b.distill_seq_len, loss_on="all" if mix else "completion",
+                            lr=b.hybrid_kd_lr or b.distill_lr, batch_size=b.batch_size,
+                            heldout=16 if self.name != "smoke" else 4,
+                            checkpoint_every=max(10, b.hybrid_kd_steps // 4), bf16="on" if self.bf16 else "off")
         self._run_distill("kd hybrid from the SFT'd teacher", out, cfg)
 
     def _run_distill(self, name: str, out: Path, cfg) -> None:
@@ -280,10 +295,7 @@ class Demo:
                           batch_size=b.batch_size, learning_rate=5e-5, save_steps=max(10, b.sft_steps // 4),
                           max_length=256, bf16="on" if self.bf16 else "off")
         cmd = "m1 sft " + shlex.join(to_argv(cfg) + ["--out", str(out)])
-        options = asdict(cfg)
-        del options["model"], options["data"]
-        self._stage(f"sft {out.parent.name}", out, cmd,
-                    lambda: self._train(sft, cfg.model, cfg.data, out, log=self.log, **options))
+        self._stage(f"sft {out.parent.name}", out, cmd, lambda: self._train(sft, cfg, out, log=self.log))
 
     def _grpo(self, model: Path, out: Path) -> None:
         from .train.grpo import GRPOSettings, grpo
@@ -294,10 +306,7 @@ class Demo:
                            learning_rate=1e-6 if self.name == "full" else 5e-6,
                            save_steps=max(5, b.grpo_steps // 2), bf16="on" if self.bf16 else "off")
         cmd = "m1 grpo " + shlex.join(to_argv(cfg) + ["--out", str(out)])
-        options = asdict(cfg)
-        del options["model"], options["task"], options["reward_funcs"]
-        self._stage(f"grpo {out.parent.name}", out, cmd,
-                    lambda: self._train(grpo, cfg.model, cfg.task, out, log=self.log, **options))
+        self._stage(f"grpo {out.parent.name}", out, cmd, lambda: self._train(grpo, cfg, out, log=self.log))
 
     def _eval(self, model: Path, out: Path, task: str, problems: int, n: int, ks, max_new: int | None = None) -> dict:
         from .eval.run import EvalConfig, run_eval

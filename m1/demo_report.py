@@ -128,8 +128,10 @@ def write_report(demo, stages: dict, evals: dict, gsm: dict, bench: dict, ppl: d
                  "GRPO budget." if b.recipe == "from-teacher" else
                  "Both models get the same SFT and GRPO budget on the same data; the hybrid is first distilled "
                  "from the base teacher on GSM8K chats (align, then kd)." + (
-                     f" Before its GRPO the hybrid also gets {b.hybrid_task_kd_steps} kd steps (`kd`) from the "
-                     "teacher after SFT on the task's solutions (completion tokens)." if b.hybrid_task_kd_steps else "")
+                     f" Before its GRPO the hybrid also gets {b.hybrid_kd_steps} kd steps (`kd`) from the teacher after "
+                     "SFT on " + ("GSM8K chats and the task's solutions, as many of each (all tokens)."
+                                  if b.hybrid_kd_data == "mix" else "the task's solutions (completion tokens).")
+                     if b.hybrid_kd_steps else "")
                  + (" The hybrid skips SFT: the `kd` stage takes its place." if not b.hybrid_sft else "")), ""]
     if models is not None:
         lines += [_layout_line(models["hybrid"] / "base"), ""]

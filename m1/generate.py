@@ -20,11 +20,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from .engine.params import BACKENDS, DTYPES
 from .errors import M1Error
 from .settings import setting
-
-DTYPES = ("auto", "float32", "bfloat16", "float16")
-BACKENDS = ("auto", "fast", "hf", "vllm")
 
 
 @dataclass

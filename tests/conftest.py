@@ -37,10 +37,11 @@ def tiny_teachers(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_hybrid(tiny_teachers, tmp_path_factory):
     """A converted tiny Llama hybrid (default layout: 1 of 4 layers attention)."""
-    from m1.model.convert import convert
+    from m1.model.convert import ConvertSettings, convert
 
     out = tmp_path_factory.mktemp("hybrids") / "llama_hybrid"
-    return convert(str(tiny_teachers["llama_untied"]), out, attn_layers="1,3", log=lambda m: None)
+    return convert(ConvertSettings(teacher=str(tiny_teachers["llama_untied"]), attn_layers="1,3"),
+                   out, log=lambda m: None)
 
 
 @pytest.fixture(scope="session")
@@ -57,10 +58,10 @@ def smollm2_teacher():
 @pytest.fixture(scope="session")
 def smollm2_hybrid(smollm2_teacher, tmp_path_factory):
     """SmolLM2-135M converted once per session with the default layout (6 of 30 attention)."""
-    from m1.model.convert import convert
+    from m1.model.convert import ConvertSettings, convert
 
     out = tmp_path_factory.mktemp("smollm2") / "hybrid"
-    return convert("smollm2-135m", out, log=lambda m: None)
+    return convert(ConvertSettings(teacher="smollm2-135m"), out, log=lambda m: None)
 
 
 class FakeVLLM:

@@ -563,3 +563,38 @@ CASES += [
               "step 2b, takes it, as math-verify does)"),
     Case("last_number_trap", "We want the 3rd term of the sequence 1, 2, 3, 4, and so", "4", False, hard=True),
 ]
+
+# ---------------------------------------------------------------- spaces between numbers, ASCII relations
+# (2026-12-06, after the fresh public set of benchmarks/data/grading_public.jsonl showed them; cases
+# of our own writing in the same categories)
+CASES += [
+    # a mixed number is a whole number and a proper fraction, never the digits run together
+    Case("mixed_number", r"\boxed{4 4/9}", r"\frac{40}{9}", True),
+    Case("mixed_number", r"The answer is $2 \frac{1}{3}$.", "7/3", True),
+    Case("mixed_number", r"\boxed{-1 1/2}", "-1.5", True),
+    Case("mixed_number", r"\boxed{4 4/9}", "44/9", False, hard=True),
+    Case("mixed_number", r"\boxed{1 1/2}", "11/2", False, hard=True),
+    Case("mixed_number", r"\boxed{3 1/4}", "31/4", False, hard=True),
+    # a space between two numbers is a product (or a list), not one longer number
+    Case("juxtaposed", r"\boxed{2^6 3}", "2^{63}", False, hard=True),
+    Case("juxtaposed", r"\boxed{2^3 3^2}", "72", True, note="2^3 3^2 = 8 * 9"),
+    Case("juxtaposed", r"\boxed{2^6 3^5 5^4}", r"2^6 \cdot 3^5 \cdot 5^4", True),
+    Case("juxtaposed", r"\boxed{3 5}", "35", False, hard=True),
+    Case("juxtaposed", r"\boxed{10 10}", "1010", False, hard=True),
+    Case("thousands", r"\boxed{1 000 000}", "1000000", True, note="SI-style thousands spaces"),
+    Case("thousands", r"\boxed{12 500}", "12500", True),
+    # a leading 0 group is not a thousands group: 0,125 is no 125
+    Case("thousands", r"\boxed{125}", "0,125", False, hard=True),
+    Case("thousands", r"\boxed{40}", "0,040", False, hard=True),
+    Case("thousands", r"\boxed{7 300}", "7300", True),
+    # ASCII relations are the LaTeX ones
+    Case("inequality", r"\boxed{x >= 3}", r"[3,\infty)", True),
+    Case("inequality", r"The answer is $y <= -2$.", r"y \le -2", True),
+    Case("inequality", r"\boxed{x \geq 4}", "x >= 4", True),
+    Case("inequality", r"\boxed{x >= 3}", r"(3,\infty)", False, hard=True),
+    Case("inequality", r"\boxed{x <= 3}", "x >= 3", False, hard=True),
+    # a negated variable: both sides times -1
+    Case("inequality", r"\boxed{-x > -2}", "x < 2", True),
+    Case("inequality", r"\boxed{-t \le 5}", r"t \geq -5", True),
+    Case("inequality", r"\boxed{-x > 2}", "x > -2", False, hard=True),
+]

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
-from m1.cli import main
-
-
 import pytest
+
+from m1.cli import main
 
 
 @pytest.mark.parametrize("recipe", ["general", "from-teacher"])
@@ -17,7 +17,7 @@ def test_smoke_demo_end_to_end_and_resume(tmp_path, capsys, recipe):
     argv = ["demo", "--budget", "smoke", "--out", str(out), "--no-progress", "--recipe", recipe]
     assert main(argv) == 0
     general = recipe == "general"
-    stages_of_hybrid = ["base", "distill", "sft", "grpo"] if general else ["base", "distill", "grpo"]
+    stages_of_hybrid = ["base", "distill", "sft", "kd", "grpo"] if general else ["base", "distill", "grpo"]
     report = (out / "report.md").read_text()
     for png in ("accuracy_vs_k.png", "accuracy_vs_seconds.png", "bench/bench.png"):
         assert (out / png).stat().st_size > 1000, png
@@ -25,6 +25,13 @@ def test_smoke_demo_end_to_end_and_resume(tmp_path, capsys, recipe):
     for stage in ("base", "sft", "grpo") if general else ("base", "grpo"):
         assert re.search(rf"^\| {stage} \| {number} \| {number} \|$", report, re.M), stage
     assert re.search(rf"^\| distill \| — \| {number} \|$", report, re.M)
+    if general:  # kd from the teacher after SFT, on GSM8K chats and task solutions
+        assert re.search(rf"^\| kd \| — \| {number} \|$", report, re.M)
+        assert re.search(r"^\| hybrid \| kd \| 2 \| [\d,]+ \| \d+ \|$", report, re.M)
+        kd = json.loads((out / "hybrid" / "kd" / "distill_config.json").read_text())
+        assert kd["teacher"] == str(out / "teacher" / "sft") and kd["student"] == str(out / "hybrid" / "sft")
+        assert kd["data"] == "gsm8k-train,arith:steps=1,digits=1,n=7473" and kd["loss_on"] == "all"
+        assert kd["lr"] == 2e-5 and kd["steps"] == 2
     if not general:
         assert re.search(rf"^\| sft \| {number} \| — \|$", report, re.M)  # the hybrid learns from the teacher
     # every model's training budget, and generality before/after
@@ -42,17 +49,15 @@ def test_smoke_demo_end_to_end_and_resume(tmp_path, capsys, recipe):
     assert re.search(r"the hybrid's pass@1 is \*\*[\d.]+x\*\* the teacher's", report) or "| grpo | 0.0 " in report
     # KL to the final teacher on its own answers, for every hybrid stage after conversion; the teacher's
     # answers are its greedy output, so its own NLL there is small, and the random tiny hybrid is far from it
-    import json
 
     task_kl = json.loads((out / "eval" / "task-kl.json").read_text())
-    assert list(task_kl) == [f"hybrid {st}" for st in (["distill", "sft", "grpo"] if general else ["distill", "grpo"])]
+    assert list(task_kl) == [f"hybrid {st}" for st in stages_of_hybrid[1:]]
     for name, r in task_kl.items():
         assert r["teacher"] == str(out / "teacher" / "grpo") and r["tokens"] > 0 and r["kl"] > 0, name
         assert re.search(rf"^\| {name.removeprefix('hybrid ')} \| {r['kl']:.3f} \| ", report, re.M), name
     # the hybrid's layout is chosen by sensitivity and the report says which layers it kept
     layout = re.search(r"^Hybrid layout: attention at layers ([\d,]+) of 5 .*`--attn-layers auto`", report, re.M)
     assert layout, report[:2000]
-    import json
 
     record = json.loads((out / "hybrid" / "base" / "m1.json").read_text())
     assert layout.group(1) == ",".join(map(str, record["attn_layers"])) and len(record["layer_sensitivity"]) == 5
@@ -69,6 +74,15 @@ def test_smoke_demo_end_to_end_and_resume(tmp_path, capsys, recipe):
     line = next(line for line in report.splitlines() if line.startswith("m1 distill "))
     printed = from_args(DistillConfig, build_parser().parse_args(shlex.split(line)[1:]))
     assert asdict(printed) == json.loads((out / "hybrid" / "distill" / CONFIG_FILE).read_text())
+    # ... and so do the printed convert commands (the settings each conversion recorded)
+    from m1.model.convert import ConvertSettings
+
+    convert_lines = [line for line in report.splitlines() if line.startswith("m1 convert ")]
+    assert len(convert_lines) == 2
+    for line, who in zip(convert_lines, ("teacher", "hybrid")):
+        saved = json.loads((out / who / "base" / "m1.json").read_text())["settings"]
+        a = build_parser().parse_args(shlex.split(line)[1:])
+        assert a.out == str(out / who / "base") and asdict(from_args(ConvertSettings, a)) == saved, line
     # ... and so does every printed sft command (teacher and, in the general recipe, hybrid)
     from m1.train.sft import SFT_CONFIG_FILE, SFTSettings
 
@@ -108,11 +122,11 @@ def test_smoke_demo_end_to_end_and_resume(tmp_path, capsys, recipe):
     assert {(r["batch"], r["prompt_len"], r["gen_len"]) for r in bench["rows"]} == {
         (b, printed.prompt_len, g) for b in printed.batches for g in printed.gen_lens}
     for d in ("teacher/base", "hybrid/base", "hybrid/distill", "teacher/sft", "teacher/grpo", "hybrid/grpo") + (
-            ("hybrid/sft",) if general else ()):
+            ("hybrid/sft", "hybrid/kd") if general else ()):
         assert (out / d / "config.json").exists() and (out / d / "m1.json").exists(), d
     wall = report.split("## Wall time and memory")[1].split("## Reproduce")[0]
     peaks = [float(g) for g in re.findall(r"^\| [^|]+ \| \d+ \| ([\d.]+) \|$", wall, re.M)]
-    n_stages = 20 if general else 18
+    n_stages = 22 if general else 18
     assert len(peaks) == n_stages and peaks[0] > 0.1 and peaks == sorted(peaks)  # one process: its peak only grows
     capsys.readouterr()
     # a rerun finds every stage done and only rewrites the report
@@ -136,12 +150,12 @@ def test_small_budget_follows_the_hardware(monkeypatch, tmp_path):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(training, "cpu_bf16_supported", lambda: True)
     fast = Demo("small", tmp_path, log=lambda m: None)
-    assert fast.bf16 and fast.b == BUDGETS["small"] and fast.b.distill_steps == 40 and fast.b.recipe == "general"
+    assert fast.bf16 and fast.b == BUDGETS["small"] and fast.b.distill_steps == 20 and fast.b.recipe == "general"
     monkeypatch.setattr(training, "cpu_bf16_supported", lambda: False)
     said = []
     slow = Demo("small", tmp_path, log=said.append)
     assert not slow.bf16 and slow.bf16_flag == " --bf16 off"
-    assert (slow.b.distill_steps, slow.b.grpo_steps, slow.b.distill_align_steps) == (20, 2, 10)
+    assert (slow.b.distill_steps, slow.b.grpo_steps, slow.b.distill_align_steps, slow.b.hybrid_kd_steps) == (10, 2, 10, 10)
     assert any("float32" in m for m in said)
     assert Demo("smoke", tmp_path, log=lambda m: None).b == BUDGETS["smoke"]  # smoke is never cut
 
@@ -149,13 +163,12 @@ def test_small_budget_follows_the_hardware(monkeypatch, tmp_path):
 def test_smoke_demo_with_task_kd_in_place_of_sft(tmp_path):
     """The general recipe's optional task-kd stage: the hybrid goes distill -> kd (from the teacher after
     SFT, on the task's completions) -> grpo, and the report shows the kd row and its budget."""
-    import json
     from dataclasses import replace
 
     from m1.demo import Demo
 
     demo = Demo("smoke", tmp_path / "demo", log=lambda m: None, progress=False)
-    demo.b = replace(demo.b, hybrid_task_kd_steps=2, hybrid_sft=False)
+    demo.b = replace(demo.b, hybrid_kd_steps=2, hybrid_kd_data="task", hybrid_sft=False)
     report = demo.run().read_text()
     number = r"\d+\.\d \[\d+, \d+\]"
     assert re.search(rf"^\| kd \| — \| {number} \|$", report, re.M)

@@ -54,15 +54,11 @@ def register(subparsers) -> None:
 
 
 def run(a) -> None:
-    from dataclasses import asdict
-
     from ..settings import from_args
     from ..train.grpo import GRPOSettings, grpo
 
-    options = asdict(from_args(GRPOSettings, a))
-    del options["reward_funcs"]  # Python API only
-    res = grpo(options.pop("model"), options.pop("task"), a.out, resume=a.resume, force=a.force,
-               keep_checkpoints=a.keep_checkpoints, log=lambda m: print(m, file=sys.stderr, flush=True), **options)
+    res = grpo(from_args(GRPOSettings, a), a.out, resume=a.resume, force=a.force,
+               keep_checkpoints=a.keep_checkpoints, log=lambda m: print(m, file=sys.stderr, flush=True))
     last = next((m for m in reversed(res.metrics) if "reward" in m), {})
     s = res.stats
     if os.environ.get("RANK", "0") != "0":  # under accelerate launch only the main process reports

@@ -51,14 +51,11 @@ def register(subparsers) -> None:
 
 
 def run(a) -> None:
-    from dataclasses import asdict
-
     from ..settings import from_args
     from ..train.sft import SFTSettings, sft
 
-    options = asdict(from_args(SFTSettings, a))
-    res = sft(options.pop("model"), options.pop("data"), a.out, resume=a.resume, force=a.force,
-              keep_checkpoints=a.keep_checkpoints, log=lambda m: print(m, file=sys.stderr, flush=True), **options)
+    res = sft(from_args(SFTSettings, a), a.out, resume=a.resume, force=a.force, keep_checkpoints=a.keep_checkpoints,
+              log=lambda m: print(m, file=sys.stderr, flush=True))
     loss = f"{res.train_loss:.4f}" if res.train_loss is not None else "n/a"
     if os.environ.get("RANK", "0") != "0":  # under accelerate launch only the main process reports
         return

@@ -64,12 +64,19 @@ shapes) · ``sampling.py`` one token per row · ``stopping.py`` when a row ends,
 ``engine.py`` :class:`Engine`, which drives them · ``vllm.py`` the vLLM backend.
 """
 
-from .engine import BACKENDS, Engine
-from .params import FINISH_BUDGET, FINISH_LENGTH, FINISH_STOP, Completion, RequestOutput, SamplingParams, StreamEvent
-from .prompts import check_context, encode_prompt
-from .sampling import NonFiniteLogits, filter_logits, inverse_cdf_draw, sample_tokens
-from .vllm import VLLMEngine
+# names load on first use (PEP 562), so that light modules (the settings behind `m1 eval` / `m1 generate`
+# flags) can import m1.engine.params without importing torch
+_HOMES = {"BACKENDS": "params", "Engine": "engine", "VLLMEngine": "vllm", "SamplingParams": "params",
+          "Completion": "params", "RequestOutput": "params", "StreamEvent": "params", "FINISH_STOP": "params",
+          "FINISH_LENGTH": "params", "FINISH_BUDGET": "params", "NonFiniteLogits": "sampling",
+          "filter_logits": "sampling", "sample_tokens": "sampling", "inverse_cdf_draw": "sampling",
+          "encode_prompt": "prompts", "check_context": "prompts"}
+__all__ = list(_HOMES)
 
-__all__ = ["BACKENDS", "Engine", "VLLMEngine", "SamplingParams", "Completion", "RequestOutput", "StreamEvent",
-           "FINISH_STOP", "FINISH_LENGTH", "FINISH_BUDGET", "NonFiniteLogits", "filter_logits", "sample_tokens",
-           "inverse_cdf_draw", "encode_prompt", "check_context"]
+
+def __getattr__(name: str):
+    if name not in _HOMES:
+        raise AttributeError(f"module 'm1.engine' has no attribute '{name}'")
+    import importlib
+
+    return getattr(importlib.import_module(f".{_HOMES[name]}", __name__), name)

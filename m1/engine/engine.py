@@ -13,14 +13,13 @@ from ..model.checkpoint import eos_token_ids, load_model
 from .arch import Arch
 from .backends import FastBackend, HFBackend
 from .graphs import StaticRunner
-from .params import FINISH_BUDGET, RequestOutput, SamplingParams, StreamEvent, requests_of
+from .params import BACKENDS, FINISH_BUDGET, RequestOutput, SamplingParams, StreamEvent, requests_of
 from .prompts import check_context, encode_prompt
 from .sampling import sample_tokens, sampling_tensors
 from .scheduler import Request, Row, plan_groups, prefill_batches, row_bytes
 from .step import DecodeStep
 from .stopping import Stopping
 
-BACKENDS = ("auto", "fast", "hf", "vllm")
 
 
 class Engine:

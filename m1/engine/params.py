@@ -12,6 +12,12 @@ FINISH_STOP = "stop"
 FINISH_LENGTH = "length"
 FINISH_BUDGET = "budget"  # only when generate() is given a deadline
 
+# which sampler runs: auto (fast where the model supports it, else hf), fast (m1's decode step), hf
+# (model.forward with HF's cache: the reference), vllm (the same API on vLLM)
+BACKENDS = ("auto", "fast", "hf", "vllm")
+# the dtype a checkpoint is sampled in; auto = as saved
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
 
 @dataclass
 class SamplingParams:

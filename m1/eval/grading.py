@@ -447,7 +447,11 @@ def _strip_outer_box(s: str) -> str:
 
 
 _NUM = r"-?(?:\d+(?:\.\d*)?|\.\d+)"
-_THOUSANDS_RE = re.compile(r"-?\d{1,3}(?:,\d{3})+(?:\.\d+)?")
+# a leading group of 0 is not a thousands group: "0,111" is not 111
+_THOUSANDS_RE = re.compile(r"-?[1-9]\d{0,2}(?:,\d{3})+(?:\.\d+)?")
+_SPACE_THOUSANDS_RE = re.compile(r"-?[1-9]\d{0,2}(?: \d{3})+(?:\.\d+)?")  # 1 000 000 (SI style)
+# a mixed number, written with a space: "4 4/9", "-1 \frac{1}{2}" (a whole number and a proper fraction)
+_MIXED_RE = re.compile(r"(-?)(\d+) (?:(\d+)/(\d+)|\\frac\{(\d+)\}\{(\d+)\})")
 _UNIT_TAIL_RE = re.compile(
     _TEXT_CMD + r"\s*\{[^{}]*\}\s*(?:\^\s*\{?\d\}?)?\s*$")
 _WORD_UNITS_RE = re.compile(
@@ -506,6 +510,11 @@ def _inequality_interval(s: str) -> str:
         if not (_is_constant(lo) and _is_constant(hi)):
             return s
         return ("[" if strict[0] else "(") + lo + "," + hi + ("]" if strict[1] else ")")
+    m = re.fullmatch(r"-(" + _VAR + r")\s?" + _REL + r"\s?(" + _NUM + r")", s)
+    if m:  # "-x > -1": both sides times -1, the relation flips
+        var, rel, b = m.groups()
+        flipped = ("≤" if _MORE[rel] else "<") if rel in _MORE else ("≥" if _LESS[rel] else ">")
+        return _inequality_interval(var + flipped + (b[1:] if b.startswith("-") else "-" + b))
     m = _ONE_SIDED_RE.fullmatch(s)
     if m and _is_constant(m.group(3)):
         _, rel, b = m.groups()
@@ -584,12 +593,13 @@ def normalize_answer(ans: str | None) -> str:
     s = _undouble_backslashes(s)
     s = _strip_outer_box(s)
     # protect LaTeX row breaks "\\" from the single-backslash rules below
-    s = s.replace("\x00", "").replace("\\\\", "\x00")
+    s = s.replace("\x00", "").replace("\x01", "").replace("\\\\", "\x00")
     # math delimiters
     s = s.replace("\\$", "").replace("$", "")
     s = re.sub(r"\\[\(\)\[\]]", "", s)
     s = s.replace("\\displaystyle", "")
     s = re.sub(r"\\left\s*|\\right\s*", "", s)
+    s = s.replace(">=", "≥").replace("<=", "≤")  # ASCII relations, before "=" reads as an assignment
     s = re.sub(r"\\[dt]frac", r"\\frac", s)
     # \frac\pi4 -> \frac{\pi}{4} (math-verify's parser mangles unbraced arguments)
     s = re.sub(r"\\frac(?![A-Za-z])\s*" + _TEX_TOKEN + r"\s*" + _TEX_TOKEN, r"\\frac{\1}{\2}", s)
@@ -622,10 +632,13 @@ def normalize_answer(ans: str | None) -> str:
     m = _WORD_UNITS_RE.match(s)
     if m:
         s = m.group(1)
-    if _THOUSANDS_RE.fullmatch(s):
-        s = s.replace(",", "")
-    # spaces only matter between two letters (e.g. "\pi r")
-    s = re.sub(r"(?<![A-Za-z])\s+|\s+(?![A-Za-z])", "", s)
+    if _THOUSANDS_RE.fullmatch(s) or _SPACE_THOUSANDS_RE.fullmatch(s):
+        s = s.replace(",", "").replace(" ", "")
+    s = _mixed_number(s)
+    # spaces only matter between two letters ("\pi r") and between two numbers ("2^6 3^5" is a product,
+    # not 2^{63}^5; "4 4/9" is not 44/9): elsewhere they go
+    s = re.sub(r"(?<=\d) (?=\d)", "\x01", s)
+    s = re.sub(r"(?<![A-Za-z])\s+|\s+(?![A-Za-z])", "", s).replace("\x01", " ")
     # "\pm 3", "x=1\pm\sqrt{2}": one \pm stands for the two values
     if len(_PM_RE.findall(s)) == 1 and _top_level_commas(s) == 0:
         s = _PM_RE.sub("+", s) + "," + _PM_RE.sub("-", s)
@@ -634,6 +647,18 @@ def normalize_answer(ans: str | None) -> str:
     if re.search(r"[<>≤≥]|\\(?:lt|gt|le|ge)", s):
         s = _inequality_interval(s)
     return s.replace("\x00", "\\\\")
+
+
+def _mixed_number(s: str) -> str:
+    """``4 4/9`` -> ``\\frac{40}{9}`` when the whole answer is a mixed number (a proper fraction)."""
+    m = _MIXED_RE.fullmatch(s)
+    if not m:
+        return s
+    sign, whole = m.group(1), int(m.group(2))
+    num, den = (int(m.group(3)), int(m.group(4))) if m.group(3) else (int(m.group(5)), int(m.group(6)))
+    if not 0 < num < den:
+        return s
+    return f"{sign}\\frac{{{whole * den + num}}}{{{den}}}"
 
 
 _MC_RE = re.compile(r"\(?([A-Ea-e])\)?")

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from ..errors import M1Error
 from ..model.checkpoint import check_fits_context, check_model_dir, write_json_atomic
+from ..engine.params import BACKENDS, DTYPES
 from ..settings import setting
 from .grading import LIST_POLICIES
 
@@ -30,7 +31,6 @@ def parse_ks_flag(ks) -> list[int]:
         raise M1Error(f"--k {ks if isinstance(ks, str) else ','.join(map(str, ks))}: {e}") from None
 
 
-DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
 @dataclass
@@ -51,6 +51,9 @@ class EvalConfig:
     seed: int = setting(0, "seed of the problem subset and of the samples")
     dtype: str = setting("auto", "weights dtype while sampling (default: as saved); bfloat16 is ~2x faster on GPUs "
                                  "and on CPUs with AMX, at bf16 precision", choices=DTYPES)
+    backend: str = setting("auto", "sampler: m1's engine (auto = fast where the model supports it; fast; hf, the "
+                                   "reference) or vllm (needs vllm importable; --dtype auto passes the saved dtype)",
+                           choices=BACKENDS)
     lists: str = setting("unordered", "how a list answer matches a list gold: unordered (as sets: '3, 1' = "
                                       "'1, 3') or ordered (as tuples); an interval or ordered pair is always ordered",
                          choices=LIST_POLICIES, group="grading")
@@ -78,7 +81,9 @@ class EvalConfig:
             d.pop(k)
         if d["dtype"] == "auto":
             d.pop("dtype")  # evals written before --dtype existed stay resumable
-        for k, default in (("lists", "unordered"), ("last_number", False)):  # ... and before the grading policies
+        # ... and before the grading policies and --backend (another sampler draws other samples: not "auto"
+        # is part of what was sampled)
+        for k, default in (("lists", "unordered"), ("last_number", False), ("backend", "auto")):
             if d[k] == default:
                 d.pop(k)
         return d
@@ -96,7 +101,9 @@ def run_eval(cfg: EvalConfig, out: str | Path, budget_seconds: float | None = No
     if cfg.n < 1:
         raise M1Error(f"-n must be at least 1, got {cfg.n}")
     if cfg.dtype not in DTYPES:
-        raise M1Error(f"--dtype must be auto, float32, bfloat16 or float16, got '{cfg.dtype}'")
+        raise M1Error(f"--dtype must be one of {', '.join(DTYPES)}, got '{cfg.dtype}'")
+    if cfg.backend not in BACKENDS:
+        raise M1Error(f"--backend must be one of {', '.join(BACKENDS)}, got '{cfg.backend}'")
     if max(cfg.ks) > cfg.n:
         raise M1Error(f"--k {max(cfg.ks)} is larger than -n {cfg.n}: sample at least as many completions as the largest k")
     if cfg.n > 1 and cfg.temperature == 0:
@@ -124,15 +131,16 @@ def run_eval(cfg: EvalConfig, out: str | Path, budget_seconds: float | None = No
         # samples drawn with unknown settings must not count as finished work of this eval
         raise M1Error(f"{out} holds a results.jsonl but no eval_config.json, so its settings are unknown: use another "
                       "--out, or delete the results file")
-    write_json_atomic(cfg_path, {"identity": cfg.identity(), "ks": list(cfg.ks)})
     finished = load_finished(results)
     todo = [(i, p) for i, p in enumerate(problems) if any((p.id, j) not in finished for j in range(cfg.n))]
+    if todo and engine is None:  # before the settings are recorded: a sampler that cannot start leaves no trace
+        from ..engine import Engine
+        engine = Engine.from_pretrained(cfg.model, dtype=None if cfg.dtype == "auto" else cfg.dtype,
+                                        backend=cfg.backend)
+    write_json_atomic(cfg_path, {"identity": cfg.identity(), "ks": list(cfg.ks)})
     if len(todo) < len(problems):
         log(f"resuming: {len(problems) - len(todo)} of {len(problems)} problems already done")
     if todo:
-        if engine is None:
-            from ..engine import Engine
-            engine = Engine.from_pretrained(cfg.model, dtype=None if cfg.dtype == "auto" else cfg.dtype)
         _sample_and_grade(cfg, engine, todo, finished, results, budget_seconds, progress, log,
                           ResultsWriter, result_row, Checker, tqdm)
     summary = summarize_results(results, cfg.ks, seed=cfg.seed)

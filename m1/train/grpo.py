@@ -54,7 +54,7 @@ import logging
 import math
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -64,7 +64,7 @@ from ..settings import setting
 from .run import (CHECKPOINTS, METRICS_FILE, barrier, base_dtype, check_max_steps, default_micro_batch, finalize,
                   lineage_record, load_policy, make_divergence_guard, make_metrics_callback, model_fingerprint, on_cuda,
                   open_work_dir, prepare_run, quiet_trainer, quiet_transformers, read_metrics, resolve_precision,
-                  run_state, set_mamba_chunk_size, train_guarded, unknown_options, with_checkpoint_marker, work_dir)
+                  run_state, set_mamba_chunk_size, train_guarded, with_checkpoint_marker, work_dir)
 
 logger = logging.getLogger("m1.train.grpo")
 
@@ -566,23 +566,23 @@ def engine_rollout(max_batch_size: int | None = None):
 # =================================================================================================
 # GRPO
 # =================================================================================================
-def grpo(model: str | Path, task: str, out: str | Path, *, resume: bool = False, force: bool = False,
+def grpo(cfg: GRPOSettings, out: str | Path, *, resume: bool = False, force: bool = False,
          keep_checkpoints: bool = False, reward_funcs: list[Callable] | None = None,
          reward_weights: list[float] | None = None, log: Callable[[str], None] = print,
-         callbacks: list | None = None, **options) -> GRPOResult:
-    """RL-train ``model`` on ``task`` with GRPO and write the result to ``out``; see the module docstring.
+         callbacks: list | None = None) -> GRPOResult:
+    """RL-train ``cfg.model`` on ``cfg.task`` with GRPO and write the result to ``out``; see the module
+    docstring.
 
-    ``options`` are :class:`GRPOSettings` fields. ``reward_funcs`` (Python API): TRL-style reward
-    functions replacing the built-in accuracy (+ format) rewards, with ``reward_weights``. Every
-    user-facing problem raises :class:`M1Error`.
+    ``reward_funcs`` (Python API): TRL-style reward functions replacing the built-in accuracy (+ format)
+    rewards, with ``reward_weights``; their names are recorded in the saved settings. Every user-facing
+    problem raises :class:`M1Error`, before anything is loaded.
     """
-    unknown_options(GRPOSettings, options)
-    if "reward_funcs" in options:
-        raise M1Error("pass reward functions as grpo(..., reward_funcs=[f, ...])")
+    if cfg.reward_funcs:
+        raise M1Error("pass reward functions as grpo(cfg, out, reward_funcs=[f, ...]), not in the settings")
     from trl.trainer.utils import get_callable_name
 
-    cfg = GRPOSettings(model=str(model), task=str(task), **options)
-    cfg.reward_funcs = [get_callable_name(f) for f in (reward_funcs or [])]
+    cfg = replace(cfg, model=str(cfg.model), task=str(cfg.task),  # paths welcome; the record is JSON
+                  reward_funcs=[get_callable_name(f) for f in (reward_funcs or [])])
     cfg.validate()
     if reward_weights is not None and len(reward_weights) != len(reward_funcs or []):
         raise M1Error(f"{len(reward_weights)} reward weights for {len(reward_funcs or [])} reward functions")

@@ -13,7 +13,6 @@ import json
 import os
 import shutil
 import time
-from dataclasses import fields
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
@@ -519,13 +518,6 @@ def quiet_transformers() -> Callable[[], None]:
             hf_logging.enable_progress_bar()
 
     return undo
-
-
-def unknown_options(cls, options: dict) -> None:
-    names = {f.name for f in fields(cls)}
-    bad = sorted(set(options) - names)
-    if bad:
-        raise M1Error(f"unknown option(s) {', '.join(bad)}; known: {', '.join(sorted(names))}")
 
 
 def read_metrics(path: Path) -> list[dict]:

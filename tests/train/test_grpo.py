@@ -114,9 +114,9 @@ def test_settings_and_rollout_checks(tiny_hybrid, tmp_path):
             resolve_rollout("vllm")
     for bad, match in [({"loss_type": "ppo"}, "--loss-type"), ({"num_generations": 1}, "num-generations"),
                        ({"temperature": 0}, "temperature"), ({"rollout": "magic"}, "--rollout"),
-                       ({"learning_rat": 1}, "unknown option")]:
+                       ({"reward_funcs": ["f"]}, "pass reward functions as grpo")]:
         with pytest.raises(M1Error, match=match):
-            grpo(tiny_hybrid, "arith", tmp_path / "x", **bad, **QUIET)
+            grpo(GRPOSettings(model=tiny_hybrid, task="arith", **bad), tmp_path / "x", **QUIET)
     assert not (tmp_path / "x").exists() and not work_dir(tmp_path / "x").exists()
 
 
@@ -212,9 +212,10 @@ def test_grpo_learns_a_token_reward_and_unlearns_it_when_flipped(tiny_hybrid, tm
     tok = AutoTokenizer.from_pretrained(tiny_hybrid)
     target, reward = _set_reward(len(tok), sign)
     out = tmp_path / "g"
-    res = grpo(tiny_hybrid, "arith:steps=1,digits=1", out, reward_funcs=[reward], limit=64, max_steps=12,
-               prompts_per_step=2, num_generations=8, max_completion_length=8, learning_rate=2e-2, entropy_coef=0.0,
-               rollout=rollout, save_steps=100, **QUIET)
+    cfg = GRPOSettings(model=tiny_hybrid, task="arith:steps=1,digits=1", limit=64, max_steps=12, prompts_per_step=2,
+                       num_generations=8, max_completion_length=8, learning_rate=2e-2, entropy_coef=0.0,
+                       rollout=rollout, save_steps=100)
+    res = grpo(cfg, out, reward_funcs=[reward], **QUIET)
     frac = [sign * m["reward"] for m in res.metrics if "reward" in m]  # the fraction itself, whatever the sign
     assert len(frac) == 12
     start, end = sum(frac[:3]) / 3, sum(frac[-3:]) / 3
@@ -240,9 +241,9 @@ def test_reward_failures_in_a_run_score_zero_and_are_reported(tiny_hybrid, tmp_p
             raise RuntimeError("flaky reward")
         return [1.0]
 
-    res = grpo(tiny_hybrid, "arith:steps=1,digits=1", tmp_path / "g", reward_funcs=[flaky], limit=8, max_steps=1,
-               prompts_per_step=2, num_generations=2, max_completion_length=4, rollout="hf", reward_timeout=2.0,
-               beta=0.04, **QUIET)
+    cfg = GRPOSettings(model=tiny_hybrid, task="arith:steps=1,digits=1", limit=8, max_steps=1, prompts_per_step=2,
+                       num_generations=2, max_completion_length=4, rollout="hf", reward_timeout=2.0, beta=0.04)
+    res = grpo(cfg, tmp_path / "g", reward_funcs=[flaky], **QUIET)
     assert res.steps == 1 and res.metrics[0]["kl"] is not None
     assert res.stats["reward_failures_total"] >= 1 and res.stats["completions_total"] == 4
     assert res.stats["truncated_total"] >= 1  # 4 new tokens: most completions never finish
@@ -275,20 +276,22 @@ def test_grpo_run_resume_mismatch_and_output(tiny_hybrid, tmp_path):
 
     out, task = tmp_path / "g", "arith:steps=1,digits=1"
     with pytest.raises(_Kill):
-        grpo(tiny_hybrid, task, out, callbacks=[_killer(3)], **RUN, **QUIET)
+        grpo(GRPOSettings(model=tiny_hybrid, task=task, **RUN), out, callbacks=[_killer(3)], **QUIET)
     work = work_dir(out)
     ckpt, _ = find_checkpoints(work, GRPO_CONFIG_FILE)
     assert ckpt is not None and ckpt.name == "checkpoint-2"
     before = sorted(p.relative_to(work).as_posix() for p in work.rglob("*"))
     with pytest.raises(M1Error, match=r"different settings.*loss_type"):
-        grpo(tiny_hybrid, task, out, resume=True, **{**RUN, "loss_type": "dapo"}, **QUIET)
+        grpo(GRPOSettings(model=tiny_hybrid, task=task, **{**RUN, "loss_type": "dapo"}), out, resume=True, **QUIET)
     with pytest.raises(M1Error, match=r"different settings.*reward_funcs"):
-        grpo(tiny_hybrid, task, out, resume=True, reward_funcs=[lambda **kw: [0.0]], **RUN, **QUIET)
+        grpo(GRPOSettings(model=tiny_hybrid, task=task, **RUN),
+             out, resume=True, reward_funcs=[lambda **kw: [0.0]], **QUIET)
     with pytest.raises(M1Error, match="unfinished run"):
-        grpo(tiny_hybrid, task, out, **RUN, **QUIET)
+        grpo(GRPOSettings(model=tiny_hybrid, task=task, **RUN), out, **QUIET)
     assert sorted(p.relative_to(work).as_posix() for p in work.rglob("*")) == before and not out.exists()
 
-    res = grpo(tiny_hybrid, task, out, resume=True, **{**RUN, "rollout": "hf"}, **QUIET)  # rollout is neutral
+    res = grpo(GRPOSettings(model=tiny_hybrid, task=task, **{**RUN, "rollout": "hf"}),
+               out, resume=True, **QUIET)  # rollout is neutral
     assert res.steps == 3 and not work.exists()
     assert [m["step"] for m in res.metrics if "reward" in m] == [1, 2, 3]
     row = res.metrics[-2]
@@ -354,7 +357,8 @@ def test_two_process_accelerate_launch(tiny_hybrid, tmp_path):
 
 def test_completion_length_beyond_the_context_is_refused_before_loading(tiny_hybrid, tmp_path):
     with pytest.raises(M1Error, match="--max-completion-length 600 does not fit the model's context of 512"):
-        grpo(tiny_hybrid, "arith:steps=1,digits=1", tmp_path / "g", **{**RUN, "max_completion_length": 600})
+        grpo(GRPOSettings(model=tiny_hybrid, task="arith:steps=1,digits=1", **{**RUN, "max_completion_length": 600}),
+             tmp_path / "g")
     assert not (tmp_path / "g").exists()
 
 @pytest.mark.parametrize("rollout", ["engine", "hf"])
@@ -363,5 +367,5 @@ def test_diverged_run_is_one_error_not_a_sampler_traceback(tiny_hybrid, tmp_path
     out = tmp_path / "g"
     opts = {**RUN, "learning_rate": 1e9, "max_steps": 4, "rollout": rollout}
     with pytest.raises(M1Error, match=r"training diverged: the .* at step \d.*--lr"):
-        grpo(tiny_hybrid, "arith:steps=1,digits=1", out, **opts, **QUIET)
+        grpo(GRPOSettings(model=tiny_hybrid, task="arith:steps=1,digits=1", **opts), out, **QUIET)
     assert not out.exists() and work_dir(out).exists()
