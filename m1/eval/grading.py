@@ -76,6 +76,15 @@ Both sides are normalised the same way first (:func:`normalize_answer`):
   thousands separator only when the *whole* answer has the shape
   ``d{1,3}(,ddd)+`` with no spaces, so ``1,3,5`` and ``2500,7500`` stay
   lists (``100,200`` is read as 100200: genuinely ambiguous, documented).
+  A first group of ``0`` is not a thousands group (``0,111`` is not 111).
+  SI-style spaces (``1 000 000``, the whole answer) are thousands separators too.
+* **Spaces between numbers**: a whole number and a proper fraction apart
+  (``4 4/9``, ``2 \frac{1}{3}``) are a mixed number (40/9, 7/3); otherwise a
+  space between two digits stays (``2^6 3^5`` is a product, never
+  ``2^{63}^5``; ``3 5`` is not 35). Elsewhere spaces go.
+* **Relations**: ASCII ``>=`` / ``<=`` are read as ``\geq`` / ``\leq``; a
+  single-variable inequality is the interval it describes (``x \geq 5`` ==
+  ``[5,\infty)``), also with the variable negated (``-x > -1`` == ``x < 1``).
 * **Currency and units**: ``\$`` is dropped; a trailing ``\text{...}`` /
   ``\mbox{...}`` / ``\mathrm{...}`` unit (optionally ``^2``) after a value is
   dropped (``5.4 \text{ cents}`` == ``5.4``); a value followed by up to three
