@@ -598,3 +598,15 @@ CASES += [
     Case("inequality", r"\boxed{-t \le 5}", r"t \geq -5", True),
     Case("inequality", r"\boxed{-x > 2}", "x > -2", False, hard=True),
 ]
+
+# ---------------------------------------------------------------- a "Final Answer:" line written as a sentence
+CASES += [
+    Case("final_sentence", "So the area is 6 * 7 = 42.\nFinal Answer: The area of the garden is 42.", "42", True),
+    Case("final_sentence", "Thus h = 4 and V = 80. Final Answer: The volume of the box is $80$.", "80", True),
+    Case("final_sentence", "Final Answer: Tom has 7 apples left.", "7", True),
+    Case("final_sentence", "Final Answer: The two roots are $2$ and $5$.", "2,5", True),
+    Case("final_sentence", "Final Answer: The largest $k$ is 12.", "21", False, hard=True),
+    Case("final_sentence", "Final Answer: The speed was 60 km/h, so the trip took 3 hours.", "60", False,
+         note="what follows 'was' is a clause, not a value: no answer is read, so no match"),
+    Case("final_sentence", "Final Answer: I could not finish the computation.", "3", False, hard=True),
+]

@@ -50,7 +50,9 @@ Extraction policy (:func:`extract_answer`)
    may together be the answer (``x = \boxed{2} or x = \boxed{3}`` gives
    ``x=2, x=3`` when every box has such an assignment); or the last
    "final answer ... is X" (not across a colon or a sentence end) or
-   "Final Answer: X" line, whichever comes later.
+   "Final Answer: X" line (or sentence), whichever comes later; a "Final
+   Answer:" written as prose gives what follows its last "is"/"are"/
+   "equals" ("The largest $n$ is 34" -> 34), else its last number.
 2. Otherwise the last of: a ``#### N`` line (GSM8K), "The answer is X", an
    ``A: X`` / ``Answer: X`` line, or a LaTeX math
    environment within 50 characters after the word "answer"
@@ -189,8 +191,8 @@ _MINERVA_RE = re.compile(r"(?i)final\s+answer\s+is\s*:?[ \t]*([^\n]{1,1000}?)\s*
 # "the final answer to part (b) is X" (math-verify allows 100 characters
 # between; not across a colon or a sentence end: "Final answer: 8. This is ...")
 _FINAL_IS_RE = re.compile(r"(?i)\bfinal\s+answer\b(?:[^\n:.]|\.(?!\s)){0,100}?\s+is\s*:?[ \t]*([^\n]*)")
-# a "Final Answer: X" line
-_FINAL_LINE_RE = re.compile(r"(?im)^[ \t*#>]*final\s+answer[ \t*]*:[ \t*]*([^\n]*)")
+# "Final Answer: X" at the start of a line or of a sentence ("... = 120. Final Answer: The volume is 120.")
+_FINAL_LINE_RE = re.compile(r"(?im)(?:^|(?<=[.!?])[ \t]+)[ \t*#>]*final\s+answer[ \t*]*:[ \t*]*([^\n]*)")
 _ANSWER_WORD_RE = re.compile(r"(?i)\banswer\b")
 # LaTeX math environments, as math-verify's extraction knows them; bounded
 # lengths keep the scan linear on hostile input
@@ -343,6 +345,20 @@ def _clean_line_answer(s: str) -> str:
 
 
 _PROSE_RE = re.compile(r"[A-Za-z]{3,}\s+[A-Za-z]{3,}")
+_VERB_RE = re.compile(r"(?i)\s(?:is|are|equals|was|were)\s+")
+
+
+def _sentence_answer(s: str) -> str:
+    """A "Final Answer:" line written as a sentence, "The largest $n$ is 34", "Jane started 3 hours ago":
+    what follows its last "is"/"are"/"equals", else its last number (the line is the model's own answer
+    line, so this is anchored); a line that is not prose is the answer as it stands."""
+    if not s or not _PROSE_RE.search(re.sub(r"\$[^$]*\$", " ", s)):
+        return s
+    parts = _VERB_RE.split(s)
+    if len(parts) > 1:
+        return parts[-1].strip()  # "$2$ and $5$", "$\frac34$ square units": normalisation takes it from here
+    nums = _LAST_NUMBER_RE.findall(s)
+    return nums[-1].rstrip(",") if nums else s
 
 
 def _looks_like_math(s: str) -> bool:
@@ -383,7 +399,7 @@ def extract_answer(text: str | None, *, last_number: bool = False) -> str | None
     for m in _FINAL_LINE_RE.finditer(tail):
         if _BOX_RE.search(m.group(1)) or _FINAL_IS_RE.search(m.group(1)):
             continue  # the box / the "final answer is" inside is the candidate
-        ans = _clean_line_answer(m.group(1))
+        ans = _sentence_answer(_clean_line_answer(m.group(1)))
         if ans:
             cands.append((off + m.start(), ans))
     if cands:
