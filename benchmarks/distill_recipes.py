@@ -214,13 +214,11 @@ def perplexity(path: Path, model=None, tok=None) -> float:
     if cache.exists():
         return json.loads(cache.read_text())["perplexity"]
     from m1.model.checkpoint import load_model, write_json_atomic
-    from m1.train.data import load_data
-    from m1.train.heldout import heldout_loss
+    from m1.train.heldout import gsm8k_chat_texts, heldout_loss
 
     if model is None:
         model, tok = load_model(path, dtype="float32")
-    data = load_data("gsm8k-train", tok, seq_len=256, heldout=16, seed=0)
-    r = heldout_loss(model, tok, data.heldout_texts, max_len=256)
+    r = heldout_loss(model, tok, gsm8k_chat_texts(tok, 16), max_len=256)
     write_json_atomic(cache, {"perplexity": r.perplexity, "nll": r.nll, "tokens": r.tokens})
     return r.perplexity
 
@@ -272,16 +270,6 @@ def run(out: Path, names: list[str], bf16: str, demo: Path | None = None) -> Non
             src = dst
 
 
-def stage_ppl(out: Path, row: dict) -> str:
-    """A row's perplexity: recorded with it, or measured later into its stage's cache (rows from before
-    the column existed); '-' where neither."""
-    if "ppl" in row:
-        return f"{row['ppl']:.2f}"
-    cached = [json.loads(p.read_text())["perplexity"] for p in (out / "stages").glob(f"{row['stage']}-*-ppl.json")
-              if p.name == f"{row.get('stage_dir', '')}-ppl.json"]
-    return f"{cached[0]:.2f}" if cached else "-"
-
-
 def report(out: Path, dest: Path) -> None:
     """Markdown table + accuracy-vs-training-seconds plot of the results so far."""
     import matplotlib
@@ -302,9 +290,10 @@ def report(out: Path, dest: Path) -> None:
             lo, hi = r["pass1_ci"]
             ck = r["completion_kl"]
             stage = r["settings"].get("stage", r["stage"]) if r["stage"] == "distill" else r["stage"]
+            ppl = f"{r['ppl']:.2f}" if "ppl" in r else "-"  # rows from before the column have none
             lines.append(f"| {name} | {r['stage_index']} {stage} | {r['train_seconds']:.0f} | {r['train_steps']} | "
                          f"{int(r['train_tokens']):,} | {r['pass1']:.1f} [{lo:.0f}, {hi:.0f}] | {r['pass1_hard']:.1f} | "
-                         f"{ck['kl']:.3f} | {ck['kl_digits']:.3f} | {stage_ppl(out, r)} | {r['decode_tok_s']:.1f} |")
+                         f"{ck['kl']:.3f} | {ck['kl_digits']:.3f} | {ppl} | {r['decode_tok_s']:.1f} |")
     ax.set_xlabel("seconds of training (2-core CPU)")
     ax.set_ylabel(f"pass@1 on held-out {TASK} (%)")
     ax.legend(fontsize=8)

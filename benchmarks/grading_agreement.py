@@ -73,29 +73,38 @@ def grade_math_verify(cases: list[Case], wrap_gold: bool) -> tuple[list[bool], f
     return out, time.perf_counter() - t0
 
 
+def agreement_by(agree: list[bool], keys: list[str]) -> dict:
+    """{key: agree, cases, agreement_pct} over the cases that share a key (a category, a source)."""
+    counts: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+    for a, k in zip(agree, keys):
+        counts[k][0] += a
+        counts[k][1] += 1
+    return {k: {"agree": a, "cases": n, "agreement_pct": round(100 * a / n, 1)} for k, (a, n) in sorted(counts.items())}
+
+
 def summarize(got: list[bool], cases: list[Case]) -> dict:
     agree = [g == c.expected for g, c in zip(got, cases)]
     fp = [g and not c.expected for g, c in zip(got, cases)]
-    per_cat: dict[str, list[int]] = defaultdict(lambda: [0, 0])
-    per_src: dict[str, list[int]] = defaultdict(lambda: [0, 0])
-    for a, c in zip(agree, cases):
-        per_cat[c.category][0] += a
-        per_cat[c.category][1] += 1
-        per_src[c.note.split(":")[0]][0] += a
-        per_src[c.note.split(":")[0]][1] += 1
     out = {
         "agree": sum(agree),
         "agreement_pct": round(100 * sum(agree) / len(cases), 1),
         "false_positives": sum(fp),
         "false_positives_hard": sum(f and c.hard for f, c in zip(fp, cases)),
         "false_negatives": sum(not g and c.expected for g, c in zip(got, cases)),
-        "per_category": {k: {"agree": a, "cases": n, "agreement_pct": round(100 * a / n, 1)}
-                         for k, (a, n) in sorted(per_cat.items())},
+        "per_category": agreement_by(agree, [c.category for c in cases]),
     }
-    if cases is not CASES:
-        out["per_source"] = {k: {"agree": a, "cases": n, "agreement_pct": round(100 * a / n, 1)}
-                             for k, (a, n) in sorted(per_src.items())}
+    if cases is not CASES:  # a --cases file keeps each case's source in its note
+        out["per_source"] = agreement_by(agree, [c.note.split(":")[0] for c in cases])
     return out
+
+
+def print_breakdown(key: str, label: str, m1: dict, mv: dict, mvw: dict) -> None:
+    print(f"\n| {label} | cases | m1 | math-verify | math-verify, `$gold$` |")
+    print("| --- | ---: | ---: | ---: | ---: |")
+    for name, a in m1[key].items():
+        b, w = mv[key][name], mvw[key][name]
+        print(f"| {name} | {a['cases']} | {a['agreement_pct']:.0f}% | {b['agreement_pct']:.0f}% "
+              f"| {w['agreement_pct']:.0f}% |")
 
 
 def main() -> None:
@@ -123,19 +132,9 @@ def main() -> None:
                           ("math-verify defaults, gold as `$gold$`", mvw, mvw_s)):
         print(f"| {name} | {s['agree']}/{n} = {s['agreement_pct']:.1f}% | "
               f"{s['false_positives']} ({s['false_positives_hard']}) | {s['false_negatives']} | {secs:.1f} |")
-    print("\n| category | cases | m1 | math-verify | math-verify, `$gold$` |")
-    print("| --- | ---: | ---: | ---: | ---: |")
-    for cat, a in m1["per_category"].items():
-        b, w = mv["per_category"][cat], mvw["per_category"][cat]
-        print(f"| {cat} | {a['cases']} | {a['agreement_pct']:.0f}% | {b['agreement_pct']:.0f}% "
-              f"| {w['agreement_pct']:.0f}% |")
+    print_breakdown("per_category", "category", m1, mv, mvw)
     if "per_source" in m1:
-        print("\n| source | cases | m1 | math-verify | math-verify, `$gold$` |")
-        print("| --- | ---: | ---: | ---: | ---: |")
-        for src, a in m1["per_source"].items():
-            b, w = mv["per_source"][src], mvw["per_source"][src]
-            print(f"| {src} | {a['cases']} | {a['agreement_pct']:.0f}% | {b['agreement_pct']:.0f}% "
-                  f"| {w['agreement_pct']:.0f}% |")
+        print_breakdown("per_source", "source", m1, mv, mvw)
 
     if args.list:
         for name, got in (("m1", m1_got), ("math-verify", mv_got), ("math-verify, $gold$", mvw_got)):

@@ -72,6 +72,10 @@ class Budget:
     hybrid_kd_lr: float | None = None  # None: distill_lr
     hybrid_sft: bool = True
 
+    def __post_init__(self):
+        if self.hybrid_kd_data not in ("task", "mix"):
+            raise M1Error(f"hybrid_kd_data must be task or mix, got '{self.hybrid_kd_data}'")
+
 
 BUDGETS = {
     # CI: a tiny random teacher; checks that every stage runs and the report is complete
@@ -271,8 +275,6 @@ class Demo:
         from .train.distill import DistillConfig
 
         b = self.b
-        if b.hybrid_kd_data not in ("task", "mix"):
-            raise M1Error(f"hybrid_kd_data must be task or mix, got '{b.hybrid_kd_data}'")
         mix = b.hybrid_kd_data == "mix"
         data = f"gsm8k-train,{b.task},n={GSM8K_TRAIN_ROWS}" if mix else b.task
         cfg = DistillConfig(student=str(student), out=str(out), teacher=str(teacher), data=data, stage="kd",
@@ -333,16 +335,15 @@ class Demo:
         from transformers import AutoTokenizer
 
         from .model.checkpoint import load_model
-        from .train.data import load_data
-        from .train.heldout import heldout_loss
+        from .train.heldout import gsm8k_chat_texts, heldout_loss
 
         t0 = time.time()
         tok = AutoTokenizer.from_pretrained(next(iter(models.values())))
-        data = load_data("gsm8k-train", tok, seq_len=256, heldout=self.b.ppl_texts, seed=0)
+        texts = gsm8k_chat_texts(tok, self.b.ppl_texts)
         for name, d in models.items():
             if name not in done:
                 model, _ = load_model(d, dtype="float32")
-                r = heldout_loss(model, tok, data.heldout_texts, max_len=256)
+                r = heldout_loss(model, tok, texts, max_len=256)
                 done[name] = {"nll": r.nll, "perplexity": r.perplexity, "tokens": r.tokens, "path": str(d)}
                 path.parent.mkdir(parents=True, exist_ok=True)
                 path.write_text(json.dumps(done, indent=2))

@@ -178,3 +178,12 @@ def teacher_answers(model_dir, task: str, limit: int, max_new_tokens: int, seed:
     prompts = [render_prompt(eng.tokenizer, build_messages(p)) for p in load_task(task, limit=limit, seed=seed)]
     outs = eng.generate(prompts, SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0))
     return [list(p) + list(o.completions[0].token_ids) for p, o in zip(prompts, outs)], [len(p) for p in prompts]
+
+
+def gsm8k_chat_texts(tokenizer, n: int = 16) -> list[str]:
+    """The held-out GSM8K train chats that generality (perplexity) is measured on: the ``n`` that
+    ``m1 distill --data gsm8k-train --heldout N`` holds out with seed 0, so the demo's general
+    distillation never trains on them (score them with :func:`heldout_loss`, ``max_len=256``)."""
+    from .data import load_data
+
+    return load_data("gsm8k-train", tokenizer, seq_len=256, heldout=n, seed=0).heldout_texts
