@@ -9,6 +9,7 @@ input never leaves a half-written checkpoint behind.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import shutil
@@ -98,8 +99,15 @@ def atomic_dir(out: str | os.PathLike, force: bool = False):
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         yield tmp
-    except BaseException:
+    except BaseException as e:
+        written = _dir_bytes(tmp)
         shutil.rmtree(tmp, ignore_errors=True)
+        if _is_disk_full(e):
+            free = shutil.disk_usage(out.parent).free
+            raise M1Error(f"writing {out} failed: the disk holding it is full ({free / 1e6:,.0f} MB free after "
+                          f"removing the partial write of {written / 1e6:,.0f} MB). Free space there, or choose an "
+                          "--out on another disk (a training run keeps its work directory beside --out), then "
+                          "run again (with --resume where the command has it)") from e
         raise
     try:
         make_portable(tmp)
@@ -113,6 +121,21 @@ def atomic_dir(out: str | os.PathLike, force: bool = False):
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(tmp, out)
+
+
+def _is_disk_full(e: BaseException) -> bool:
+    """torch.save reports a full disk as a RuntimeError from its zip writer ("file write failed", or
+    "unexpected pos A vs B" when the short write surfaces at the end of the file), not as ENOSPC."""
+    if isinstance(e, OSError):
+        return e.errno in (errno.ENOSPC, errno.EDQUOT)
+    if isinstance(e, RuntimeError):
+        msg = str(e)
+        return "PytorchStreamWriter failed writing" in msg or "unexpected pos" in msg
+    return False
+
+
+def _dir_bytes(d: Path) -> int:
+    return sum(f.stat().st_size for f in d.rglob("*") if f.is_file())
 
 
 def write_json_atomic(path: str | os.PathLike, obj) -> None:
