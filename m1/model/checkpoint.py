@@ -100,14 +100,10 @@ def atomic_dir(out: str | os.PathLike, force: bool = False):
     try:
         yield tmp
     except BaseException as e:
-        written = _dir_bytes(tmp)
+        full = disk_full_error(out, tmp, e)
+        if full is not None:
+            raise full from e
         shutil.rmtree(tmp, ignore_errors=True)
-        if _is_disk_full(e):
-            free = shutil.disk_usage(out.parent).free
-            raise M1Error(f"writing {out} failed: the disk holding it is full ({free / 1e6:,.0f} MB free after "
-                          f"removing the partial write of {written / 1e6:,.0f} MB). Free space there, or choose an "
-                          "--out on another disk (a training run keeps its work directory beside --out), then "
-                          "run again (with --resume where the command has it)") from e
         raise
     try:
         make_portable(tmp)
@@ -121,6 +117,19 @@ def atomic_dir(out: str | os.PathLike, force: bool = False):
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(tmp, out)
+
+
+def disk_full_error(out: Path, partial: Path, e: BaseException) -> M1Error | None:
+    """If ``e`` is a full disk, remove the ``partial`` write and return the error to raise instead."""
+    if not _is_disk_full(e):
+        return None
+    written = _dir_bytes(partial) if partial.is_dir() else 0
+    shutil.rmtree(partial, ignore_errors=True)
+    free = shutil.disk_usage(out.parent).free
+    return M1Error(f"writing {out} failed: the disk holding it is full ({free / 1e6:,.0f} MB free after removing "
+                   f"the partial write of {written / 1e6:,.0f} MB). Free space there, or choose an --out on "
+                   "another disk (a training run keeps its work directory beside --out), then run again (with "
+                   "--resume where the command has it)")
 
 
 def _is_disk_full(e: BaseException) -> bool:

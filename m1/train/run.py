@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ..errors import M1Error
-from ..model.checkpoint import M1_RECORD, atomic_dir, read_record, saved_dtype, write_json_atomic
+from ..model.checkpoint import M1_RECORD, atomic_dir, disk_full_error, read_record, saved_dtype, write_json_atomic
 
 CHECKPOINTS = "checkpoints"
 METRICS_FILE = "metrics.jsonl"
@@ -196,12 +196,18 @@ def with_checkpoint_marker(trainer_cls, marker: str, payload: Callable[[Any], di
 
     class Marked(trainer_cls):
         def _save_checkpoint(self, model, trial):
-            super()._save_checkpoint(model, trial)
+            from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+            ckpt = Path(self._get_output_dir(trial=trial)) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+            try:
+                super()._save_checkpoint(model, trial)
+            except (OSError, RuntimeError) as e:
+                full = disk_full_error(ckpt, ckpt, e)  # the partial checkpoint (no marker) goes
+                if full is None:
+                    raise
+                raise full from e
             self.accelerator.wait_for_everyone()
             if self.args.should_save:
-                from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
-
-                ckpt = Path(self._get_output_dir(trial=trial)) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
                 if weights_finite(model):  # a checkpoint of broken weights never counts as good
                     write_json_atomic(ckpt / marker, {**payload(self), "step": self.state.global_step})
 
