@@ -52,7 +52,8 @@ from ..errors import M1Error
 from ..model.checkpoint import (M1_RECORD, atomic_dir, check_fits_context, check_model_dir, context_length,
                                 mamba_layer_mask, read_record, write_json_atomic)
 from ..settings import setting
-from .run import METRICS_FILE, diverged_error, first_nonfinite, truncate_metrics, weights_finite, work_dir
+from .run import (METRICS_FILE, diverged_error, first_nonfinite, mamba_mixer_param_ids, truncate_metrics,
+                  weights_finite, work_dir)
 
 STAGE_NAMES = ("align", "kd", "onpolicy")  # run in the order given: --stage align,kd,onpolicy
 STAGES = STAGE_NAMES + ("both",)  # both = align,kd
@@ -816,7 +817,7 @@ def _trainable(run: _Run, stage: Stage):
     params = [p for p in trainable.parameters() if p.requires_grad]
     groups = [{"params": params, "lr": stage.lr}]
     if stage.name != "align" and cfg.mamba_lr is not None and layers:
-        mixer_ids = {id(p) for i in layers for p in student.model.layers[i].mamba.parameters()}
+        mixer_ids = mamba_mixer_param_ids(student)
         groups = [{"params": [p for p in params if id(p) not in mixer_ids], "lr": stage.lr},
                   {"params": [p for p in params if id(p) in mixer_ids], "lr": cfg.mamba_lr}]
     return trainable, params, groups

@@ -215,6 +215,42 @@ def with_checkpoint_marker(trainer_cls, marker: str, payload: Callable[[Any], di
     return Marked
 
 
+def mamba_mixer_param_ids(model) -> set[int]:
+    """``id()`` of every parameter of the model's Mamba mixers (empty for an all-attention model): what
+    ``--mamba-lr`` trains at its own learning rate in distill and sft."""
+    from ..model.checkpoint import mamba_layer_mask
+
+    layers = model.model.layers
+    return {id(p) for i, mamba in enumerate(mamba_layer_mask(model.config)) if mamba
+            for p in layers[i].mamba.parameters()}
+
+
+def with_mamba_lr(trainer_cls, mamba_lr: float):
+    """Subclass a transformers ``Trainer`` so the Mamba mixers train at ``mamba_lr`` and every other
+    parameter at ``args.learning_rate`` (same optimizer, weight-decay split and schedule shape). The
+    mixers are the new parts of a converted model; the MLPs and attention are the teacher's."""
+
+    class MambaLR(trainer_cls):
+        def create_optimizer(self, model=None):
+            if self.optimizer is None:
+                model = model if model is not None else self.model
+                mixers, decay = mamba_mixer_param_ids(model), set(self.get_decay_parameter_names(model))
+                groups = []
+                for in_mixer, lr in ((False, self.args.learning_rate), (True, mamba_lr)):
+                    for decayed in (True, False):
+                        params = [p for n, p in model.named_parameters()
+                                  if p.requires_grad and (id(p) in mixers) == in_mixer and (n in decay) == decayed]
+                        if params:
+                            groups.append({"params": params, "lr": lr,
+                                           "weight_decay": self.args.weight_decay if decayed else 0.0})
+                cls, kwargs = self.get_optimizer_cls_and_kwargs(self.args, model)
+                self.optimizer = cls(groups, **kwargs)
+            return self.optimizer
+
+    MambaLR.__name__ = trainer_cls.__name__
+    return MambaLR
+
+
 def weights_finite(model) -> bool:
     """True when every parameter of ``model`` is finite."""
     import torch

@@ -58,9 +58,10 @@ from ..errors import M1Error
 from ..model.checkpoint import check_model_dir
 from ..settings import setting
 from .run import (CHECKPOINTS, METRICS_FILE, barrier, base_dtype, check_max_steps, finalize, lineage_record,
-                  load_policy, make_divergence_guard, make_metrics_callback, model_fingerprint, on_cuda, open_work_dir,
-                  prepare_run, quiet_trainer, quiet_transformers, read_metrics, resolve_precision, run_state,
-                  set_mamba_chunk_size, train_guarded, with_checkpoint_marker, work_dir)
+                  load_policy, make_divergence_guard, make_metrics_callback, mamba_mixer_param_ids, model_fingerprint,
+                  on_cuda, open_work_dir, prepare_run, quiet_trainer, quiet_transformers, read_metrics,
+                  resolve_precision, run_state, set_mamba_chunk_size, train_guarded, with_checkpoint_marker,
+                  with_mamba_lr, work_dir)
 
 SFT_CONFIG_FILE = "sft_config.json"
 GSM8K_TRAIN = "gsm8k-train"
@@ -216,6 +217,8 @@ class SFTSettings:
     max_length: int = setting(1024, "examples longer than this many tokens are dropped, not cut",
                               group="budget and batches")
     learning_rate: float = setting(2e-5, "peak learning rate", flag="--lr", group="optimizer")
+    mamba_lr: float | None = setting(None, "peak learning rate of the Mamba mixers; the MLPs, attention and "
+                                           "embeddings keep --lr (default: --lr for all)", group="optimizer")
     lr_scheduler: str = setting("cosine", "transformers scheduler name", group="optimizer")
     warmup_ratio: float = setting(0.03, "warm-up fraction of the steps", group="optimizer")
     weight_decay: float = setting(0.0, "AdamW weight decay", group="optimizer")
@@ -239,6 +242,8 @@ class SFTSettings:
             raise M1Error(f"--limit must be >= 1, got {self.limit}")
         if self.learning_rate <= 0 or not math.isfinite(self.learning_rate):
             raise M1Error(f"--lr must be > 0, got {self.learning_rate}")
+        if self.mamba_lr is not None and (self.mamba_lr <= 0 or not math.isfinite(self.mamba_lr)):
+            raise M1Error(f"--mamba-lr must be > 0, got {self.mamba_lr}")
         check_max_steps(self.max_steps)
         if self.max_steps <= 0 and self.epochs <= 0:
             raise M1Error("give a training budget: --epochs > 0 or --max-steps N")
@@ -330,7 +335,10 @@ def build_sft_trainer(cfg: SFTSettings, settings: dict, model, tokenizer, datase
         router_aux_loss_coef=0.0,  # GraniteMoeHybrid has the attribute but no experts: keep TRL's aux loss off
         save_only_model=False,
     )
-    trainer_cls = with_checkpoint_marker(SFTTrainer, SFT_CONFIG_FILE,
+    if cfg.mamba_lr is not None and not mamba_mixer_param_ids(model):
+        raise M1Error("--mamba-lr: the model has no Mamba layers")
+    trainer_cls = SFTTrainer if cfg.mamba_lr is None else with_mamba_lr(SFTTrainer, cfg.mamba_lr)
+    trainer_cls = with_checkpoint_marker(trainer_cls, SFT_CONFIG_FILE,
                                          lambda tr: {"stage": "sft", "settings": settings})
     trainer = trainer_cls(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
                           callbacks=callbacks)

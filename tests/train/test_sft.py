@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from m1.errors import M1Error
 from m1.train.run import find_checkpoints
@@ -273,3 +274,24 @@ def test_diverged_run_stops_with_an_error_and_keeps_the_last_finite_checkpoint(t
     assert ckpt is not None  # the work dir and its last counted checkpoint survive
     weights = load_file(str(ckpt / "model.safetensors"))
     assert all(bool(t.isfinite().all()) for t in weights.values())  # a checkpoint of broken weights never counts
+
+
+def test_mamba_lr_trains_the_mixers_at_their_own_rate(tiny_hybrid, tiny_teachers, tmp_path):
+    # mixers at a vanishing rate, the rest at 1e-3: after 3 steps only the non-mixer weights moved; and the
+    # other way round. Adam's step is ~lr whatever the gradient, so "moved" is unambiguous
+    from safetensors.torch import load_file
+
+    before = load_file(str(tiny_hybrid / "model.safetensors"))
+    run = dict(model=tiny_hybrid, data="arith:steps=1,digits=1", limit=16, max_steps=3, batch_size=4,
+               save_steps=10, logging_steps=1)
+    for name, lr, mamba_lr in (("slow", 1e-3, 1e-30), ("fast", 1e-30, 1e-3)):
+        sft(SFTSettings(**run, learning_rate=lr, mamba_lr=mamba_lr), tmp_path / name, **QUIET)
+        after = load_file(str(tmp_path / name / "model.safetensors"))
+        moved = {k for k in before if not torch.allclose(before[k].float(), after[k].float(), atol=1e-7, rtol=0)}
+        mixer = {k for k in before if ".mamba." in k}
+        assert mixer and moved == (set(before) - mixer if name == "slow" else mixer), name
+    assert json.loads((tmp_path / "fast" / SFT_CONFIG_FILE).read_text())["settings"]["mamba_lr"] == 1e-3
+    with pytest.raises(M1Error, match="--mamba-lr: the model has no Mamba layers"):
+        sft(SFTSettings(**{**run, "model": tiny_teachers["llama_tied"]}, mamba_lr=1e-3), tmp_path / "t", **QUIET)
+    with pytest.raises(M1Error, match="--mamba-lr must be > 0"):
+        sft(SFTSettings(**run, mamba_lr=0.0), tmp_path / "z", **QUIET)
