@@ -104,3 +104,28 @@ def test_unlimited_and_fast():
     it = iter_problems(seed=9, steps=3, digits=3)
     assert [next(it).question for _ in range(3)] == [p.question for p in problems[:3]]
     assert not re.search(r"\b1 (points|apples|marbles)\b", " ".join(p.question for p in problems))
+
+
+def test_arith_errors_checks_each_written_equation(tmp_path):
+    """benchmarks/arith_errors.py: the per-operation table of the recipe study (docs/distill.md)."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "arith_errors.py"
+    spec = importlib.util.spec_from_file_location("arith_errors", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.equations("He sells 1: 7 - 1 = 6.\nHe gives away 4: 6 - 4 = 3.") == [(7, "-", 1, 6, True),
+                                                                                   (6, "-", 4, 3, False)]
+    assert [ok for *_, ok in mod.equations("7 / 2 = 3. 8 / 2 = 4. 3 * 5 = 15. 0 / 0 = 0")] == [False, True, True, False]
+    rows = [{"completion": "9 - 6 = 1. The answer is \\boxed{1}.", "correct": False},
+            {"completion": "9 - 6 = 3. 3 + 3 = 6. The answer is \\boxed{6}.", "correct": False},
+            {"completion": "2 * 3 = 6. The answer is \\boxed{6}.", "correct": True}]
+    f = tmp_path / "results.jsonl"
+    f.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    s = mod.summarise(f)
+    assert s["equations"] == {"+": {"written": 1, "wrong": 0}, "-": {"written": 2, "wrong": 1},
+                              "*": {"written": 1, "wrong": 0}}
+    assert (s["wrong_samples"], s["wrong_with_every_equation_right"]) == (2, 1)
+    assert s["commonest_wrong"] == [("9 - 6 = 1", 1)]
