@@ -27,7 +27,7 @@ CHILD = r"""
 import json, sys
 from llama_cpp import Llama
 path, n, prompts = sys.argv[1], int(sys.argv[2]), json.loads(sys.argv[3])
-llm = Llama(model_path=path, n_ctx=512, n_threads=2, verbose=False)
+llm = Llama(model_path=path, n_ctx=512, n_threads=2, verbose=True)  # verbose=False also hides a failed assert
 out = []
 for ids in prompts:
     llm.reset()
@@ -59,8 +59,8 @@ def hf_greedy(model_dir: Path, prompts: list[list[int]], n: int) -> list[list[in
 def llama_cpp_greedy(python: str, gguf: Path, prompts: list[list[int]], n: int) -> dict:
     run = subprocess.run([python, "-c", CHILD, str(gguf), str(n), json.dumps(prompts)], capture_output=True, text=True)
     if run.returncode != 0:
-        lines = [ln for ln in run.stderr.splitlines() if "GGML_ASSERT" in ln or "error" in ln.lower()]
-        return {"loaded": False, "exit": run.returncode, "error": (lines or run.stderr.splitlines()[-3:])[-1].strip()}
+        lines = [ln for ln in run.stderr.splitlines() if "GGML_ASSERT" in ln] or run.stderr.splitlines()[-1:] or [""]
+        return {"loaded": False, "exit": run.returncode, "error": lines[0].strip()}
     return {"loaded": True, "tokens": json.loads(run.stdout.strip().splitlines()[-1])}
 
 
