@@ -25,7 +25,6 @@ a llama.cpp with that assert removed runs it (docs/readers.md).
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import subprocess
@@ -36,7 +35,7 @@ from pathlib import Path
 
 from ..errors import M1Error
 from ..settings import setting
-from .checkpoint import make_portable, mamba_layer_mask, read_record
+from .checkpoint import check_model_dir, make_portable, mamba_layer_mask, read_config, read_record
 
 OUTTYPES = ("f32", "f16", "bf16", "q8_0", "auto")
 LLAMA_CPP_ENV = "M1_LLAMA_CPP_DIR"
@@ -76,13 +75,7 @@ def find_converter(llama_cpp: str | None) -> Path:
 
 
 def _read_config(model: Path) -> dict:
-    cfg_file = model / "config.json"
-    if not cfg_file.is_file():
-        raise M1Error(f"{model} is not a checkpoint directory (no config.json)")
-    try:
-        cfg = json.loads(cfg_file.read_text())
-    except ValueError as e:
-        raise M1Error(f"{cfg_file} is not valid JSON: {e}") from None
+    cfg = read_config(check_model_dir(model))
     if cfg.get("model_type") != "granitemoehybrid":
         raise M1Error(f"{model} is a '{cfg.get('model_type')}' checkpoint; m1 export writes m1 checkpoints "
                       "(GraniteMoeHybrid, from `m1 convert`). For the teacher itself, use llama.cpp's converter "
@@ -135,7 +128,7 @@ def export_gguf(cfg: ExportSettings, *, force: bool = False, log=print) -> Path:
         arch = _fix_and_check(part, hf, attn, any(mamba))
         os.replace(part, out)
     log(f"[export] wrote {out} ({out.stat().st_size / 1e6:,.0f} MB, llama.cpp architecture '{arch}', "
-        f"attention layers {_ranges(attn)})")
+        f"attention layers {','.join(map(str, attn)) or 'none'})")
     if any(mamba) and hf.get("mamba_expand", 2) != 2:
         log(f"[export] note: stock llama.cpp refuses this hybrid when it loads: {EXPAND_ASSERT} in "
             f"src/models/granite-hybrid.cpp expects mamba_expand = 2, and m1's mixers have mamba_expand = "
@@ -163,6 +156,3 @@ def _fix_and_check(path: Path, hf: dict, attn: list[int], hybrid: bool) -> str:
     reader.data.flush()
     return arch
 
-
-def _ranges(layers: list[int]) -> str:
-    return ",".join(map(str, layers)) if layers else "none"
