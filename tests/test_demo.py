@@ -46,7 +46,9 @@ def test_smoke_demo_end_to_end_and_resume(tmp_path, capsys, recipe):
         assert re.search(rf"^\| {who} \| [\d.]+ \| [\d,]+ \|$", report, re.M), who
     assert re.search(r"^\| hybrid \| [\d.]+ \| [\d.]+ \| [\d.]+ \| [\d.]+ \|$", report, re.M)  # pass@k/maj@k
     assert re.search(r"^\| hybrid \| 4 \| 16 \| [\d.]+ \| [\d.]+ \| [\d.]+ \| [\d.]+ \|", report, re.M)
-    assert re.search(r"the hybrid's pass@1 is \*\*[\d.]+x\*\* the teacher's", report) or "| grpo | 0.0 " in report
+    assert re.search(r"the hybrid's pass@1 is \*\*[\d.]+x\*\* the teacher's \([\d.]+ / [\d.]+; 95% interval "
+                     r"(\d+\.\d\d|nan)-(\d+\.\d\d|nan), bootstrap over problems", report) or "| grpo | 0.0 " in report
+    assert "Not evaluated on the task" not in report
     # KL to the final teacher on its own answers, for every hybrid stage after conversion; the teacher's
     # answers are its greedy output, so its own NLL there is small, and the random tiny hybrid is far from it
 
@@ -151,6 +153,7 @@ def test_small_budget_follows_the_hardware(monkeypatch, tmp_path):
     monkeypatch.setattr(training, "cpu_bf16_supported", lambda: True)
     fast = Demo("small", tmp_path, log=lambda m: None)
     assert fast.bf16 and fast.b == BUDGETS["small"] and fast.b.distill_steps == 20 and fast.b.recipe == "general"
+    assert fast.b.sft_steps == 80 and not fast.b.eval_before_task
     monkeypatch.setattr(training, "cpu_bf16_supported", lambda: False)
     said = []
     slow = Demo("small", tmp_path, log=said.append)
@@ -168,9 +171,18 @@ def test_smoke_demo_with_task_kd_in_place_of_sft(tmp_path):
     from m1.demo import Demo
 
     demo = Demo("smoke", tmp_path / "demo", log=lambda m: None, progress=False)
-    demo.b = replace(demo.b, hybrid_kd_steps=2, hybrid_kd_data="task", hybrid_sft=False)
+    demo.b = replace(demo.b, hybrid_kd_steps=2, hybrid_kd_data="task", hybrid_sft=False, eval_before_task=False)
     report = demo.run().read_text()
     number = r"\d+\.\d \[\d+, \d+\]"
+    # `small`'s eval_before_task=False: the models before task training are not judged on the task, and
+    # the report says so instead of dropping the rows silently
+    assert "Not evaluated on the task: base, distill (" in report
+    accuracy = report.split("## Accuracy after each stage")[1].split("## ")[0]
+    assert re.search(rf"^\| sft \| {number} \| — \|$", accuracy, re.M)
+    assert not re.search(r"^\| (base|distill) \|", accuracy, re.M)
+    evals = sorted(p.name for p in (tmp_path / "demo" / "eval").iterdir() if p.is_dir())
+    assert evals == ["hybrid-grpo", "hybrid-grpo-gsm8k", "hybrid-kd", "teacher-base-gsm8k", "teacher-grpo",
+                     "teacher-grpo-gsm8k", "teacher-sft"], evals
     assert re.search(rf"^\| kd \| — \| {number} \|$", report, re.M)
     assert re.search(rf"^\| sft \| {number} \| — \|$", report, re.M)  # the teacher's SFT only
     assert re.search(r"^\| hybrid \| kd \| 2 \| [\d,]+ \| \d+ \|$", report, re.M)

@@ -13,7 +13,7 @@ def register(sub) -> None:
                     "and write report.md with plots. Every stage is skipped when its output exists, so rerunning "
                     "an interrupted demo continues it.",
         epilog="budgets:\n  smoke  tiny random teacher, a few minutes (CI)\n"
-               "  small  SmolLM2-135M on a laptop CPU, ~45 min on 2 cores with bf16 (AMX), longer in float32 (the README's main job)\n"
+               "  small  SmolLM2-135M on a laptop CPU, ~1 hour on 2 cores with bf16 (AMX), longer in float32 (the README's main job)\n"
                "  full   a GPU: longer training, more samples\n",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--budget", default="small", choices=["smoke", "small", "full"])

@@ -37,7 +37,7 @@ from typing import Any, Callable, Hashable, Iterable, Sequence
 
 __all__ = [
     "pass_at_k", "group_labels", "vote_winner", "maj_at_k", "best_of_k", "weighted_maj_at_k",
-    "subsets", "wilson_interval", "bootstrap_interval", "mean_of", "breakdown",
+    "subsets", "wilson_interval", "bootstrap_interval", "paired_ratio_interval", "mean_of", "breakdown",
     "accuracy_vs_k", "accuracy_vs_seconds", "accuracy_at_budget",
 ]
 
@@ -199,6 +199,29 @@ def bootstrap_interval(values: Sequence[float], *, confidence: float = 0.95,
     lo = means[int((1 - confidence) / 2 * (resamples - 1))]
     hi = means[int((1 + confidence) / 2 * (resamples - 1))]
     return (lo, hi)
+
+
+def paired_ratio_interval(a: dict[Hashable, float], b: dict[Hashable, float], *, confidence: float = 0.95,
+                          resamples: int = 2000, seed: int = 0) -> tuple[float, float, float]:
+    """mean(a) / mean(b) over the problems both scored, with a percentile bootstrap interval that resamples
+    *problems* (the same draw for both): two models judged on the same problems share each problem's
+    difficulty, so resampling them independently would count that shared variance twice and widen the
+    interval. ``a``/``b`` map problem id -> per-problem accuracy. Returns (ratio, lo, hi); nan where b's
+    mean is 0."""
+    ids = sorted(set(a) & set(b), key=str)
+    if not ids:
+        raise ValueError("the two results share no problem: a paired ratio needs the same problems")
+    n, rng = len(ids), random.Random(seed)
+
+    def ratio(sample) -> float:
+        den = sum(b[i] for i in sample)
+        return sum(a[i] for i in sample) / den if den else float("nan")
+
+    draws = sorted((ratio([ids[rng.randrange(n)] for _ in range(n)]) for _ in range(resamples)),
+                   key=lambda r: (math.isnan(r), r))  # nan (a draw where b scored 0) sorts last
+    lo = draws[int((1 - confidence) / 2 * (resamples - 1))]
+    hi = draws[int((1 + confidence) / 2 * (resamples - 1))]
+    return ratio(ids), lo, hi
 
 
 # --------------------------------------------------------------------------

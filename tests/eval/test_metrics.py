@@ -12,8 +12,8 @@ import pytest
 
 from m1.eval import metrics
 from m1.eval.metrics import (accuracy_at_budget, accuracy_vs_k, accuracy_vs_seconds, best_of_k, bootstrap_interval,
-                             breakdown, group_labels, maj_at_k, mean_of, pass_at_k, subsets, weighted_maj_at_k,
-                             wilson_interval)
+                             breakdown, group_labels, maj_at_k, mean_of, paired_ratio_interval, pass_at_k, subsets,
+                             weighted_maj_at_k, wilson_interval)
 
 MATH_COT_100 = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "math_cot_100" / \
     "math_cot_100.jsonl"
@@ -178,6 +178,32 @@ def test_bootstrap_interval():
     assert lo < 0.7 < hi and 0.55 < lo and hi < 0.85
     assert bootstrap_interval(values, seed=0) == (lo, hi)
     assert bootstrap_interval([0.5] * 10) == (0.5, 0.5)
+
+
+def test_paired_ratio_interval_resamples_problems_together():
+    import random
+
+    rng = random.Random(1)
+    b = {f"p{i}": rng.choice([0.0, 0.25, 0.5, 0.75, 1.0]) for i in range(60)}
+    # the same problems for both: every paired draw has ratio exactly 1 (an unpaired one would not)
+    assert paired_ratio_interval(b, dict(b)) == (1.0, 1.0, 1.0)
+    half = {k: v / 2 for k, v in b.items()}
+    assert paired_ratio_interval(half, b) == pytest.approx((0.5, 0.5, 0.5))
+    # correlated but not proportional: the interval holds the point estimate, and it is narrower than
+    # resampling the two models' problems independently (what pairing is for)
+    a = {k: min(1.0, max(0.0, v - 0.25 + rng.choice([0.0, 0.25]))) for k, v in b.items()}
+    r, lo, hi = paired_ratio_interval(a, b, seed=0)
+    assert r == pytest.approx(sum(a.values()) / sum(b.values()))
+    assert lo < r < hi
+    ids, n = sorted(b), len(b)
+    rng2 = random.Random(0)
+    unpaired = sorted(sum(a[ids[rng2.randrange(n)]] for _ in range(n)) / sum(b[ids[rng2.randrange(n)]] for _ in range(n))
+                      for _ in range(2000))
+    assert hi - lo < 0.7 * (unpaired[int(0.975 * 1999)] - unpaired[int(0.025 * 1999)])
+    # only shared problems count; none shared is an error
+    assert paired_ratio_interval({**a, "extra": 1.0}, b, seed=0) == (r, lo, hi)
+    with pytest.raises(ValueError, match="share no problem"):
+        paired_ratio_interval({"x": 1.0}, {"y": 1.0})
 
 
 def test_breakdown_and_means():
