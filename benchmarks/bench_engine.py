@@ -136,7 +136,7 @@ def main(argv=None) -> int:
             row["speedup"] = round(best["hf_generate"] / best["engine"], 2)
             results.append(row)
             print(json.dumps(row), file=sys.stderr, flush=True)
-        del model, eng, ref, runners
+        model = eng = ref = runners = None  # free this model before loading the next
     cols = [k for k in results[0] if k.endswith("_tok_s")]
     print(f"| model | batch | new tokens | {' | '.join(c[:-6] + ' tok/s' for c in cols)} | engine / HF |")
     print("|---|---|---|" + "---|" * len(cols) + "---|")

@@ -207,9 +207,14 @@ def measure(engine, name: str, batch: int, prompt_len: int, gen_len: int, bandwi
             torch.cuda.synchronize()
         return time.perf_counter() - t0
 
-    # warm-up (allocations, lazy init, CUDA graph capture): a short generation in full, so the timed run
-    # replays graphs; a long one pays its ~cap/256 captures inside the timed run (under 2% of it)
-    run(gen_len if gen_len <= 1024 else 2)
+    # warm-up (allocations, lazy init, CUDA graph capture). CUDA: a short generation in full, so the timed
+    # run replays graphs; a long one pays its ~cap/256 captures inside the timed run (under 2% of it).
+    # CPU: nothing is captured, and 16 steps do the lazy init; a full-length warm-up doubled the demo's
+    # bench stage (220 s) and its tokens/s moved within the run-to-run noise (+-15% on 2 cores)
+    if dev.type == "cuda":
+        run(gen_len if gen_len <= 1024 else 2)
+    else:
+        run(min(gen_len, 16))
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
     ttft = run(1)

@@ -71,9 +71,13 @@ class Budget:
     hybrid_kd_data: str = "task"
     hybrid_kd_lr: float | None = None  # None: distill_lr
     hybrid_sft: bool = True
-    # evaluate the task on the models before their task training too (base, distill); off in `small`:
-    # there they never write the \boxed{} answer (0.0 in every run) and cost ~4 min of the hour
-    eval_before_task: bool = True
+    # the stages judged on the task (None: every stage). `small` judges sft and grpo only: before SFT no
+    # model writes the \boxed{} answer (0.0 in every run) and the kd stage after SFT moves pass@1 within
+    # noise (its effect shows in the task KL), and those evals cost ~5 min of the hour
+    eval_stages: tuple[str, ...] | None = None
+    # problems the models after their last stage are judged on (None: eval_problems); the stages before
+    # use eval_problems, and the report also scores the last stage on those, so the rows compare
+    final_eval_problems: int | None = None
 
     def __post_init__(self):
         if self.hybrid_kd_data not in ("task", "mix"):
@@ -98,10 +102,13 @@ BUDGETS = {
     # perplexity 17.6 vs 16.1 (was 21.2), but pass@1 0.80x the teacher (was 0.901x; within noise of it).
     # The hybrid was under-trained on the task: 80 SFT steps instead of 40 took it from 0.83x to 0.90x of
     # the teacher after SFT and the whole pipeline to 0.91x (200 problems x 4; docs/distill.md, "Where the
-    # remaining gap is"), so both SFTs went 40 -> 80, paid for by not evaluating the pre-SFT models
+    # remaining gap is"), so both SFTs went 40 -> 80, paid for by judging only the sft and grpo stages.
+    # 40 problems put +-13 points around a pass@1 (0.864x [0.75, 0.98] in the 2026-12-06 afternoon run),
+    # so the final models are judged on 200 (~3.5 min each, paid for by evals batching 64 rows, not 8 problems)
     "small": Budget(teacher="smollm2-135m", task="arith:steps=2,digits=1", distill_steps=20, distill_seq_len=256,
                     distill_align_steps=20, hybrid_kd_steps=20, hybrid_kd_data="mix", hybrid_kd_lr=2e-5,
-                    sft_steps=80, sft_examples=2000, eval_before_task=False, grpo_steps=4, grpo_prompts=4, grpo_generations=4,
+                    sft_steps=80, sft_examples=2000, eval_stages=("sft", "grpo"), final_eval_problems=200,
+                    grpo_steps=4, grpo_prompts=4, grpo_generations=4,
                     eval_problems=40, eval_n=4, eval_ks=(1, 2, 4), max_new_tokens=96, gsm8k_problems=50,
                     bench_batches=(1, 16), bench_prompt_len=128, bench_gen_lens=(256,)),
     # a GPU: longer training, more samples
@@ -128,7 +135,7 @@ class Demo:
         if self.b.recipe == "from-teacher" and budget == "small":
             # what the 2026-12-01 run of this recipe used (59:46 for make demo, docs/distill.md)
             self.b = replace(self.b, distill_steps=100, distill_align_steps=30, distill_onpolicy_steps=20,
-                             gsm8k_problems=50)
+                             gsm8k_problems=50, eval_stages=None)
         self.out = Path(out)
         self.log, self.progress = log, progress
         self.commands: list[str] = []
@@ -210,10 +217,11 @@ class Demo:
             if b.hybrid_kd_steps:
                 self._distill_kd(models["teacher"] / "sft", models["hybrid"] / hybrid[-3], models["hybrid"] / "kd")
             self._grpo(models["hybrid"] / hybrid[-2], models["hybrid"] / "grpo")
-        before_task = ("base",) + (("distill",) if b.recipe == "general" else ())  # from-teacher distils on the task
-        judged = {who: [st for st in stages[who] if b.eval_before_task or st not in before_task] for who in models}
-        evals = {who: {st: self._eval(models[who] / st, o / "eval" / f"{who}-{st}", b.task, b.eval_problems,
-                                      b.eval_n, b.eval_ks) for st in judged[who]} for who in models}
+        judged = {who: [st for st in stages[who] if b.eval_stages is None or st in b.eval_stages] for who in models}
+        evals = {who: {st: self._eval(models[who] / st, o / "eval" / f"{who}-{st}", b.task,
+                                      (b.final_eval_problems or b.eval_problems) if st == stages[who][-1]
+                                      else b.eval_problems, b.eval_n, b.eval_ks) for st in judged[who]}
+                 for who in models}
         # generality before and after: the base teacher is where both models start
         gsm_models = {"teacher base": models["teacher"] / "base", "teacher": models["teacher"] / "grpo",
                       "hybrid": models["hybrid"] / "grpo"}
@@ -363,7 +371,7 @@ class Demo:
         """KL(teacher || student) on the teacher's own greedy answers to the held-out problems the evals
         score (issue #17's target: <= 0.15 nats/token), overall and on digit tokens (the results)."""
         path = self.out / "eval" / "task-kl.json"
-        self.commands.append(f"# task KL: m1.train.heldout.completion_report on m1.train.heldout.teacher_answers({teacher}, "
+        self.commands.append(f"# task KL: m1.train.heldout.completion_reports on m1.train.heldout.teacher_answers({teacher}, "
                              f"{self.b.task}, {self.b.eval_problems})")
         done = json.loads(path.read_text()) if path.exists() else {}
         if all(k in done for k in students):
@@ -371,18 +379,17 @@ class Demo:
             self._reuse_timing("task KL on the teacher's answers")
             return done
         from .model.checkpoint import load_model, write_json_atomic
-        from .train.heldout import completion_report, teacher_answers
+        from .train.heldout import completion_reports, teacher_answers
 
         self.log("[demo] task KL on the teacher's answers ...")
         t0 = time.time()
         rows, plens = teacher_answers(teacher, self.b.task, self.b.eval_problems, self.b.max_new_tokens)
         t_model, tok = load_model(teacher, dtype="float32")
-        for name, d in students.items():
-            if name not in done:
-                s_model, _ = load_model(d, dtype="float32")
-                done[name] = {**completion_report(s_model, t_model, tok, rows, plens), "path": str(d),
-                              "teacher": str(teacher)}
-                write_json_atomic(path, done)
+        todo = {name: load_model(d, dtype="float32")[0] for name, d in students.items() if name not in done}
+        for name, r in completion_reports(todo, t_model, tok, rows, plens).items():
+            done[name] = {**r, "path": str(students[name]), "teacher": str(teacher)}
+        done = {name: done[name] for name in students}  # in stage order
+        write_json_atomic(path, done)
         self.timings["task KL on the teacher's answers"] = round(time.time() - t0, 1)
         self.peak_rss["task KL on the teacher's answers"] = peak_rss_gb()
         return done

@@ -16,12 +16,15 @@ def _per_problem_accuracy(results: Path) -> dict[str, float]:
     return {k: sum(v) / len(v) for k, v in by.items()}
 
 
-def _acc_cell(summary: dict) -> str:
+def _acc_cell(summary: dict, only: set | None = None) -> str:
+    """pass@1 with its bootstrap interval; ``only``: on those problems of the eval alone."""
     from .eval.metrics import bootstrap_interval
 
-    values = list(_per_problem_accuracy(Path(summary["file"])).values())
+    acc = _per_problem_accuracy(Path(summary["file"]))
+    values = [v for k, v in acc.items() if only is None or k in only]
     lo, hi = bootstrap_interval(values)
-    return f"{summary['pass@1']:.1f} [{100 * lo:.0f}, {100 * hi:.0f}]"
+    mean = summary["pass@1"] if only is None else 100 * sum(values) / max(len(values), 1)
+    return f"{mean:.1f} [{100 * lo:.0f}, {100 * hi:.0f}]"
 
 
 def _plot_lines(series: dict[str, list], path: Path, xlabel: str, title: str, logx: bool = False) -> Path:
@@ -128,58 +131,69 @@ def _wall_time_lines(demo) -> list[str]:
                     "needed the memory)", ""]
 
 
-def write_report(demo, stages: dict, evals: dict, gsm: dict, bench: dict, ppl: dict | None = None,
-                 models: dict | None = None, task_kl: dict | None = None) -> Path:
-    from .bench import BenchRow, markdown_table
-
-    out, b = demo.out, demo.b
-    task = b.task
+def _intro_lines(demo, models: dict | None) -> list[str]:
+    b = demo.b
+    if b.recipe == "from-teacher":
+        how = ("The teacher is fine-tuned (SFT) and trained with GRPO; the hybrid is distilled from that final "
+               "teacher on the task's solutions (align, kd on completion tokens, on-policy), then gets the same "
+               "GRPO budget.")
+    else:
+        how = ("Both models get the same SFT and GRPO budget on the same data; the hybrid is first distilled "
+               "from the base teacher on GSM8K chats (align, then kd).")
+        if b.hybrid_kd_steps:
+            how += (f" Before its GRPO the hybrid also gets {b.hybrid_kd_steps} kd steps (`kd`) from the teacher "
+                    "after SFT on " + ("GSM8K chats and the task's solutions, as many of each (all tokens)."
+                                       if b.hybrid_kd_data == "mix" else "the task's solutions (completion tokens)."))
+        if not b.hybrid_sft:
+            how += " The hybrid skips SFT: the `kd` stage takes its place."
     lines = [f"# m1 demo ({demo.name})", "",
-             f"Teacher: `{b.teacher}`; task: `{task}` ({b.eval_problems} held-out problems, {b.eval_n} samples "
-             f"each at temperature 0.7, {b.max_new_tokens} new tokens at most). " + (
-                 "The teacher is fine-tuned (SFT) and trained with GRPO; the hybrid is distilled from that final "
-                 "teacher on the task's solutions (align, kd on completion tokens, on-policy), then gets the same "
-                 "GRPO budget." if b.recipe == "from-teacher" else
-                 "Both models get the same SFT and GRPO budget on the same data; the hybrid is first distilled "
-                 "from the base teacher on GSM8K chats (align, then kd)." + (
-                     f" Before its GRPO the hybrid also gets {b.hybrid_kd_steps} kd steps (`kd`) from the teacher after "
-                     "SFT on " + ("GSM8K chats and the task's solutions, as many of each (all tokens)."
-                                  if b.hybrid_kd_data == "mix" else "the task's solutions (completion tokens).")
-                     if b.hybrid_kd_steps else "")
-                 + (" The hybrid skips SFT: the `kd` stage takes its place." if not b.hybrid_sft else "")), ""]
-    if models is not None:
-        lines += [_layout_line(models["hybrid"] / "base"), ""]
-    # accuracy after each stage
-    lines += ["## Accuracy after each stage", "",
-              "pass@1 (%) = mean correctness over all samples, with a 95% bootstrap interval over problems.", "",
-              "| stage | teacher | hybrid |", "| --- | ---: | ---: |"]
+             f"Teacher: `{b.teacher}`; task: `{b.task}` ({b.eval_problems} held-out problems"
+             + (f" after each stage, {b.final_eval_problems} after the last" if b.final_eval_problems else "")
+             + f", {b.eval_n} samples each at temperature 0.7, {b.max_new_tokens} new tokens at most). " + how, ""]
+    return lines + ([_layout_line(models["hybrid"] / "base"), ""] if models is not None else [])
+
+
+def _accuracy_lines(stages: dict, evals: dict) -> list[str]:
+    lines = ["## Accuracy after each stage", "",
+             "pass@1 (%) = mean correctness over all samples, with a 95% bootstrap interval over problems.", "",
+             "| stage | teacher | hybrid |", "| --- | ---: | ---: |"]
+    final = {w: evals[w]["grpo"] for w in ("teacher", "hybrid")}
+    earlier = [e for w in ("teacher", "hybrid") for st, e in evals[w].items() if st != "grpo"]
+    common = set(_per_problem_accuracy(Path(earlier[0]["file"]))) if earlier else None
+    more = common is not None and any(e["n_problems"] > len(common) for e in final.values())
     for st in ("base", "distill", "sft", "kd", "grpo"):
         if not any(st in evals[w] for w in ("teacher", "hybrid")):
             continue
+        if st == "grpo" and more:  # the last stage on the earlier rows' problems too, so the column compares
+            cells = [_acc_cell(final[w], only=common) for w in final]
+            lines.append(f"| grpo (the same {len(common)} problems) | {cells[0]} | {cells[1]} |")
+            st_label = f"grpo ({final['hybrid']['n_problems']} problems)"
+        else:
+            st_label = st
         cells = [(_acc_cell(evals[w][st]) if st in evals[w] else "—") for w in ("teacher", "hybrid")]
-        lines.append(f"| {st} | {cells[0]} | {cells[1]} |")
+        lines.append(f"| {st_label} | {cells[0]} | {cells[1]} |")
     lines.append("")
     skipped = [st for st in stages["hybrid"] if st not in evals["hybrid"]]
     if skipped:
-        lines += [f"Not evaluated on the task: {', '.join(skipped)} (before its task training no model writes the "
-                  "`\\boxed{}` answer; every earlier `small` run scored 0.0 there, so the demo spends those minutes "
-                  "on training).", ""]
-    lines += _ratio_lines(evals)
-    if task_kl:
-        lines += _task_kl_lines(task_kl)
-    # pass@k / maj@k of the final models
-    ks = list(b.eval_ks)
-    lines += ["## pass@k and maj@k after GRPO", "", "| model | " + " | ".join(
+        lines += [f"Not evaluated on the task in this budget: {', '.join(skipped)} (before SFT no model writes the "
+                  "`\\boxed{}` answer: every earlier `small` run scored 0.0 there; the kd stage after SFT moved "
+                  "pass@1 within noise in them, and its effect shows in the task KL below).", ""]
+    return lines + _ratio_lines(evals)
+
+
+def _final_sampling_lines(demo, evals: dict) -> list[str]:
+    """pass@k / maj@k of the final models, and maj@k against decode seconds (with their plots)."""
+    out, ks = demo.out, list(demo.b.eval_ks)
+    final = {w: evals[w]["grpo"] for w in ("teacher", "hybrid")}
+    lines = ["## pass@k and maj@k after GRPO", "", "| model | " + " | ".join(
         [f"pass@{k}" for k in ks] + [f"maj@{k}" for k in ks]) + " |", "| --- |" + " ---: |" * (2 * len(ks))]
-    for w in ("teacher", "hybrid"):
-        s = evals[w]["grpo"]
+    for w, s in final.items():
         lines.append(f"| {w} | " + " | ".join([f"{s.get(f'pass@{k}', 0):.1f}" for k in ks] +
                                               [f"{s.get(f'maj@{k}', 0):.1f}" for k in ks]) + " |")
-    vs_k = _plot_lines({f"{w} {m}@k": [(k, evals[w]["grpo"].get(f"{m}@{k}", 0)) for k in ks]
-                        for w in ("teacher", "hybrid") for m in ("pass", "maj")},
+    vs_k = _plot_lines({f"{w} {m}@k": [(k, s.get(f"{m}@{k}", 0)) for k in ks]
+                        for w, s in final.items() for m in ("pass", "maj")},
                        out / "accuracy_vs_k.png", "k (samples per problem)", "pass@k and maj@k after GRPO", logx=True)
-    vs_s = _plot_lines({w: [(p[0], p[1]) for p in evals[w]["grpo"].get("accuracy_vs_seconds", [])]
-                        for w in ("teacher", "hybrid")},
+    vs_s = _plot_lines({w: [(p[0], p[1]) for p in s.get("accuracy_vs_seconds", [])] for w, s in final.items()},
                        out / "accuracy_vs_seconds.png", "generation seconds per problem", "maj@k vs time (after GRPO)")
     lines += ["", f"![accuracy vs k]({vs_k.name})", "",
               "## Accuracy at equal wall-clock", "",
@@ -188,27 +202,45 @@ def write_report(demo, stages: dict, evals: dict, gsm: dict, bench: dict, ppl: d
               "time.", "", f"![accuracy vs seconds]({vs_s.name})", "",
               "| model | seconds per sample | " + " | ".join(f"maj@{k}" for k in ks) + " |",
               "| --- | ---: |" + " ---: |" * len(ks)]
-    for w in ("teacher", "hybrid"):
-        s = evals[w]["grpo"]
+    for w, s in final.items():
         lines.append(f"| {w} | {s.get('mean_seconds', float('nan')):.2f} | " +
                      " | ".join(f"{s.get(f'maj@{k}', 0):.1f}" for k in ks) + " |")
-    if models:
-        lines += _budget_lines(stages, models)
-    lines += ["", "## Generality: GSM8K (greedy) and GSM8K-chat perplexity, before and after", "",
-              "`teacher base` is where both models start (the hybrid is converted from it).", "",
-              "| model | GSM8K problems | GSM8K accuracy (%) |", "| --- | ---: | ---: |"]
-    for w in gsm:
-        lines.append(f"| {w} | {gsm[w]['n_problems']} | {_acc_cell(gsm[w])} |")
+    return lines
+
+
+def _generality_lines(gsm: dict, ppl: dict | None) -> list[str]:
+    lines = ["", "## Generality: GSM8K (greedy) and GSM8K-chat perplexity, before and after", "",
+             "`teacher base` is where both models start (the hybrid is converted from it).", "",
+             "| model | GSM8K problems | GSM8K accuracy (%) |", "| --- | ---: | ---: |"]
+    lines += [f"| {w} | {r['n_problems']} | {_acc_cell(r)} |" for w, r in gsm.items()]
     if ppl:
         lines += ["", "| model | held-out GSM8K chats: perplexity | tokens |", "| --- | ---: | ---: |"]
         lines += [f"| {w} | {r['perplexity']:.2f} | {r['tokens']:,} |" for w, r in ppl.items()]
+    return lines
+
+
+def _throughput_lines(bench: dict) -> list[str]:
+    from .bench import BenchRow, markdown_table
+
     rows = [BenchRow(**r) for r in bench["rows"]]
-    lines += ["", "## Throughput and memory", "",
-              "Decode through the same engine, EOS ignored; `ratio` = hybrid tokens/s over teacher tokens/s at the "
-              "same batch and length; `byte-limit ratio` = the speed-up that bytes read per step allow.", "",
-              markdown_table(rows), "", "![throughput](bench/bench.png)", ""]
+    return ["", "## Throughput and memory", "",
+            "Decode through the same engine, EOS ignored; `ratio` = hybrid tokens/s over teacher tokens/s at the "
+            "same batch and length; `byte-limit ratio` = the speed-up that bytes read per step allow.", "",
+            markdown_table(rows), "", "![throughput](bench/bench.png)", ""]
+
+
+def write_report(demo, stages: dict, evals: dict, gsm: dict, bench: dict, ppl: dict | None = None,
+                 models: dict | None = None, task_kl: dict | None = None) -> Path:
+    """``<out>/report.md`` (and ``timings.json``): one section per helper above, in reading order."""
+    lines = _intro_lines(demo, models) + _accuracy_lines(stages, evals)
+    if task_kl:
+        lines += _task_kl_lines(task_kl)
+    lines += _final_sampling_lines(demo, evals)
+    if models:
+        lines += _budget_lines(stages, models)
+    lines += _generality_lines(gsm, ppl) + _throughput_lines(bench)
     lines += _wall_time_lines(demo) + ["## Reproduce", "", "```"] + demo.commands + ["```", ""]
-    report = out / "report.md"
+    report = demo.out / "report.md"
     report.write_text("\n".join(lines))
-    (out / "timings.json").write_text(json.dumps(demo.timings, indent=2))
+    (demo.out / "timings.json").write_text(json.dumps(demo.timings, indent=2))
     return report

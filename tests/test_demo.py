@@ -153,7 +153,7 @@ def test_small_budget_follows_the_hardware(monkeypatch, tmp_path):
     monkeypatch.setattr(training, "cpu_bf16_supported", lambda: True)
     fast = Demo("small", tmp_path, log=lambda m: None)
     assert fast.bf16 and fast.b == BUDGETS["small"] and fast.b.distill_steps == 20 and fast.b.recipe == "general"
-    assert fast.b.sft_steps == 80 and not fast.b.eval_before_task
+    assert fast.b.sft_steps == 80 and fast.b.eval_stages == ("sft", "grpo") and fast.b.final_eval_problems == 200
     monkeypatch.setattr(training, "cpu_bf16_supported", lambda: False)
     said = []
     slow = Demo("small", tmp_path, log=said.append)
@@ -171,12 +171,26 @@ def test_smoke_demo_with_task_kd_in_place_of_sft(tmp_path):
     from m1.demo import Demo
 
     demo = Demo("smoke", tmp_path / "demo", log=lambda m: None, progress=False)
-    demo.b = replace(demo.b, hybrid_kd_steps=2, hybrid_kd_data="task", hybrid_sft=False, eval_before_task=False)
+    demo.b = replace(demo.b, hybrid_kd_steps=2, hybrid_kd_data="task", hybrid_sft=False,
+                     eval_stages=("sft", "kd", "grpo"), final_eval_problems=6)
     report = demo.run().read_text()
     number = r"\d+\.\d \[\d+, \d+\]"
-    # `small`'s eval_before_task=False: the models before task training are not judged on the task, and
-    # the report says so instead of dropping the rows silently
-    assert "Not evaluated on the task: base, distill (" in report
+    # `small`'s final_eval_problems: the last stage is judged on more problems, and also scored on the
+    # problems the earlier rows used, so the table's column compares like with like
+    ev = tmp_path / "demo" / "eval"
+    rows = {w: [json.loads(x) for x in (ev / f"{w}-grpo" / "results.jsonl").read_text().splitlines()]
+            for w in ("teacher", "hybrid")}
+    early = {json.loads(x)["problem_id"] for x in (ev / "teacher-sft" / "results.jsonl").read_text().splitlines()}
+    assert len(early) == 4 and all(len({r["problem_id"] for r in rows[w]}) == 6 for w in rows)
+    assert early < {r["problem_id"] for r in rows["hybrid"]}
+    same = {w: 100 * sum(r["correct"] for r in rows[w] if r["problem_id"] in early) / (4 * 2) for w in rows}
+    assert re.search(rf"^\| grpo \(the same 4 problems\) \| {same['teacher']:.1f} \[\d+, \d+\] \| "
+                     rf"{same['hybrid']:.1f} \[\d+, \d+\] \|$", report, re.M), report[:3000]
+    assert re.search(rf"^\| grpo \(6 problems\) \| {number} \| {number} \|$", report, re.M)
+    assert "(4 held-out problems after each stage, 6 after the last, 2 samples each" in report
+    # `small`'s eval_stages: the other stages are not judged on the task, and the report says so instead
+    # of dropping the rows silently
+    assert "Not evaluated on the task in this budget: base, distill (" in report
     accuracy = report.split("## Accuracy after each stage")[1].split("## ")[0]
     assert re.search(rf"^\| sft \| {number} \| — \|$", accuracy, re.M)
     assert not re.search(r"^\| (base|distill) \|", accuracy, re.M)

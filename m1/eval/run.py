@@ -60,7 +60,9 @@ class EvalConfig:
     last_number: bool = setting(False, "grade a completion with no \\boxed{}, 'the answer is' or final-answer line "
                                        "by its last number (default: such a completion is wrong: it gave no answer)",
                                 group="grading")
-    batch_problems: int = 8  # problems decoded together: not a flag, and not part of what is sampled
+    # problems handed to the engine together (None: as many as fill its max_batch_size rows, n rows each):
+    # not a flag, and not part of what is sampled (each sample has its own seed)
+    batch_problems: int | None = None
 
     def __post_init__(self):
         if self.ks is not None:
@@ -160,12 +162,13 @@ def _sample_and_grade(cfg, engine, todo, finished, results, budget_seconds, prog
     bar = tqdm(total=len(todo), desc=f"eval {cfg.task}", unit="problem", disable=not progress)
     checker = Checker(timeout=5.0, lists=cfg.lists, last_number=cfg.last_number)
     with ResultsWriter(results) as writer, checker:
-        for b in range(0, len(todo), cfg.batch_problems):
+        per_batch = cfg.batch_problems or max(1, getattr(engine, "max_batch_size", 64) // cfg.n)
+        for b in range(0, len(todo), per_batch):
             if budget_seconds is not None and time.monotonic() - start > budget_seconds:
                 log(f"time budget of {budget_seconds:g}s spent: stopped with {len(todo) - b} problems left "
                     "(rerun the same command to continue)")
                 break
-            chunk = todo[b:b + cfg.batch_problems]
+            chunk = todo[b:b + per_batch]
             prompts = [render_prompt(tok, build_messages(p, few_shot=cfg.few_shot)) for _, p in chunk]
             params = [SamplingParams(n=cfg.n, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
                                      top_p=cfg.top_p, seed=cfg.seed * 1_000_003 + i) for i, _ in chunk]

@@ -160,6 +160,36 @@ def test_kill_mid_batch_keeps_every_problem_graded_before_it(tiny_hybrid, tmp_pa
     assert again["pass@1"] == whole["pass@1"] and again["pass@2"] == whole["pass@2"]
 
 
+def test_problems_fill_the_engines_batch_rows(tiny_hybrid, tmp_path):
+    """By default an eval hands the engine as many problems as fill its max_batch_size rows (n rows each),
+    not a fixed few: 8 problems at n=1 used 8 of 64 rows on a CPU (GSM8K evals ran ~2x longer). The
+    samples do not depend on the grouping (each has its own seed)."""
+    from m1.engine import Engine
+    from m1.eval.run import EvalConfig, run_eval
+
+    calls = []
+
+    class Counting(_KilledAfter):
+        max_batch_size = 6  # the wrapped engine's
+
+        def generate(self, prompts, params, on_output=None, **kw):
+            calls.append(len(prompts))
+            return super().generate(prompts, params, on_output=on_output, **kw)
+
+    engine = Engine.from_pretrained(tiny_hybrid, max_batch_size=6)
+    cfg = EvalConfig(model=str(tiny_hybrid), task="arith:steps=1,digits=1", n=2, ks=(1, 2), limit=7,
+                     temperature=1.0, max_new_tokens=6)
+    filled = run_eval(cfg, tmp_path / "filled", progress=False, engine=Counting(engine), log=lambda m: None)
+    assert calls == [3, 3, 1]  # 6 rows // 2 samples = 3 problems per call
+    calls.clear()
+    cfg.batch_problems = 1
+    one = run_eval(cfg, tmp_path / "one", progress=False, engine=Counting(engine), log=lambda m: None)
+    assert calls == [1] * 7
+    rows = {d: {(r["problem_id"], r["sample_idx"]): r["completion"] for r in _rows(tmp_path / d / "results.jsonl")}
+            for d in ("filled", "one")}
+    assert rows["filled"] == rows["one"] and filled["pass@1"] == one["pass@1"]
+
+
 class _Answers:
     """A real engine whose completions are replaced, before grading, by the gold answer written as a
     bare last number (no box, no "the answer is"): model output under the test's control. ``golds``

@@ -796,6 +796,15 @@ def test_report_of_task_data_has_completion_and_digit_kl(tiny_hybrid, tmp_path):
     direct = completion_report(student.eval(), t.model, tok, data.heldout_ids, data.heldout_prompt_lens)
     assert direct["tokens"] == after["completion_tokens"]
     assert abs(direct["kl"] - after["kl_completion"]) < 1e-5 and abs(direct["kl_digits"] - after["kl_digits"]) < 1e-5
+    # several students in one pass (the teacher's forward shared) report what each one alone does
+    from m1.train.heldout import completion_reports
+
+    before, _ = load_model(tiny_hybrid)
+    both = completion_reports({"after": student.eval(), "before": before.eval()}, t.model, tok, data.heldout_ids,
+                              data.heldout_prompt_lens)
+    alone = completion_report(before, t.model, tok, data.heldout_ids, data.heldout_prompt_lens)
+    assert both["after"] == pytest.approx(direct, rel=1e-6) and both["before"] == pytest.approx(alone, rel=1e-6)
+    assert both["before"]["kl"] > both["after"]["kl"]
 
 
 def test_no_progress_logs_a_line_every_tenth_of_a_stage(tiny_hybrid, data_file, tmp_path):
