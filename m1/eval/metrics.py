@@ -196,9 +196,13 @@ def bootstrap_interval(values: Sequence[float], *, confidence: float = 0.95,
     rng = random.Random(seed)
     n = len(values)
     means = sorted(sum(values[rng.randrange(n)] for _ in range(n)) / n for _ in range(resamples))
-    lo = means[int((1 - confidence) / 2 * (resamples - 1))]
-    hi = means[int((1 + confidence) / 2 * (resamples - 1))]
-    return (lo, hi)
+    return _percentiles(means, confidence)
+
+
+def _percentiles(draws: Sequence[float], confidence: float) -> tuple[float, float]:
+    """The two-sided percentile interval of sorted bootstrap ``draws``."""
+    last = len(draws) - 1
+    return draws[int((1 - confidence) / 2 * last)], draws[int((1 + confidence) / 2 * last)]
 
 
 def paired_ratio_interval(a: dict[Hashable, float], b: dict[Hashable, float], *, confidence: float = 0.95,
@@ -219,9 +223,7 @@ def paired_ratio_interval(a: dict[Hashable, float], b: dict[Hashable, float], *,
 
     draws = sorted((ratio([ids[rng.randrange(n)] for _ in range(n)]) for _ in range(resamples)),
                    key=lambda r: (math.isnan(r), r))  # nan (a draw where b scored 0) sorts last
-    lo = draws[int((1 - confidence) / 2 * (resamples - 1))]
-    hi = draws[int((1 + confidence) / 2 * (resamples - 1))]
-    return ratio(ids), lo, hi
+    return (ratio(ids), *_percentiles(draws, confidence))
 
 
 # --------------------------------------------------------------------------
