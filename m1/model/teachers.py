@@ -7,6 +7,7 @@ SmolLM2-135M-Instruct as a Q4_1 GGUF file, which transformers dequantises to flo
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
@@ -86,6 +87,11 @@ def load_teacher(spec: str, dtype=None, archs: tuple[str, ...] = SUPPORTED_ARCHS
             raise M1Error(f"{where} has no tokenizer files ({', '.join(TOKENIZER_FILES)}): copy the teacher's "
                           "tokenizer into it")
     else:
+        key = _gguf_key(directory / gguf_file, dtype or torch.float32)
+        if key in _GGUF_LOADED:
+            model, tokenizer = copy.deepcopy(_GGUF_LOADED[key])
+            check_architecture(getattr(model.config, "model_type", None), where, archs)
+            return Teacher(model=model.eval(), tokenizer=tokenizer, spec=spec, path=where)
         _check_gguf(directory / gguf_file)
     kwargs = {"gguf_file": gguf_file} if gguf_file else {}
     try:
@@ -100,7 +106,22 @@ def load_teacher(spec: str, dtype=None, archs: tuple[str, ...] = SUPPORTED_ARCHS
     if len(tokenizer) == 0:
         raise M1Error(f"the tokenizer of {where} is empty: the teacher directory needs its tokenizer files")
     model.eval()
+    if gguf_file:
+        _GGUF_LOADED.clear()  # one teacher kept: a process rarely loads two GGUF files
+        _GGUF_LOADED[key] = copy.deepcopy((model, tokenizer))
     return Teacher(model=model, tokenizer=tokenizer, spec=spec, path=where)
+
+
+# The last GGUF teacher loaded in this process, pristine: (file, size, mtime, dtype) -> (model, tokenizer).
+# Dequantising takes ~20 s for SmolLM2-135M (the file is parsed four times, its 49k-token vocabulary field
+# by field), and `m1 demo` loads the same teacher three times in one process (two converts and the
+# distillation); callers get their own deep copies, so one that trains or casts its copy changes nothing here.
+_GGUF_LOADED: dict = {}
+
+
+def _gguf_key(path: Path, dtype) -> tuple:
+    st = path.stat()
+    return (str(path.resolve()), st.st_size, st.st_mtime_ns, str(dtype))
 
 
 def _check_gguf(path: Path) -> None:

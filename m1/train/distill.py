@@ -520,27 +520,25 @@ def _report(acc, student, teacher, tokenizer, data, cfg, align_layers) -> dict:
     import torch
 
     from .data import collate
-    from .heldout import HeldoutReport, heldout_report
+    from .heldout import HeldoutReport, completion_reports
 
     rank, world = acc.process_index, acc.num_processes
     student.eval()
-    ids = data.heldout_ids[rank::world]
-    part = heldout_report(student, teacher, tokenizer, None, batch_size=cfg.eval_batch_size,
-                          ids=ids) if ids else HeldoutReport(0.0, 0.0, 0.0, 0)
-    vec = torch.tensor([part.kl * part.tokens, part.student_nll * part.tokens, part.teacher_nll * part.tokens,
-                        part.tokens], dtype=torch.float64, device=acc.device)
+    plens = data.heldout_prompt_lens or [0] * len(data.heldout_ids)  # 0: a text row, no completion
+    ids, plens = data.heldout_ids[rank::world], plens[rank::world]
+    # every predicted position, and for task rows the KL where the answer is written (the reference
+    # completion) and on its digit tokens: both from one forward of each model
+    part = completion_reports({"s": student}, teacher, tokenizer, ids, plens, cfg.eval_batch_size,
+                              all_tokens=True)["s"] if ids else {}
+    whole = part.get("all", HeldoutReport(0.0, 0.0, 0.0, 0))
+    vec = torch.tensor([whole.kl * whole.tokens, whole.student_nll * whole.tokens, whole.teacher_nll * whole.tokens,
+                        whole.tokens], dtype=torch.float64, device=acc.device)
     vec = acc.reduce(vec, reduction="sum")
     n = max(vec[3].item(), 1.0)
     rep = HeldoutReport(kl=vec[0].item() / n, student_nll=vec[1].item() / n, teacher_nll=vec[2].item() / n,
                         tokens=int(vec[3].item())).as_dict()
     rep["texts"] = len(data.heldout_texts)
     if any(n > 0 for n in data.heldout_prompt_lens):
-        # task rows: the KL where the answer is written (the reference completion), and on its digit tokens
-        from .heldout import completion_report
-
-        idx = [i for i, n in enumerate(data.heldout_prompt_lens) if n > 0][rank::world]
-        part = completion_report(student, teacher, tokenizer, [data.heldout_ids[i] for i in idx],
-                                 [data.heldout_prompt_lens[i] for i in idx], cfg.eval_batch_size) if idx else {}
         vec = torch.tensor([part.get("kl", 0.0) * part.get("tokens", 0), part.get("tokens", 0),
                             part.get("kl_digits", 0.0) * part.get("digit_tokens", 0), part.get("digit_tokens", 0)],
                            dtype=torch.float64, device=acc.device)

@@ -4,8 +4,9 @@ Used to compare initialisations after ``m1 convert`` and to report before/after 
 ``m1 distill``. Texts are scored one padded batch at a time; padding and the first token of each
 text carry no loss, so the result does not depend on the batch size.
 
-``heldout_report`` scores a student against its teacher on the same positions: the mean
-KL(teacher || student) of the next-token distributions, and both models' NLL / perplexity.
+``completion_reports`` scores students against their teacher on the same positions: the mean
+KL(teacher || student) of the next-token distributions and both models' NLL, on the completion
+tokens (and their digit tokens) and, for ``m1 distill``'s report, on every predicted position.
 """
 
 from __future__ import annotations
@@ -91,33 +92,6 @@ class HeldoutReport:
                              teacher_nll=sum(a * p.teacher_nll for a, p in zip(w, parts)), tokens=n)
 
 
-def heldout_report(student, teacher, tokenizer, texts: list[str] | None, max_len: int = 256,
-                   batch_size: int = 8, ids: list[list[int]] | None = None) -> HeldoutReport:
-    """KL(teacher || student) and both perplexities on ``texts`` (or on token ``ids``, as they are),
-    over the positions that predict a next token."""
-    import torch
-
-    from .losses import forward_kl_per_token
-
-    kl, s_nll, t_nll, count = 0.0, 0.0, 0.0, 0
-    device = next(student.parameters()).device
-    batches = (_id_batches(ids, tokenizer.pad_token_id or 0, batch_size, device) if ids is not None
-               else _batches(tokenizer, texts, max_len, batch_size, device))
-    for ids, mask in batches:
-        with torch.no_grad():
-            s_logits = student(input_ids=ids, attention_mask=mask).logits
-            t_logits = teacher(input_ids=ids, attention_mask=mask).logits
-        s, m = _nll(s_logits, ids, mask)
-        t, _ = _nll(t_logits, ids, mask)
-        k = forward_kl_per_token(s_logits[:, :-1], t_logits[:, :-1])
-        kl += k[m].double().sum().item()
-        s_nll += s[m].double().sum().item()
-        t_nll += t[m].double().sum().item()
-        count += int(m.sum().item())
-    c = max(count, 1)
-    return HeldoutReport(kl=kl / c, student_nll=s_nll / c, teacher_nll=t_nll / c, tokens=count)
-
-
 def digit_token_mask(tokenizer):
     """(vocab,) bool tensor: tokens whose text holds a digit -- where arithmetic results are written."""
     import torch
@@ -137,29 +111,32 @@ def completion_report(student, teacher, tokenizer, rows: list[list[int]], prompt
 
 
 def completion_reports(students: dict, teacher, tokenizer, rows: list[list[int]], prompt_lens: list[int],
-                       batch_size: int = 8) -> dict[str, dict]:
+                       batch_size: int = 8, all_tokens: bool = False) -> dict[str, dict]:
     """:func:`completion_report` for several students (name -> model) against one teacher: each batch's
-    teacher forward is shared by all of them (on a CPU it is half the cost of one report)."""
+    teacher forward is shared by all of them (on a CPU it is half the cost of one report). A row whose
+    prompt length is 0 has no completion tokens. ``all_tokens``: also each student's
+    KL and both NLLs on every predicted position of the rows (a :class:`HeldoutReport`), from the same
+    forwards, under "all" (``m1 distill``'s held-out report needs both: one pass instead of two)."""
     import torch
 
     from .losses import forward_kl_per_token
 
     device = next(teacher.parameters()).device
     digits = digit_token_mask(tokenizer).to(device)
-    keys = ("kl", "kl_digits", "student_nll", "teacher_nll")
+    keys = ("kl", "kl_digits", "student_nll", "teacher_nll", "kl_all", "student_nll_all", "teacher_nll_all")
     sums = {name: dict.fromkeys(keys, 0.0) for name in students}
-    n_all = n_dig = 0
+    n_all = n_dig = n_pos = 0
     batches = _id_batches(rows, tokenizer.pad_token_id or 0, batch_size, device)
     for i, (ids, mask) in zip(range(0, len(rows), batch_size), batches):
         pos = torch.arange(ids.shape[1] - 1, device=device)
         lens = mask.sum(1, keepdim=True)
         plen = torch.tensor(prompt_lens[i:i + batch_size], device=device).unsqueeze(1)
-        comp = (pos >= plen - 1) & (pos < lens - 1)  # positions that predict a completion token
+        comp = (pos >= plen - 1) & (pos < lens - 1) & (plen > 0)  # positions that predict a completion token
         target = ids[:, 1:]
         dig = comp & digits[target.clamp(max=digits.numel() - 1)]
         with torch.no_grad():
             t_logits = teacher(input_ids=ids, attention_mask=mask).logits.float()
-        t_nll, _ = _nll(t_logits, ids, mask)
+        t_nll, m = _nll(t_logits, ids, mask)
         for name, student in students.items():
             with torch.no_grad():
                 s_logits = student(input_ids=ids, attention_mask=mask).logits.float()
@@ -170,11 +147,22 @@ def completion_reports(students: dict, teacher, tokenizer, rows: list[list[int]]
             acc["kl_digits"] += k[dig].double().sum().item()
             acc["student_nll"] += s_nll[comp].double().sum().item()
             acc["teacher_nll"] += t_nll[comp].double().sum().item()
+            if all_tokens:
+                acc["kl_all"] += k[m].double().sum().item()
+                acc["student_nll_all"] += s_nll[m].double().sum().item()
+                acc["teacher_nll_all"] += t_nll[m].double().sum().item()
         n_all += int(comp.sum())
         n_dig += int(dig.sum())
-    return {name: {"kl": acc["kl"] / max(n_all, 1), "kl_digits": acc["kl_digits"] / max(n_dig, 1),
-                   "student_nll": acc["student_nll"] / max(n_all, 1), "teacher_nll": acc["teacher_nll"] / max(n_all, 1),
-                   "tokens": n_all, "digit_tokens": n_dig} for name, acc in sums.items()}
+        n_pos += int(m.sum().item())
+    out = {name: {"kl": acc["kl"] / max(n_all, 1), "kl_digits": acc["kl_digits"] / max(n_dig, 1),
+                  "student_nll": acc["student_nll"] / max(n_all, 1), "teacher_nll": acc["teacher_nll"] / max(n_all, 1),
+                  "tokens": n_all, "digit_tokens": n_dig} for name, acc in sums.items()}
+    if all_tokens:
+        for name, acc in sums.items():
+            c = max(n_pos, 1)
+            out[name]["all"] = HeldoutReport(kl=acc["kl_all"] / c, student_nll=acc["student_nll_all"] / c,
+                                             teacher_nll=acc["teacher_nll_all"] / c, tokens=n_pos)
+    return out
 
 
 def teacher_answers(model_dir, task: str, limit: int, max_new_tokens: int, seed: int = 0) -> tuple[list, list[int]]:

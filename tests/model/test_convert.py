@@ -279,8 +279,41 @@ def test_layer_sensitivity_equals_the_kl_of_the_one_mamba_layer_hybrid(tiny_teac
         one = build_hybrid(teacher, [j for j in range(n) if j != i], calibration=cal).eval()
         want = forward_kl_per_token(_logits(one, ids).float(), ref).double().mean().item()
         assert scores[i] > 0 and abs(scores[i] - want) <= 1e-4 * max(1.0, want), (i, scores[i], want)
-    # the teacher is left as it was: no hook stays behind
+    # the teacher is left as it was: no hook or replayed forward stays behind
     assert torch.equal(_logits(teacher, ids).float(), ref)
+    assert not any("forward" in vars(layer) for layer in teacher.model.layers)
+
+
+def test_layer_sensitivity_replaying_the_earlier_layers_is_bit_identical_to_running_them(tiny_teachers):
+    """The fast path (layers before i replay the teacher's recorded outputs) against running the whole
+    teacher with layer i's attention swapped: the same float64 scores, bit for bit."""
+    from transformers import AutoTokenizer
+
+    from m1.model.convert import calibration_texts, layer_sensitivity
+    from m1.train.losses import forward_kl_per_token
+
+    teacher = AutoModelForCausalLM.from_pretrained(tiny_teachers["llama_untied"]).eval()
+    tok = AutoTokenizer.from_pretrained(tiny_teachers["llama_untied"])
+    cal = calibrate(teacher, tok, calibration_texts(4))
+    texts = calibration_texts(3)
+    scores = layer_sensitivity(teacher, tok, texts, cal, max_len=32, max_rows=3)
+    stream = [t for text in texts for t in tok(text, add_special_tokens=False)["input_ids"]]
+    ids = torch.tensor(stream[:3 * 32]).reshape(3, 32)
+    mamba = build_hybrid(teacher, [], calibration=cal).eval()
+    with torch.no_grad():
+        ref = teacher(input_ids=ids).logits.float()
+        want = []
+        for i, layer in enumerate(teacher.model.layers):
+            mixer = mamba.model.layers[i].mamba
+            def swap(_m, args, kwargs, out, mixer=mixer):
+                y = mixer(hidden_states=kwargs["hidden_states"] if "hidden_states" in kwargs else args[0])
+                return (y, *out[1:]) if isinstance(out, tuple) else y
+
+            hook = layer.self_attn.register_forward_hook(swap, with_kwargs=True)
+            want.append(forward_kl_per_token(teacher(input_ids=ids).logits.float(), ref).double().mean().item())
+            hook.remove()
+    assert scores == want
+    assert len(set(scores)) == len(scores)  # every layer scored on its own swap
 
 
 def test_convert_auto_keeps_the_most_sensitive_layers(tiny_teachers, tmp_path):
