@@ -120,6 +120,7 @@ BUDGETS = {
 
 
 RECIPES = ("general", "from-teacher")
+STAGES_FILE = "stages.json"  # in --out: each finished stage's command (a rerun reuses a stage only if unchanged)
 
 
 def checkpoint_steps(steps: int) -> int:
@@ -165,7 +166,13 @@ class Demo:
     # ------------------------------------------------------------------------------- plumbing
     def _stage(self, name: str, path: Path, command: str, fn) -> Path:
         self.commands.append(command)
+        ledger = self.out / STAGES_FILE  # stage -> the command that made it, to refuse a stale stage
+        made = json.loads(ledger.read_text()) if ledger.exists() else {}
         if (path / "config.json").exists() or (path / "summary.json").exists() or (path / "bench.json").exists():
+            if made.get(name, command) != command:
+                raise M1Error(f"{path} was made by another command than this run's ('{name}' ran `{made[name]}`, "
+                              f"this run would run `{command}`): use a new --out, or delete {path} and the "
+                              "stages after it to redo them")
             self.log(f"[demo] {name}: done already ({path})")
             self._reuse_timing(name)
             return path
@@ -175,6 +182,9 @@ class Demo:
         self.timings[name] = round(time.time() - t0, 1)
         self.peak_rss[name] = peak_rss_gb()
         self.log(f"[demo] {name}: {self.timings[name]:.0f}s, peak RSS so far {self.peak_rss[name]:.1f} GB")
+        from .model.checkpoint import write_json_atomic
+
+        write_json_atomic(ledger, {**made, name: command})
         return path
 
     def _reuse_timing(self, name: str) -> None:

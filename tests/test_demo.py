@@ -141,6 +141,20 @@ def test_smoke_demo_end_to_end_and_resume(tmp_path, capsys, recipe):
     again = dict(re.findall(r"^\| ([^|]+?) \| (\d+) \| \(earlier invocation\) \|$", wall2, re.M))
     assert again == first and len(again) == n_stages
     assert re.search(r"^\| total \(all stages, earlier invocations included\) \| \d+ \| +\|$", wall2, re.M)
+    # a rerun with other settings into the same --out refuses a stage that another command made (it would
+    # be silently stale), before touching it
+    from dataclasses import replace
+
+    from m1.demo import Demo
+    from m1.errors import M1Error
+
+    changed = Demo("smoke", out, log=lambda m: None, progress=False, recipe=recipe)
+    changed.b = replace(changed.b, sft_steps=changed.b.sft_steps + 1)
+    made = (out / "teacher" / "sft" / "model.safetensors").stat().st_mtime_ns
+    with pytest.raises(M1Error, match=r"teacher/sft was made by another command than this run's \('sft teacher' "
+                                      r"ran `m1 sft .*--max-steps 4 .*this run would run `m1 sft .*--max-steps 5 "):
+        changed.run()
+    assert (out / "teacher" / "sft" / "model.safetensors").stat().st_mtime_ns == made
 
 
 def test_small_budget_follows_the_hardware(monkeypatch, tmp_path):
