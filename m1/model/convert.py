@@ -320,6 +320,42 @@ def most_sensitive_layers(scores: list[float], fraction: float) -> list[int]:
     return sorted(sorted(range(len(scores)), key=lambda i: (-scores[i], i))[:k])
 
 
+def _mamba_from_attention(t: dict, s: dict, i: int, init: str, d: dict, calibration, gen) -> dict:
+    """Layer ``i``'s Mamba2 mixer weights: from the teacher's attention at layer ``i`` (``t``: the teacher's
+    float32 state dict; ``s``: the fresh hybrid's, for shapes and nn.Linear's init) for ``init="attention"``,
+    the standard Mamba2 init for ``"random"``. ``gen`` draws dt (and A, the dt rows) in a fixed order."""
+    import torch
+
+    H, P = d["heads"], d["head_dim"]
+    n_rep = H // d["kv_heads"]
+    hid = d["hidden"]
+    a, m = f"model.layers.{i}.self_attn.", f"model.layers.{i}.mamba."
+    new = {}
+    dt = torch.exp(torch.empty(H).uniform_(math.log(1e-3), math.log(1e-1), generator=gen)).clamp(min=1e-4)
+    new[m + "dt_bias"] = dt + torch.log(-torch.expm1(-dt))  # inverse softplus
+    if init == "random":  # the standard Mamba2 init
+        new[m + "A_log"] = torch.log(torch.empty(H).uniform_(1.0, 16.0, generator=gen))
+        new[m + "D"] = torch.ones(H)
+        return new
+    new[m + "A_log"] = torch.log(torch.empty(H).uniform_(0.1, 1.0, generator=gen))
+    new[m + "D"] = torch.zeros(H)
+    mu = calibration.mean_input[i]
+    new[m + "norm.weight"] = calibration.head_rms[i].repeat_interleave(P)
+    w = s[m + "in_proj.weight"].clone()  # [z | x | B | C | dt] rows; dt rows fresh (nn.Linear's init)
+    w[4 * hid:] = torch.empty_like(w[4 * hid:]).uniform_(-hid ** -0.5, hid ** -0.5, generator=gen)
+    w[:hid] = (8.0 * mu / mu.pow(2).sum().clamp(min=1e-12)).expand(hid, hid)
+    w[hid:2 * hid] = _repeat_kv_rows(t[a + "v_proj.weight"], n_rep, P)
+    w[2 * hid:3 * hid] = _repeat_kv_rows(t[a + "k_proj.weight"], n_rep, P)
+    w[3 * hid:4 * hid] = t[a + "q_proj.weight"]
+    new[m + "in_proj.weight"] = w
+    new[m + "out_proj.weight"] = t[a + "o_proj.weight"]
+    conv = torch.zeros_like(s[m + "conv1d.weight"])  # (conv_dim, 1, d_conv)
+    conv[:, 0, -1] = 1.0
+    new[m + "conv1d.weight"] = conv
+    new[m + "conv1d.bias"] = torch.zeros_like(s[m + "conv1d.bias"])
+    return new
+
+
 def build_hybrid(teacher_model, attn_layers: list[int], init: str = "attention", seed: int = 0,
                  calibration: Calibration | None = None):
     """Return a float32 GraniteMoeHybridForCausalLM initialised from ``teacher_model``.
@@ -336,8 +372,6 @@ def build_hybrid(teacher_model, attn_layers: list[int], init: str = "attention",
     tc = teacher_model.config
     cfg = hybrid_config(tc, attn_layers)
     d = _teacher_dims(tc)
-    H, P = d["heads"], d["head_dim"]
-    n_rep = H // d["kv_heads"]
     torch.manual_seed(seed)
     model = GraniteMoeHybridForCausalLM(cfg).float()
     model.eval()
@@ -352,45 +386,22 @@ def build_hybrid(teacher_model, attn_layers: list[int], init: str = "attention",
         # each layer's random draws depend on (seed, layer) only, not on the layout: layer i's mixer
         # is then the same in every hybrid, which is what --attn-layers auto measures it as
         gen = torch.Generator().manual_seed(seed * 1_000_003 + i)
-        tp, sp = f"model.layers.{i}.", f"model.layers.{i}."
-        new[sp + "input_layernorm.weight"] = t[tp + "input_layernorm.weight"]
-        new[sp + "post_attention_layernorm.weight"] = t[tp + "post_attention_layernorm.weight"]
-        new[sp + "shared_mlp.input_linear.weight"] = torch.cat(
-            [t[tp + "mlp.gate_proj.weight"], t[tp + "mlp.up_proj.weight"]], dim=0)
-        new[sp + "shared_mlp.output_linear.weight"] = t[tp + "mlp.down_proj.weight"]
-        a = tp + "self_attn."
+        lp = f"model.layers.{i}."  # layer i's prefix, in the teacher and in the hybrid
+        new[lp + "input_layernorm.weight"] = t[lp + "input_layernorm.weight"]
+        new[lp + "post_attention_layernorm.weight"] = t[lp + "post_attention_layernorm.weight"]
+        new[lp + "shared_mlp.input_linear.weight"] = torch.cat(
+            [t[lp + "mlp.gate_proj.weight"], t[lp + "mlp.up_proj.weight"]], dim=0)
+        new[lp + "shared_mlp.output_linear.weight"] = t[lp + "mlp.down_proj.weight"]
+        a = lp + "self_attn."
         if i in attn_layers:
             for p in ("q_proj", "k_proj", "v_proj", "o_proj"):
-                new[sp + f"self_attn.{p}.weight"] = t[a + f"{p}.weight"]
+                new[lp + f"self_attn.{p}.weight"] = t[a + f"{p}.weight"]
                 if cfg.attention_bias:
                     bias = t.get(a + f"{p}.bias")
-                    new[sp + f"self_attn.{p}.bias"] = bias if bias is not None else torch.zeros(
-                        s[sp + f"self_attn.{p}.bias"].shape)
+                    new[lp + f"self_attn.{p}.bias"] = bias if bias is not None else torch.zeros(
+                        s[lp + f"self_attn.{p}.bias"].shape)
             continue
-        m = sp + "mamba."
-        hid = d["hidden"]
-        dt = torch.exp(torch.empty(H).uniform_(math.log(1e-3), math.log(1e-1), generator=gen)).clamp(min=1e-4)
-        new[m + "dt_bias"] = dt + torch.log(-torch.expm1(-dt))  # inverse softplus
-        if init == "random":  # the standard Mamba2 init
-            new[m + "A_log"] = torch.log(torch.empty(H).uniform_(1.0, 16.0, generator=gen))
-            new[m + "D"] = torch.ones(H)
-            continue
-        new[m + "A_log"] = torch.log(torch.empty(H).uniform_(0.1, 1.0, generator=gen))
-        new[m + "D"] = torch.zeros(H)
-        mu = calibration.mean_input[i]
-        new[m + "norm.weight"] = calibration.head_rms[i].repeat_interleave(P)
-        w = s[m + "in_proj.weight"].clone()  # [z | x | B | C | dt] rows; dt rows fresh (nn.Linear's init)
-        w[4 * hid:] = torch.empty_like(w[4 * hid:]).uniform_(-hid ** -0.5, hid ** -0.5, generator=gen)
-        w[:hid] = (8.0 * mu / mu.pow(2).sum().clamp(min=1e-12)).expand(hid, hid)
-        w[hid:2 * hid] = _repeat_kv_rows(t[a + "v_proj.weight"], n_rep, P)
-        w[2 * hid:3 * hid] = _repeat_kv_rows(t[a + "k_proj.weight"], n_rep, P)
-        w[3 * hid:4 * hid] = t[a + "q_proj.weight"]
-        new[m + "in_proj.weight"] = w
-        new[m + "out_proj.weight"] = t[a + "o_proj.weight"]
-        conv = torch.zeros_like(s[m + "conv1d.weight"])  # (conv_dim, 1, d_conv)
-        conv[:, 0, -1] = 1.0
-        new[m + "conv1d.weight"] = conv
-        new[m + "conv1d.bias"] = torch.zeros_like(s[m + "conv1d.bias"])
+        new.update(_mamba_from_attention(t, s, i, init, d, calibration, gen))
     unknown = set(new) - set(s)
     if unknown:  # a key-map bug, never a user error
         raise RuntimeError(f"conversion produced keys the hybrid does not have: {sorted(unknown)[:5]}")

@@ -14,9 +14,9 @@ Two stages, run one after the other on the same student checkpoint (``stage="bot
 
 The recipe (:func:`_distill`) is named parts, as torchtune's recipes are: ``_check`` (every cheap
 check, before loading), ``_setup`` (accelerator, models, data, stage plan), ``_start`` (resume or the
-held-out report), ``_train_stage`` per stage (its step: ``_global_batch``, then ``_align_loss`` or
-``_kd_loss``; AdamW, linear warm-up then cosine decay per stage, gradient accumulation, clipping),
-``_save_checkpoint`` and ``_finish``. It runs in one process by default and
+held-out report), ``_train_stage`` per stage (``_optimizer``: AdamW, linear warm-up then cosine decay per
+stage; each step: ``_global_batch``, ``_accumulate_gradients`` over micro-batches with ``_align_loss`` or
+``_kd_loss``, clipping), ``_save_checkpoint`` and ``_finish``. It runs in one process by default and
 unchanged under ``accelerate launch`` (DDP): the global batch (``batch_size`` rows per optimizer
 step) is fixed, each process takes its share of micro-batches, and every loss is a sum over
 tokens divided by the token count of the *whole global batch*, so accumulation steps and processes
@@ -873,19 +873,10 @@ def _train_stage(run: _Run, stage: Stage, cursor: _Cursor, ckpt: Path | None, pr
     accumulation and DDP's gradient average add up to the gradient of one big batch."""
     import torch
 
-    from .data import collate, micro_batches
-
     cfg, acc, student = run.cfg, run.acc, run.student
-    world, rank = acc.num_processes, acc.process_index
     trainable, params, groups = _trainable(run, stage)
     model = acc.prepare_model(trainable if stage.name == "align" else student)
-    optimizer = torch.optim.AdamW(groups, lr=stage.lr, betas=(0.9, 0.95), eps=1e-8, weight_decay=cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(stage.steps, cfg.warmup, cfg.min_lr_ratio))
-    if ckpt is not None and cursor.step > stage.start:
-        state = json.loads((ckpt / "state.json").read_text())
-        if state.get("optimizer_stage") == stage.name:
-            optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True))
-            scheduler.load_state_dict(torch.load(ckpt / "scheduler.pt", weights_only=True))
+    optimizer, scheduler = _optimizer(run, stage, groups, ckpt if cursor.step > stage.start else None)
     if cfg.gradient_checkpointing and stage.name != "align":
         # transformers' per-decoder-layer recompute; non-reentrant: the embeddings' output needs no grad
         student.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
@@ -907,25 +898,8 @@ def _train_stage(run: _Run, stage: Stage, cursor: _Cursor, ckpt: Path | None, pr
         if stage.name == "onpolicy" and run.rollouts.on_policy(cursor.step) and not weights_finite(student):
             stop_nonfinite("student's weights", "non-finite")
         seqs, spans, extra = _global_batch(run, stage, cursor.step)
-        blen = [len(x) for x in seqs]
         n_tok = sum(hi - lo for lo, hi in spans)  # loss positions of the global batch
-        # positions with a next token (cross-entropy), inside the loss spans
-        n_ce = max(1, sum(max(0, min(hi, n - 1) - lo) for (lo, hi), n in zip(spans, blen)))
-        # this process's share; each micro-loss is (sum over its tokens) / (global count / world)
-        # so that DDP's gradient *average* over processes is the global token mean
-        share = micro_batches(list(range(len(seqs))), blen, run.micro, world, rank)
-        sums = torch.zeros(3 + len(run.layers), dtype=torch.float64, device=acc.device)  # loss, kl, ce, mse...
-        for a, chunk in enumerate(share):
-            ids, mask = (t.to(acc.device) for t in collate([seqs[r] for r in chunk], run.tokenizer.pad_token_id))
-            lmask = span_mask([spans[r] for r in chunk], ids.shape[1]).to(acc.device)
-            with contextlib.nullcontext() if a == len(share) - 1 else acc.no_sync(model):
-                if stage.name == "align":
-                    loss = _align_loss(run, model, ids, mask, n_tok, sums)
-                else:
-                    loss = _kd_loss(run, model, ids, mask, lmask, n_tok, n_ce, sums)
-                sums[0] += loss.detach().double() / world
-                acc.backward(loss)
-        sums = acc.reduce(sums, reduction="sum")
+        sums = _accumulate_gradients(run, stage, model, seqs, spans, n_tok)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
         loss_value, grad_value = sums[0].item(), float(grad_norm)
         bad = first_nonfinite(loss=loss_value, grad_norm=grad_value)
@@ -950,6 +924,49 @@ def _train_stage(run: _Run, stage: Stage, cursor: _Cursor, ckpt: Path | None, pr
     student.eval()
     if student.is_activation_checkpointing:
         student.activation_checkpointing_disable()
+
+
+def _optimizer(run: _Run, stage: Stage, groups, ckpt: Path | None):
+    """The stage's AdamW and warmup-cosine schedule; from ``ckpt`` if it was saved mid-way through this stage
+    (a checkpoint at a stage boundary holds the previous stage's optimizer, which this one does not continue)."""
+    import torch
+
+    cfg = run.cfg
+    optimizer = torch.optim.AdamW(groups, lr=stage.lr, betas=(0.9, 0.95), eps=1e-8, weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(stage.steps, cfg.warmup, cfg.min_lr_ratio))
+    if ckpt is not None and json.loads((ckpt / "state.json").read_text()).get("optimizer_stage") == stage.name:
+        optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True))
+        scheduler.load_state_dict(torch.load(ckpt / "scheduler.pt", weights_only=True))
+    return optimizer, scheduler
+
+
+def _accumulate_gradients(run: _Run, stage: Stage, model, seqs: list, spans: list, n_tok: int):
+    """Backward of one global batch, in this process's micro-batches; returns the summed metrics (loss, kl, ce,
+    per-layer mse), reduced over processes."""
+    import torch
+
+    from .data import collate, micro_batches
+
+    acc = run.acc
+    world = acc.num_processes
+    blen = [len(x) for x in seqs]
+    # positions with a next token (cross-entropy), inside the loss spans
+    n_ce = max(1, sum(max(0, min(hi, n - 1) - lo) for (lo, hi), n in zip(spans, blen)))
+    # this process's share; each micro-loss is (sum over its tokens) / (global count / world)
+    # so that DDP's gradient *average* over processes is the global token mean
+    share = micro_batches(list(range(len(seqs))), blen, run.micro, world, acc.process_index)
+    sums = torch.zeros(3 + len(run.layers), dtype=torch.float64, device=acc.device)  # loss, kl, ce, mse...
+    for a, chunk in enumerate(share):
+        ids, mask = (t.to(acc.device) for t in collate([seqs[r] for r in chunk], run.tokenizer.pad_token_id))
+        lmask = span_mask([spans[r] for r in chunk], ids.shape[1]).to(acc.device)
+        with contextlib.nullcontext() if a == len(share) - 1 else acc.no_sync(model):
+            if stage.name == "align":
+                loss = _align_loss(run, model, ids, mask, n_tok, sums)
+            else:
+                loss = _kd_loss(run, model, ids, mask, lmask, n_tok, n_ce, sums)
+            sums[0] += loss.detach().double() / world
+            acc.backward(loss)
+    return acc.reduce(sums, reduction="sum")
 
 
 def _stop_nonfinite(run: _Run, stage: Stage, step: int, what: str, value) -> None:
