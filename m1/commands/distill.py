@@ -45,12 +45,12 @@ def register(subparsers) -> None:
                               description=DESCRIPTION, epilog=EPILOG,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
     from ..settings import add_arguments
+    from . import add_run_flags
     from ..train.distill import DistillConfig
 
-    g = add_arguments(p, DistillConfig)["run"]
-    g.add_argument("--resume", action="store_true", help="continue the unfinished run in OUT.work/")
-    g.add_argument("--force", action="store_true", help="replace OUT, and discard an unfinished run in OUT.work/")
-    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    groups = add_arguments(p, DistillConfig)
+    add_run_flags(groups, out=False, keep_checkpoints=False)  # --out is a DistillConfig field; OUT.work/ goes at the end
+    groups["run"].add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
 
 

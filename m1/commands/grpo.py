@@ -41,15 +41,10 @@ def register(subparsers) -> None:
                               description=DESCRIPTION, epilog=EPILOG,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
     from ..settings import add_arguments
+    from . import add_run_flags
     from ..train.grpo import GRPOSettings
 
-    groups = add_arguments(p, GRPOSettings)
-    groups["what"].add_argument("--out", required=True,
-                                help="output checkpoint directory (must not exist unless --force)")
-    g = groups["run"]
-    g.add_argument("--resume", action="store_true", help="continue the unfinished run in OUT.work/")
-    g.add_argument("--force", action="store_true", help="replace OUT, and discard an unfinished run in OUT.work/")
-    g.add_argument("--keep-checkpoints", action="store_true", help="keep OUT.work/ (checkpoints, metrics) at the end")
+    add_run_flags(add_arguments(p, GRPOSettings))
     p.set_defaults(func=run)
 
 
