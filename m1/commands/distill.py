@@ -49,7 +49,7 @@ def register(subparsers) -> None:
     from ..train.distill import DistillConfig
 
     groups = add_arguments(p, DistillConfig)
-    add_run_flags(groups, out=False, keep_checkpoints=False)  # --out is a DistillConfig field; OUT.work/ goes at the end
+    add_run_flags(groups, out=False)  # --out is a DistillConfig field
     groups["run"].add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
 
@@ -59,4 +59,4 @@ def run(a) -> None:
     from ..train.distill import DistillConfig, distill
 
     distill(from_args(DistillConfig, a), resume=a.resume, force=a.force, log=lambda m: print(m, file=sys.stderr),
-            progress=not a.no_progress)
+            progress=not a.no_progress, keep_checkpoints=a.keep_checkpoints)

@@ -33,7 +33,7 @@ overwritten). A NaN/inf loss or gradient stops the run with an error and leaves 
 checkpoint alone.
 At the end ``<out>`` is written atomically as a normal m1 checkpoint (the files ``m1 convert``
 writes, with ``m1.json`` saying ``stage: distill`` and recording the settings and the held-out
-report) and the work directory is removed.
+report) and the work directory is removed (``keep_checkpoints=True``, ``--keep-checkpoints``, keeps it).
 """
 
 from __future__ import annotations
@@ -585,8 +585,9 @@ def format_report(before: dict, after: dict | None = None) -> str:
 
 # ------------------------------------------------------------------------------ the run
 def distill(cfg: DistillConfig, resume: bool = False, force: bool = False, log=print, progress: bool = True,
-            on_step=None) -> DistillResult:
-    """Run the configured stages and write ``cfg.out``; see the module docstring.
+            on_step=None, keep_checkpoints: bool = False) -> DistillResult:
+    """Run the configured stages and write ``cfg.out``; see the module docstring. ``keep_checkpoints``
+    leaves the work directory (checkpoints, metrics) in place at the end.
 
     ``on_step(step, metrics, student)`` is called after every optimizer step and checkpoint (tests use
     it to stop a run part-way, as a kill would). Every user-facing problem raises :class:`m1.errors.M1Error`.
@@ -596,13 +597,13 @@ def distill(cfg: DistillConfig, resume: bool = False, force: bool = False, log=p
     bars = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()  # "Writing model shards" at every checkpoint would break our bar
     try:
-        return _distill(cfg, resume, force, log, progress, on_step)
+        return _distill(cfg, resume, force, log, progress, on_step, keep_checkpoints)
     finally:
         if bars:
             hf_logging.enable_progress_bar()
 
 
-def _distill(cfg, resume, force, log, progress, on_step) -> DistillResult:
+def _distill(cfg, resume, force, log, progress, on_step, keep_checkpoints) -> DistillResult:
     """The recipe, top to bottom: check -> setup -> (resume or report) -> train each stage -> save."""
     checked = _check(cfg, resume, force)
     run = _setup(cfg, checked, resume, log)
@@ -610,7 +611,7 @@ def _distill(cfg, resume, force, log, progress, on_step) -> DistillResult:
     for stage in run.stages:
         if cursor.step < stage.end:
             _train_stage(run, stage, cursor, checked.ckpt if resume else None, progress, on_step)
-    return _finish(run, cursor, before, force)
+    return _finish(run, cursor, before, force, keep_checkpoints)
 
 
 # ------------------------------------------------------------------------------ the run, in parts
@@ -1026,9 +1027,9 @@ def _save_checkpoint(run: _Run, stage: Stage, optimizer, scheduler, cursor: _Cur
     run.acc.wait_for_everyone()
 
 
-def _finish(run: _Run, cursor: _Cursor, before: dict, force: bool) -> DistillResult:
+def _finish(run: _Run, cursor: _Cursor, before: dict, force: bool, keep_checkpoints: bool) -> DistillResult:
     """The held-out report after training, then ``out`` as a normal m1 checkpoint (atomically) with the
-    run's lineage, settings, report and metrics; the work directory goes."""
+    run's lineage, settings, report and metrics; the work directory goes unless ``keep_checkpoints``."""
     from .run import lineage_record
 
     cfg = run.cfg
@@ -1052,7 +1053,8 @@ def _finish(run: _Run, cursor: _Cursor, before: dict, force: bool) -> DistillRes
             write_json_atomic(tmp / "distill_report.json", {"before": before, "after": after})
             if (run.work / METRICS_FILE).exists():
                 shutil.copyfile(run.work / METRICS_FILE, tmp / "distill_metrics.jsonl")
-        shutil.rmtree(run.work, ignore_errors=True)
+        if not keep_checkpoints:
+            shutil.rmtree(run.work, ignore_errors=True)
         run.say(f"wrote {run.out}")
     run.acc.wait_for_everyone()
     return DistillResult(out=run.out, before=before, after=after, steps=cursor.step, tokens=cursor.tokens,

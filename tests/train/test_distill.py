@@ -135,6 +135,22 @@ def test_kd_lowers_heldout_kl(tiny_hybrid, data_file, tmp_path):
     assert model_info(res.out).record["stage"] == "distill"
 
 
+def test_keep_checkpoints_leaves_the_last_checkpoint_equal_to_the_output(tiny_hybrid, data_file, tmp_path):
+    out = tmp_path / "kept"
+    args = ["distill", "--student", str(tiny_hybrid), "--out", str(out), "--data", str(data_file), "--stage", "kd",
+            "--steps", "3", "--seq-len", "40", "--batch-size", "4", "--heldout", "6", "--checkpoint-every", "2",
+            "--no-progress"]
+    assert main(args + ["--keep-checkpoints"]) == 0
+    work = work_dir(out)
+    assert json.loads((_ckpt(work) / "state.json").read_text())["step"] == 3
+    final, last = _weights(out), _weights(_ckpt(work))
+    assert final.keys() == last.keys() and all(torch.equal(final[k], last[k]) for k in final)
+    assert len((work / "metrics.jsonl").read_text().splitlines()) == 3
+    # without the flag (and with --force over the kept run) the work directory goes, as in m1 sft / m1 grpo
+    assert main(args + ["--force"]) == 0
+    assert not work.exists() and (out / "model.safetensors").exists()
+
+
 @pytest.mark.parametrize("loss,ce_weight", [("reverse_kl", 0.0), ("jsd", 0.5), ("forward_kl", 1.0)])
 def test_kd_micro_loss_equals_full_logits(tiny_hybrid, loss, ce_weight):
     # the chunked head loss gives the loss, the reported KL / CE and the gradients of the plain
