@@ -57,6 +57,7 @@ from typing import Callable
 from ..errors import M1Error
 from ..model.checkpoint import check_model_dir
 from ..settings import setting
+from .data import SFTExample, load_sft_examples
 from .run import (CHECKPOINTS, METRICS_FILE, barrier, base_dtype, check_max_steps, finalize, lineage_record,
                   load_policy, make_divergence_guard, make_metrics_callback, mamba_mixer_param_ids, model_fingerprint,
                   on_cuda, open_work_dir, prepare_run, quiet_trainer, quiet_transformers, read_metrics,
@@ -64,125 +65,11 @@ from .run import (CHECKPOINTS, METRICS_FILE, barrier, base_dtype, check_max_step
                   with_mamba_lr, work_dir)
 
 SFT_CONFIG_FILE = "sft_config.json"
-GSM8K_TRAIN = "gsm8k-train"
-DEFAULT_ARITH_EXAMPLES = 2000
 
 
 # =================================================================================================
-# SFT data
+# SFT data in TRL's format (the examples are m1.train.data.load_sft_examples, shared with distillation)
 # =================================================================================================
-@dataclass
-class SFTExample:
-    """One training pair: the prompt messages and the assistant's solution, and where it came from."""
-    prompt: list[dict]
-    solution: str
-    where: str
-
-
-def _has_box(text: str) -> bool:
-    from ..eval.grading import extract_answer
-
-    return "\\boxed" in text and extract_answer(text) is not None
-
-
-def solution_from_fields(row: dict, where: str) -> str:
-    r"""The worked solution of a question row, ending in ``\boxed{answer}`` (GSM8K rows converted)."""
-    from ..tasks.base import boxed, integer_answer, strip_calculator
-
-    sol = row.get("solution")
-    ans = row.get("answer")
-    if sol is not None and not isinstance(sol, str):
-        raise M1Error(f"{where}: 'solution' must be a string, got {type(sol).__name__}")
-    if isinstance(ans, (int, float)) and not isinstance(ans, bool):
-        ans = str(int(ans)) if float(ans).is_integer() else str(ans)
-    if ans is not None and not isinstance(ans, str):
-        raise M1Error(f"{where}: 'answer' must be a string or a number, got {type(ans).__name__}")
-    if (sol is None or not sol.strip()) and isinstance(ans, str) and "####" in ans:
-        body, _, final = ans.rpartition("####")  # a raw GSM8K row
-        try:
-            gold = integer_answer(final)
-        except ValueError:
-            gold = final.strip()
-        if not gold:
-            raise M1Error(f"{where}: the '#### N' line of 'answer' has no number")
-        return f"{strip_calculator(body).strip()}\nThe answer is {boxed(gold)}."
-    if sol is None or not sol.strip():
-        raise M1Error(f"{where}: row has no solution: SFT needs a 'solution' (a worked solution ending in "
-                      "\\boxed{...}) or a GSM8K-style 'answer' ending in '#### N'")
-    sol = strip_calculator(sol).strip()
-    if "####" in sol:
-        body, _, final = sol.rpartition("####")
-        if final.strip():
-            return f"{body.strip()}\nThe answer is {boxed(final.strip().replace(',', ''))}."
-    if _has_box(sol):
-        return sol
-    if isinstance(ans, str) and ans.strip():
-        return f"{sol}\nThe answer is {boxed(ans.strip())}."
-    raise M1Error(f"{where}: the solution does not end in \\boxed{{...}} and the row has no 'answer' to box; "
-                  "m1 trains the model to put its final answer in \\boxed{}")
-
-
-def _question_of(row: dict, where: str) -> str:
-    for key in ("question", "problem", "prompt"):
-        q = row.get(key)
-        if isinstance(q, str) and q.strip():
-            return q
-    raise M1Error(f"{where}: row has no question: give a non-empty 'question' (or 'problem') string")
-
-
-def read_sft_jsonl(path: Path) -> list[SFTExample]:
-    """Rows of an SFT JSONL file (see the module docstring); errors name ``FILE:LINE``."""
-    from ..tasks.base import Problem
-    from ..tasks.prompts import build_messages
-    from .data import jsonl_objects
-
-    out = []
-    for n, where, row in jsonl_objects(path, "data",
-                                       "give gsm8k-train, arith[:options], a task name or a .jsonl file"):
-        if not isinstance(row, dict):
-            raise M1Error(f"{where}: expected a JSON object, got {type(row).__name__}")
-        if "messages" in row:
-            msgs = row["messages"]
-            if (not isinstance(msgs, list) or not msgs or not all(
-                    isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
-                    for m in msgs)):
-                raise M1Error(f"{where}: 'messages' must be a non-empty list of {{'role', 'content'}} string objects")
-            last = max((i for i, m in enumerate(msgs) if m["role"] == "assistant"), default=None)
-            if last is None or last == 0 or not msgs[last]["content"].strip():
-                raise M1Error(f"{where}: 'messages' needs a non-empty assistant turn after at least one prompt turn")
-            out.append(SFTExample([{"role": m["role"], "content": m["content"]} for m in msgs[:last]],
-                                  msgs[last]["content"].strip(), where))
-            continue
-        q = _question_of(row, where)
-        sol = solution_from_fields(row, where)
-        out.append(SFTExample(build_messages(Problem(id=where, question=q, answer="")), sol, where))
-    if not out:
-        raise M1Error(f"data file {path} has no rows")
-    return out
-
-
-def load_sft_examples(data: str, limit: int | None = None, seed: int = 0, needs: str = "SFT") -> list[SFTExample]:
-    """Training pairs for ``--data`` (see the module docstring)."""
-    from ..tasks.prompts import build_messages
-    from .data import is_file_spec, task_train_problems
-
-    if not data or not str(data).strip():
-        raise M1Error("--data is empty: give gsm8k-train, arith[:options], a task name or a .jsonl file")
-    data = str(data).strip()
-    if is_file_spec(data):
-        examples = read_sft_jsonl(Path(data).expanduser())
-        return examples if limit is None else examples[:limit]
-    name, problems = task_train_problems(data, "--data", limit, seed, DEFAULT_ARITH_EXAMPLES, needs=needs)
-    out = []
-    for p in problems:
-        where = f"{name}:{p.id}"
-        sol = solution_from_fields({"solution": p.solution, "answer": p.answer}, where)
-        out.append(SFTExample(build_messages(p), sol, where))
-    if not out:
-        raise M1Error(f"--data {data}: no examples (check --limit)")
-    return out
-
-
 def to_dataset(examples: list[SFTExample]):
     """A ``datasets.Dataset`` in TRL's conversational prompt/completion format."""
     from datasets import Dataset

@@ -1,4 +1,4 @@
-"""m1 sft: data conversion, completion-only labels, bad rows, resume checks, a tiny end-to-end run."""
+"""m1 sft: settings checks, completion-only labels, resume checks, a tiny end-to-end run (its data: test_data.py)."""
 
 from __future__ import annotations
 
@@ -9,76 +9,21 @@ import pytest
 import torch
 
 from m1.errors import M1Error
+from m1.train.data import load_sft_examples
 from m1.train.run import find_checkpoints
-from m1.train.sft import (SFT_CONFIG_FILE, SFTSettings, build_sft_trainer, collate_preview, load_sft_examples,
-                          read_sft_jsonl, set_mamba_chunk_size, sft, solution_from_fields, to_dataset, work_dir)
+from m1.train.sft import (SFT_CONFIG_FILE, SFTSettings, build_sft_trainer, collate_preview, set_mamba_chunk_size, sft,
+                          to_dataset, work_dir)
 
 QUIET = dict(log=lambda m: None)
 
 
-# ------------------------------------------------------------------------------------------ data
-def test_gsm8k_row_becomes_boxed_solution_without_calculator_annotations():
-    row = {"question": "q", "answer": "Natalia sold 48/2 = <<48/2=24>>24 clips.\nSo 1,056 in all.\n#### 1,080"}
-    sol = solution_from_fields(row, "f:1")
-    assert "<<" not in sol and ">>" not in sol and "####" not in sol
-    assert "48/2 = 24 clips" in sol
-    assert sol.endswith("The answer is \\boxed{1080}.")
-
-
-def test_solution_gets_boxed_answer_appended_or_kept():
-    assert solution_from_fields({"solution": "2 + 2 = 4.", "answer": "4"}, "f:1").endswith("\\boxed{4}.")
-    boxed = "So it is \\boxed{\\frac{1}{2}}."
-    assert solution_from_fields({"solution": boxed}, "f:1") == boxed
-
-
-def test_builtin_data_specs():
-    ex = load_sft_examples("gsm8k-train", limit=3)
-    assert len(ex) == 3
-    for e in ex:
-        assert e.prompt[-1]["role"] == "user" and "\\boxed{}" in e.prompt[-1]["content"]
-        assert "<<" not in e.solution and e.solution.rstrip(".").endswith("}")
-    ar = load_sft_examples("arith:steps=1,digits=1", limit=5, seed=3)
-    assert len(ar) == 5 and all("\\boxed{" in e.solution for e in ar)
-    again = load_sft_examples("arith:steps=1,digits=1", limit=5, seed=3)
-    assert [e.solution for e in ar] == [e.solution for e in again]
-    with pytest.raises(M1Error, match="no train split.*--data math500:split=test"):
-        load_sft_examples("math500")
-    with pytest.raises(M1Error, match="unknown task"):
-        load_sft_examples("nonsense-set")
-
-
+# -------------------------------------------------------------------------------------- settings
 @pytest.mark.parametrize("steps", [0, -3])
 def test_max_steps_other_than_positive_or_minus_one_is_refused(tiny_hybrid, tmp_path, steps):
     # -3 used to mean "off" silently and train a whole epoch instead
     with pytest.raises(M1Error, match=rf"--max-steps must be >= 1 \(or -1: train for --epochs\), got {steps}"):
         sft(SFTSettings(model=tiny_hybrid, data="arith:steps=1,digits=1", max_steps=steps), tmp_path / "s")
     assert not (tmp_path / "s").exists()
-
-
-def test_bad_rows_name_file_and_line(tmp_path):
-    f = tmp_path / "d.jsonl"
-    f.write_text(json.dumps({"question": "1+1?", "solution": "1+1=2 so \\boxed{2}"}) + "\n"
-                 + json.dumps({"question": "2+2?"}) + "\n")
-    with pytest.raises(M1Error, match=rf"{f}:2: row has no solution"):
-        read_sft_jsonl(f)
-    f.write_text(json.dumps({"solution": "\\boxed{2}"}) + "\n")
-    with pytest.raises(M1Error, match=rf"{f}:1: row has no question"):
-        read_sft_jsonl(f)
-    f.write_text("{not json\n")
-    with pytest.raises(M1Error, match=rf"{f}:1: not valid JSON"):
-        read_sft_jsonl(f)
-    f.write_text(json.dumps({"question": "q", "solution": "no box here"}) + "\n")
-    with pytest.raises(M1Error, match="does not end in"):
-        read_sft_jsonl(f)
-    f.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}]}) + "\n")
-    with pytest.raises(M1Error, match="assistant turn"):
-        read_sft_jsonl(f)
-    ok = tmp_path / "ok.jsonl"
-    ok.write_text("\n" + json.dumps({"messages": [{"role": "user", "content": "1+1?"},
-                                                  {"role": "assistant", "content": "\\boxed{2}"}]}) + "\n")
-    (ex,) = read_sft_jsonl(ok)
-    assert ex.prompt == [{"role": "user", "content": "1+1?"}] and ex.solution == "\\boxed{2}"
-    assert ex.where == f"{ok}:2"
 
 
 # ------------------------------------------------------------------------ completion-only loss
