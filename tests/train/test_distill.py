@@ -448,7 +448,8 @@ def test_onpolicy_loss_equals_float64_formula_on_completion_positions(tiny_hybri
 
     from m1.model.checkpoint import load_model
     from m1.train.data import collate
-    from m1.train.distill import hidden_out, kd_micro_loss, loss_span, span_mask
+    from m1.train.distill import hidden_out, kd_micro_loss
+    from m1.train.onpolicy import loss_span, span_mask
 
     student = load_model(tiny_hybrid)[0].double()
     teacher = AutoModelForCausalLM.from_pretrained(tiny_teachers["llama_untied"]).double().eval()
@@ -529,7 +530,7 @@ def test_rollouts_are_the_students_engine_samples(tiny_hybrid, monkeypatch):
     from m1.engine import Engine
     from m1.model.checkpoint import load_model
     from m1.train.data import load_data
-    from m1.train.distill import Rollouts, span_mask
+    from m1.train.onpolicy import Rollouts, span_mask
 
     student, tok = load_model(tiny_hybrid)
     cfg = _op_cfg(tiny_hybrid, "unused", batch_size=6, num_samples=3, max_new_tokens=6, gen_temperature=1.3, seed=5)
