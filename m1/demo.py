@@ -168,11 +168,13 @@ class Demo:
         self.commands.append(command)
         ledger = self.out / STAGES_FILE  # stage -> the command that made it, to refuse a stale stage
         made = json.loads(ledger.read_text()) if ledger.exists() else {}
+        # --out as OUT: the same directory named another way (relative, absolute) is the same command
+        key = command.replace(f"{self.out}/", "OUT/") if str(self.out) != "." else command
         if (path / "config.json").exists() or (path / "summary.json").exists() or (path / "bench.json").exists():
-            if made.get(name, command) != command:
+            if made.get(name, key) != key:
                 raise M1Error(f"{path} was made by another command than this run's ('{name}' ran `{made[name]}`, "
-                              f"this run would run `{command}`): use a new --out, or delete {path} and the "
-                              "stages after it to redo them")
+                              f"this run would run `{key}`; OUT = {self.out}): use a new --out, or delete {path} "
+                              "and the stages after it to redo them")
             self.log(f"[demo] {name}: done already ({path})")
             self._reuse_timing(name)
             return path
@@ -184,7 +186,7 @@ class Demo:
         self.log(f"[demo] {name}: {self.timings[name]:.0f}s, peak RSS so far {self.peak_rss[name]:.1f} GB")
         from .model.checkpoint import write_json_atomic
 
-        write_json_atomic(ledger, {**made, name: command})
+        write_json_atomic(ledger, {**made, name: key})
         return path
 
     def _reuse_timing(self, name: str) -> None:

@@ -12,7 +12,7 @@ from m1.cli import main
 
 
 @pytest.mark.parametrize("recipe", ["general", "from-teacher"])
-def test_smoke_demo_end_to_end_and_resume(tmp_path, capsys, recipe):
+def test_smoke_demo_end_to_end_and_resume(tmp_path, capsys, monkeypatch, recipe):
     out = tmp_path / "demo"
     argv = ["demo", "--budget", "smoke", "--out", str(out), "--no-progress", "--recipe", recipe]
     assert main(argv) == 0
@@ -131,8 +131,9 @@ def test_smoke_demo_end_to_end_and_resume(tmp_path, capsys, recipe):
     n_stages = 22 if general else 18
     assert len(peaks) == n_stages and peaks[0] > 0.1 and peaks == sorted(peaks)  # one process: its peak only grows
     capsys.readouterr()
-    # a rerun finds every stage done and only rewrites the report
-    assert main(argv) == 0
+    # a rerun finds every stage done and only rewrites the report (--out named another way: the same run)
+    monkeypatch.chdir(tmp_path)
+    assert main(argv[:4] + ["demo"] + argv[5:]) == 0
     err = capsys.readouterr().err
     assert err.count("done already") == n_stages and "distill hybrid ..." not in err
     # ... and its wall-time table still has every stage, with the seconds of the run that did it
@@ -152,7 +153,7 @@ def test_smoke_demo_end_to_end_and_resume(tmp_path, capsys, recipe):
     changed.b = replace(changed.b, sft_steps=changed.b.sft_steps + 1)
     made = (out / "teacher" / "sft" / "model.safetensors").stat().st_mtime_ns
     with pytest.raises(M1Error, match=r"teacher/sft was made by another command than this run's \('sft teacher' "
-                                      r"ran `m1 sft .*--max-steps 4 .*this run would run `m1 sft .*--max-steps 5 "):
+                                      r"ran `m1 sft .*--max-steps 4 .*this run would run `m1 sft .*--max-steps 5 .*--out OUT/teacher/sft`"):
         changed.run()
     assert (out / "teacher" / "sft" / "model.safetensors").stat().st_mtime_ns == made
 
