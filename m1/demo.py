@@ -29,6 +29,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from .errors import M1Error
+from .model.checkpoint import write_json_atomic
 from .settings import to_argv
 
 
@@ -129,6 +130,8 @@ def checkpoint_steps(steps: int) -> int:
     2-core machine (2026-12-06), where 40 steps are ~5 min of training: the small budget's 20-80-step
     stages keep one mid-run checkpoint at most (7 saves in all instead of 14 at every 10-20 steps)."""
     return max(40, steps // 4)
+
+
 GSM8K_TRAIN_ROWS = 7473  # the kd "mix": as many arith solutions as there are GSM8K train chats
 
 
@@ -184,8 +187,6 @@ class Demo:
         self.timings[name] = round(time.time() - t0, 1)
         self.peak_rss[name] = peak_rss_gb()
         self.log(f"[demo] {name}: {self.timings[name]:.0f}s, peak RSS so far {self.peak_rss[name]:.1f} GB")
-        from .model.checkpoint import write_json_atomic
-
         write_json_atomic(ledger, {**made, name: key})
         return path
 
@@ -398,7 +399,7 @@ class Demo:
             self.log(f"[demo] task KL: done already ({path})")
             self._reuse_timing("task KL on the teacher's answers")
             return done
-        from .model.checkpoint import load_model, write_json_atomic
+        from .model.checkpoint import load_model
         from .train.heldout import completion_reports, teacher_answers
 
         self.log("[demo] task KL on the teacher's answers ...")
